@@ -1,0 +1,192 @@
+"""The `sparsec` command: emit each stage, check a layout against the dense reference, draw a pattern."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from . import passes
+from .compiled import CompiledPattern, read_source
+from .errors import SparsecError
+from .ir.tiles import EMPTY, FULL, PARTIAL
+from .layout import tile_classes
+from .syntax import dump, parse
+
+
+def _param(text: str) -> tuple[str, int]:
+    name, eq, value = text.partition("=")
+    try:
+        return name.strip(), int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=INTEGER, got {text!r}") from None
+
+
+def _compile(args) -> CompiledPattern:
+    return CompiledPattern(args.file, args.pattern, **dict(args.param))
+
+
+def runtime_inputs(kern: CompiledPattern, n: int, heads: int, seed: int = 0) -> dict:
+    """Synthetic call-time inputs for patterns that need them: documents of random lengths,
+    standard normal q and k (D = 64). The CLI says when it used these."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    if "segment_ids" in kern.needs:
+        cuts = np.sort(rng.choice(np.arange(1, n), size=min(7, n - 1), replace=False))
+        out["segment_ids"] = np.searchsorted(cuts, np.arange(n), side="right")[None, :]
+    if {"q", "k"} & kern.needs:
+        out["q"] = rng.standard_normal((1, heads, n, 64))
+        out["k"] = rng.standard_normal((1, heads, n, 64))
+    return out
+
+
+def emit(args) -> None:
+    if args.stage == "ast":
+        source = read_source(args.file)
+        print(dump(parse(source.text, source.filename)))
+        return
+    kern = _compile(args)
+    if args.stage == "ir":
+        d = kern.source_ir
+        print(f"# {kern.name}: as written\n{d.show()}")
+        for name, run in passes.PASSES:
+            d = run(d)
+            print(f"# after {name}\n{d.show()}")
+        print(f"# cost (allowed pairs at n_q = n_k = n): {kern.symbolic_cost()}")
+        if kern.source_ir.bindings:
+            print(f"#   with the params and lets folded: {kern.cost}")
+        return
+    lay = kern.layout(args.n, args.n_k, args.block[0], args.block[1], heads=args.heads,
+                      segment_ids=runtime_inputs(kern, args.n_k or args.n, args.heads).get("segment_ids"))
+    print(lay)
+    b, h, tq, tk = lay.shape
+    print(f"# visited tiles: {lay.tiles_visited()} of {b * h * tq * tk} ({lay.tile_density():.2%}), "
+          f"layout {lay.nbytes()} bytes")
+    for head in range(h):
+        print(f"# head {head}: query tile -> FULL key tiles | PARTIAL key tiles")
+        for t in range(min(tq, args.rows)):
+            full, part = lay.full.row(0, head, t), lay.partial.row(0, head, t)
+            print(f"{t:5d}: {' '.join(map(str, full)) or '-'} | {' '.join(map(str, part)) or '-'}")
+        if tq > args.rows:
+            print(f"  ... {tq - args.rows} more query tiles (--rows)")
+
+
+def check(args) -> int:
+    kern = _compile(args)
+    n = args.n
+    inputs = runtime_inputs(kern, n, args.heads)
+    if inputs:
+        print(f"using synthetic inputs: {', '.join(inputs)} (seeded)")
+    mask = kern.mask(n, heads=args.heads, **inputs).numpy()
+    lay = kern.layout(n, n, args.block[0], args.block[1], heads=args.heads, segment_ids=inputs.get("segment_ids"))
+    truth = tile_classes(mask, *args.block)
+    got = np.broadcast_to(lay.classes(), truth.shape)
+    missed = int(((truth > EMPTY) & (got == EMPTY)).sum())
+    false_full = int(((got == FULL) & (truth != FULL)).sum())
+    loose = int(((got == PARTIAL) & (truth != PARTIAL)).sum())
+    tiles = truth.size
+    print(f"pattern {kern.name}: {kern.ir.body.show()}")
+    print(f"n = {n}, heads = {args.heads}, tile {args.block[0]}x{args.block[1]}")
+    print(f"density: {mask.mean():.6f} of pairs allowed")
+    print(f"tiles visited: {int((got > EMPTY).sum())} of {tiles} ({(got > EMPTY).sum() / tiles:.2%}), "
+          f"{int((got == FULL).sum())} FULL, {int((got == PARTIAL).sum())} PARTIAL")
+    print(f"layout vs dense reference: {missed} allowed tiles missed, {false_full} tiles wrongly FULL, "
+          f"{loose} listed PARTIAL that are EMPTY or FULL")
+    if missed or false_full:
+        print("FAILED: the layout is unsound for this pattern (a sparsec bug; please report it)")
+        return 1
+    print("OK: the layout covers the reference mask (kernels come in a later release)")
+    return 0
+
+
+def show(args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    kern = _compile(args)
+    n = args.n
+    inputs = runtime_inputs(kern, n, args.head + 1)
+    mask = kern.mask(n, heads=args.head + 1, **inputs).numpy()[0, args.head]
+    lay = kern.layout(n, n, args.block[0], args.block[1], heads=args.head + 1, segment_ids=inputs.get("segment_ids"))
+    classes = lay.classes()[0, min(args.head, lay.shape[1] - 1)]
+    cells = max(1, -(-n // args.pixels))  # downsample: each pixel shows the allowed fraction of a cell
+    m = -(-n // cells) * cells
+    padded = np.zeros((m, m))
+    padded[:n, :n] = mask
+    picture = padded.reshape(m // cells, cells, m // cells, cells).mean(axis=(1, 3))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6.8))
+    left.imshow(picture, cmap="Blues", vmin=0, vmax=1, interpolation="nearest", extent=(0, n, n, 0))
+    left.set_title(f"token mask (n = {n}{f', {cells}x{cells} tokens per pixel' if cells > 1 else ''})")
+    left.set_xlabel("key j")
+    left.set_ylabel("query i")
+    colours = ListedColormap(["#f4f4f4", "#f5a623", "#1f5fa8"])
+    right.imshow(classes, cmap=colours, vmin=0, vmax=2, interpolation="nearest")
+    right.set_title(f"block layout ({args.block[0]}x{args.block[1]} tiles, {lay.tile_density():.1%} visited)")
+    right.set_xlabel("key tile")
+    right.set_ylabel("query tile")
+    right.legend(handles=[Patch(color="#1f5fa8", label="FULL (no mask)"), Patch(color="#f5a623", label="PARTIAL (masked)"),
+                          Patch(color="#f4f4f4", label="EMPTY (skipped)")], loc="upper right", fontsize=8)
+    head = f", head {args.head}" if kern.ir.body.varies_with_head() else ""
+    fig.suptitle(f"{kern.name}{head}: {kern.ir.body.show()}\ndensity {mask.mean():.4f}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=100)
+    print(f"wrote {args.output}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsec", description="Compile sparse-attention patterns (.sa files).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, n_default):
+        sp.add_argument("file", help="a .sa file")
+        sp.add_argument("--pattern", help="which pattern of the file (default: the last)")
+        sp.add_argument("-p", "--param", type=_param, action="append", default=[], metavar="NAME=INT",
+                        help="override a param (repeatable)")
+        sp.add_argument("--n", type=int, default=n_default, help="sequence length (n_q = n_k)")
+        sp.add_argument("--block", type=int, nargs=2, default=(64, 64), metavar=("M", "N"), help="tile size")
+
+    e = sub.add_parser("emit", help="print a stage: ast, ir (each pass, and the cost) or layout")
+    e.add_argument("stage", choices=["ast", "ir", "layout"])
+    common(e, 1024)
+    e.add_argument("--n-k", type=int, default=None, help="key length (default: --n)")
+    e.add_argument("--heads", type=int, default=1)
+    e.add_argument("--rows", type=int, default=32, help="query tiles to list")
+    c = sub.add_parser("check", help="verify the block layout against the dense reference mask")
+    common(c, 2048)
+    c.add_argument("--heads", type=int, default=2)
+    s = sub.add_parser("show", help="draw the mask and its block layout to a PNG")
+    common(s, 2048)
+    s.add_argument("-o", "--output", required=True, help="PNG path")
+    s.add_argument("--head", type=int, default=0, help="which head to draw")
+    s.add_argument("--pixels", type=int, default=1024, help="largest picture side in cells")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    for name in ("n", "heads", "head", "pixels", "rows"):
+        v = getattr(args, name, None)
+        if v is not None and v < (0 if name == "head" else 1):
+            parser().error(f"--{name} must be at least {0 if name == 'head' else 1}, got {v}")
+    try:
+        if args.command == "emit":
+            emit(args)
+        elif args.command == "check":
+            return check(args)
+        else:
+            show(args)
+    except SparsecError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"sparsec: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""`sparsec.compile`: source -> parse -> elaborate -> passes, and the compiled pattern users hold."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sympy
+
+from . import passes
+from .elaborate import elaborate, pattern_names
+from .errors import Source
+from .ir import expr as E
+from .ir.program import Binding, Definition
+from .ir.tiles import Grid, Runtime
+from .layout import BlockLayout, build_layout
+from .syntax import Module, parse
+
+N = sympy.Symbol("n", positive=True, integer=True)
+
+
+def read_source(path_or_source: str | os.PathLike) -> Source:
+    """A path (a Path, or a string ending in .sa with no newline) or the program text itself."""
+    if isinstance(path_or_source, os.PathLike) or (
+            isinstance(path_or_source, str) and "\n" not in path_or_source and path_or_source.endswith(".sa")):
+        path = Path(path_or_source)
+        if not path.is_file():
+            raise FileNotFoundError(f"path_or_source: no such .sa file: {path}")
+        return Source(path.read_text(), str(path))
+    if not isinstance(path_or_source, str):
+        raise TypeError(f"path_or_source must be a path or the program text, got {type(path_or_source).__name__}")
+    return Source(path_or_source, "<string>")
+
+
+def bind_params(d: Definition, module: Module, params: dict[str, Any]) -> Definition:
+    """The definition with the given parameter values in place of the defaults."""
+    declared = [s.name for s in module.statements if s.kind == "param"]
+    for name, v in params.items():
+        if name not in declared:
+            lets = [s.name for s in module.statements if s.kind == "let"]
+            why = " (it is a let, not a param)" if name in lets else ""
+            raise ValueError(f"{name}=: no such param{why}; the program declares: {', '.join(declared) or 'none'}")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name}= must be an int, got {type(v).__name__}")
+    bindings = tuple(Binding(b.kind, b.name, E.Const(int(params[b.name])), b.span)
+                     if b.kind == "param" and b.name in params else b for b in d.bindings)
+    return Definition(d.name, bindings, d.body, d.span)
+
+
+def _int_arg(name: str, v, lowest: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lowest:
+        raise ValueError(f"{name} must be at least {lowest}, got {v}")
+    return int(v)
+
+
+def _numpy(name: str, x, ndim: int):
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def _tidy(e: sympy.Expr) -> sympy.Expr:
+    e = sympy.expand(e)
+    return sympy.simplify(e) if sympy.count_ops(e) < 60 else e
+
+
+class CompiledPattern:
+    """What `sparsec.compile` returns: the pattern's IR, its cost, dense reference mask and layouts."""
+
+    def __init__(self, path_or_source, pattern: str | None = None, **params):
+        self.source = read_source(path_or_source)
+        module = parse(self.source.text, self.source.filename)
+        self.patterns = pattern_names(module)
+        self.source_ir = bind_params(elaborate(module, pattern), module, params)
+        self.ir = passes.optimize(self.source_ir)
+        self.name = self.ir.name
+        self.needs = self.ir.body.runtime_needs()
+
+    def __repr__(self) -> str:
+        return f"<sparsec pattern {self.name}: {self.ir.body.show()}>"
+
+    @property
+    def cost(self) -> sympy.Expr:
+        """Allowed (query, key) pairs at n_q = n_k = n, as a sympy expression of n."""
+        return _tidy(self.ir.body.cost({"n": N, "n_q": N, "n_k": N}))
+
+    def symbolic_cost(self) -> sympy.Expr:
+        """The same with params and lets left as symbols (before constant folding)."""
+        return _tidy(self.source_ir.body.cost({"n": N, "n_q": N, "n_k": N}))
+
+    def _lengths(self, n_q, n_k, q_offset):
+        n_q = _int_arg("n_q", n_q, 1)
+        n_k = n_q if n_k is None else _int_arg("n_k", n_k, 1)
+        q_offset = n_k - n_q if q_offset is None else _int_arg("q_offset", q_offset, -(1 << 40))
+        return n_q, n_k, q_offset
+
+    def _segments(self, segment_ids, n_k):
+        seg = _numpy("segment_ids", segment_ids, 2)
+        if "segment_ids" in self.needs and seg is None:
+            raise ValueError(f"pattern {self.name} uses document: pass segment_ids= of shape (B, n_k)")
+        if seg is not None and "segment_ids" not in self.needs:
+            raise ValueError(f"segment_ids= given, but pattern {self.name} has no document part")
+        if seg is not None and (seg.shape[1] != n_k or not np.issubdtype(seg.dtype, np.integer)):
+            raise ValueError(f"segment_ids must be integers of shape (B, n_k={n_k}), got {seg.dtype} {seg.shape}")
+        return seg
+
+    def mask(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
+             q=None, k=None, segment_ids=None, centroids=None, rotations=None):
+        """The dense reference mask, bool (B or 1, heads, n_q, n_k), as a torch tensor."""
+        import torch
+        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
+        heads = _int_arg("heads", heads, 1)
+        seg = self._segments(segment_ids, n_k)
+        q, k = _numpy("q", q, 4), _numpy("k", k, 4)
+        if {"q", "k"} & self.needs:
+            if q is None or k is None:
+                raise ValueError(f"pattern {self.name} is content-based: pass q= (B, H, n_q, D) and k= (B, Hkv, n_k, D)")
+            if q.shape[1] != heads or q.shape[2] != n_q or k.shape[2] != n_k or q.shape[1] % k.shape[1] \
+                    or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+                raise ValueError(f"q must be (B, heads={heads}, n_q={n_q}, D) and k (B, Hkv, n_k={n_k}, D) with "
+                                 f"heads % Hkv == 0; got q {q.shape}, k {k.shape}")
+        batch = seg.shape[0] if seg is not None else q.shape[0] if {"q", "k"} & self.needs else 1
+        body = passes.specialize(self.ir, n_q, n_k)
+        per_head = heads if body.varies_with_head() else 1
+        out = np.zeros((batch, heads, n_q, n_k), bool)
+        pos, keys = np.arange(n_q, dtype=np.int64) + q_offset, np.arange(n_k, dtype=np.int64)
+        for b in range(batch):
+            for h in range(per_head):
+                runtime = Runtime(
+                    segment_ids=None if seg is None else seg[b],
+                    q=None if q is None else q[b, h], k=None if k is None else k[b, h // (heads // k.shape[1])],
+                    centroids=None if centroids is None else _numpy("centroids", centroids, 3)[h],
+                    rotations=_numpy("rotations", rotations, 3))
+                out[b, h] = body.mask(Grid(pos, keys, n_q, n_k, h, runtime))
+            if per_head == 1:
+                out[b, 1:] = out[b, 0]
+        return torch.from_numpy(out)
+
+    def layout(self, n_q: int, n_k: int | None = None, block_m: int = 64, block_n: int = 64,
+               heads: int = 1, q_offset: int | None = None, segment_ids=None) -> BlockLayout:
+        """The block layout for these lengths and tile sizes (heads: layouts differ per head when
+        the pattern does; otherwise one layout is shared, with a heads dimension of 1)."""
+        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
+        block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
+        heads = _int_arg("heads", heads, 1)
+        seg = self._segments(segment_ids, n_k)
+        body = passes.specialize(self.ir, n_q, n_k)
+        return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, seg)
+
+    def __call__(self, q, k, v, **kwargs):
+        raise NotImplementedError("sparsec 0.1 compiles patterns to masks and block layouts; "
+                                  "the attention kernels are not part of this release yet")
+
+
+def compile(path_or_source: str | os.PathLike, pattern: str | None = None, **params) -> CompiledPattern:
+    """Compile a .sa program (a path or its text); `pattern` picks one by name (default: the last);
+    keyword arguments override its params."""
+    return CompiledPattern(path_or_source, pattern, **params)

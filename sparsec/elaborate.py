@@ -1,0 +1,236 @@
+"""Front end, second half: the untyped syntax tree -> typed IR (names resolved, arities and types checked)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import syntax as S
+from .errors import SparsecError
+from .ir import expr as E
+from .ir import nodes as N
+from .ir.program import Binding, Definition
+
+LENGTHS = ("n", "n_q", "n_k")
+PAIR_NAMES = ("i", "j", "h")  # defined inside where(...) only
+BARE = {"full": N.Full, "empty": N.Empty, "causal": N.Causal, "logsparse": N.LogSparse, "document": N.Document}
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # "num", "bool" or "pattern"
+    default: object = REQUIRED  # REQUIRED, a Python value, or the name of an earlier parameter
+
+
+# Signatures of the primitives that take arguments: positional order = keyword names, as in Python.
+SIGNATURES: dict[str, tuple[Callable, tuple[Param, ...]]] = {
+    "band": (N.Band, (Param("before", "num"), Param("after", "num", "before"))),
+    "dilated": (N.Dilated, (Param("w", "num"), Param("d", "num"))),
+    "stride": (N.Stride, (Param("s", "num"),)),
+    "chunk": (N.Chunk, (Param("c", "num"),)),
+    "global": (N.Global, (Param("g", "num"),)),
+    "last": (N.Last, (Param("g", "num"),)),
+    "sink": (N.Sink, (Param("g", "num"),)),
+    "random": (N.Random, (Param("r", "num"), Param("seed", "num", 0))),
+    "where": (N.Where, (Param("cond", "bool"),)),
+    "blocks": (N.Blocks, (Param("size", "num"), Param("body", "pattern"))),
+    "lsh": (N.Lsh, (Param("buckets", "num"), Param("rounds", "num", 1), Param("seed", "num", 0))),
+    "cluster": (N.Cluster, (Param("k", "num"), Param("iters", "num", 10), Param("seed", "num", 0))),
+    "topk": (N.TopK, (Param("k", "num"), Param("block", "num"), Param("causal", "bool", False))),
+}
+KEYWORD_ALIASES = {"band": {"w": ("before", "after")}}
+RESERVED = set(LENGTHS) | set(PAIR_NAMES) | set(BARE) | set(SIGNATURES) | {"heads"} | set(E.FUNCTIONS)
+
+
+def _describe(node: S.Syntax) -> str:
+    if isinstance(node, S.Number):
+        return "a number"
+    if isinstance(node, S.Boolean):
+        return "a boolean"
+    if isinstance(node, S.ListOf):
+        return "a list"
+    if isinstance(node, S.Call):
+        return f"{node.func}(...)"
+    if isinstance(node, S.Name):
+        return f"'{node.id}'"
+    return f"an expression with '{node.op}'"
+
+
+class Scope:
+    """What the statements so far have defined, in order."""
+
+    def __init__(self):
+        self.numbers: dict[str, Binding] = {}
+        self.patterns: dict[str, N.Pattern] = {}
+        self.uses: dict[str, frozenset[str]] = {}  # name -> the numeric names its definition uses
+
+    # ---- patterns ----
+    def pattern(self, node: S.Syntax) -> N.Pattern:
+        sp = node.span
+        if isinstance(node, S.Binary) and node.op in ("+", "&"):
+            kind = N.Union if node.op == "+" else N.Intersection
+            left = self.pattern(node.left)
+            # a + b + c is one union; a left operand of the same kind (even a named one) joins it
+            parts = left.parts if type(left) is kind else (left,)
+            return kind(parts + (self.pattern(node.right),), span=sp)
+        if isinstance(node, S.Binary) and node.op == "-":
+            return N.Difference(self.pattern(node.left), self.pattern(node.right), span=sp)
+        if isinstance(node, S.Name):
+            if node.id in BARE:
+                return BARE[node.id](span=sp)
+            if node.id in self.patterns:
+                return self.patterns[node.id]
+            if node.id in SIGNATURES or node.id == "heads":
+                raise SparsecError(f"{node.id} needs arguments, e.g. {node.id}(...)", sp)
+            if node.id in self.numbers or node.id in LENGTHS:
+                raise SparsecError(f"'{node.id}' is a number, expected a pattern", sp)
+            raise SparsecError(f"unknown pattern '{node.id}'", sp)
+        if isinstance(node, S.Call):
+            return self.primitive(node)
+        raise SparsecError(f"expected a pattern, found {_describe(node)}", sp)
+
+    def primitive(self, call: S.Call) -> N.Pattern:
+        name, sp = call.func, call.span
+        if name in BARE:
+            raise SparsecError(f"{name} takes no arguments; write '{name}'", sp)
+        if name == "heads":
+            if call.keywords or not call.args:
+                raise SparsecError("heads takes one or more patterns: heads(p0, p1, ...)", sp)
+            return N.Heads(tuple(self.pattern(a) for a in call.args), span=sp)
+        if name == "global" and len(call.args) == 1 and isinstance(call.args[0], S.ListOf) and not call.keywords:
+            items = call.args[0].items
+            if not items:
+                raise SparsecError("global([...]) needs at least one position", call.args[0].span)
+            return N.GlobalSet(tuple(self.number(x) for x in items), span=sp)
+        if name not in SIGNATURES:
+            if name in E.FUNCTIONS:
+                raise SparsecError(f"{name}(...) is a number, expected a pattern", sp)
+            raise SparsecError(f"unknown primitive '{name}'", sp)
+        build, params = SIGNATURES[name]
+        values = self.bind_arguments(call, params)
+        return build(**values, span=sp)
+
+    def bind_arguments(self, call: S.Call, params: tuple[Param, ...]) -> dict:
+        usage = f"{call.func}({', '.join(p.name if p.default is REQUIRED else f'{p.name}=...' for p in params)})"
+        if len(call.args) > len(params):
+            raise SparsecError(f"{call.func} takes at most {len(params)} argument(s): {usage}", call.args[len(params)].span)
+        given: dict[str, S.Syntax] = {p.name: a for p, a in zip(params, call.args)}
+        names = {p.name for p in params}
+        for kw in call.keywords:
+            targets = KEYWORD_ALIASES.get(call.func, {}).get(kw.name, (kw.name,))
+            for target in targets:
+                if target not in names:
+                    raise SparsecError(f"{call.func} has no argument '{kw.name}': {usage}", kw.span)
+                if target in given:
+                    raise SparsecError(f"{call.func}: argument '{kw.name}' given twice", kw.span)
+                given[target] = kw.value
+        out = {}
+        for p in params:
+            if p.name in given:
+                node = given[p.name]
+                out[p.name] = (self.pattern(node) if p.kind == "pattern" else
+                               self.condition(node, in_where=call.func == "where") if p.kind == "bool" else
+                               self.number(node))
+            elif p.default is REQUIRED:
+                raise SparsecError(f"{call.func} is missing argument '{p.name}': {usage}", call.span)
+            elif isinstance(p.default, str):
+                out[p.name] = out[p.default]
+            else:
+                out[p.name] = E.Const(p.default, span=call.span)
+        return out
+
+    # ---- numbers and conditions ----
+    def number(self, node: S.Syntax, in_where: bool = False) -> E.Expr:
+        sp = node.span
+        if isinstance(node, S.Number):
+            return E.Const(node.value, span=sp)
+        if isinstance(node, S.Unary) and node.op == "-":
+            if isinstance(node.operand, S.Number):  # a literal -3 is one constant, as it prints
+                return E.Const(-node.operand.value, span=sp)
+            return E.Apply("neg", (self.number(node.operand, in_where),), span=sp)
+        if isinstance(node, S.Name):
+            if node.id in LENGTHS or node.id in self.numbers:
+                return E.Var(node.id, span=sp)
+            if node.id in PAIR_NAMES:
+                if in_where:
+                    return E.Var(node.id, span=sp)
+                raise SparsecError(f"'{node.id}' is only defined inside where(...)", sp)
+            if node.id in self.patterns or node.id in BARE:
+                raise SparsecError(f"'{node.id}' is a pattern, expected a number", sp)
+            raise SparsecError(f"unknown name '{node.id}'", sp)
+        if isinstance(node, S.Binary) and node.op in ("+", "-", "*", "//", "%", "**"):
+            return E.Apply(node.op, (self.number(node.left, in_where), self.number(node.right, in_where)), span=sp)
+        if isinstance(node, S.Call) and node.func in E.FUNCTIONS:
+            low, high = E.OPS[node.func].arity
+            if node.keywords:
+                raise SparsecError(f"{node.func} takes no keyword arguments", node.keywords[0].span)
+            if len(node.args) < low or (high >= 0 and len(node.args) > high):
+                want = f"{low}" if low == high else f"at least {low}"
+                raise SparsecError(f"{node.func} takes {want} argument(s), got {len(node.args)}", sp)
+            return E.Apply(node.func, tuple(self.number(a, in_where) for a in node.args), span=sp)
+        if isinstance(node, S.Call) and (node.func in SIGNATURES or node.func in ("heads",)):
+            raise SparsecError(f"{node.func}(...) is a pattern, expected a number", sp)
+        if isinstance(node, S.Call):
+            raise SparsecError(f"unknown function '{node.func}'", sp)
+        raise SparsecError(f"expected a number, found {_describe(node)}", sp)
+
+    def condition(self, node: S.Syntax, in_where: bool) -> E.Expr:
+        sp = node.span
+        if isinstance(node, S.Boolean):
+            return E.Const(node.value, span=sp)
+        if isinstance(node, S.Binary) and node.op in ("and", "or"):
+            return E.Apply(node.op, (self.condition(node.left, in_where), self.condition(node.right, in_where)), span=sp)
+        if isinstance(node, S.Unary) and node.op == "not":
+            return E.Apply("not", (self.condition(node.operand, in_where),), span=sp)
+        if isinstance(node, S.Binary) and node.op in ("==", "!=", "<", "<=", ">", ">="):
+            return E.Apply(node.op, (self.number(node.left, in_where), self.number(node.right, in_where)), span=sp)
+        raise SparsecError(f"expected a condition (a comparison, and/or/not, true/false), found {_describe(node)}", sp)
+
+    # ---- statements ----
+    def statement(self, st: S.Statement) -> None:
+        if st.name in RESERVED:
+            raise SparsecError(f"'{st.name}' is a built-in name and cannot be redefined", st.span)
+        if st.name in self.numbers or st.name in self.patterns:
+            raise SparsecError(f"'{st.name}' is already defined", st.span)
+        if st.kind == "pattern":
+            self.patterns[st.name] = self.pattern(st.value)
+            self.uses[st.name] = _numeric_names(self.patterns[st.name])
+        else:
+            value = self.number(st.value)
+            self.numbers[st.name] = Binding(st.kind, st.name, value, st.span)
+            self.uses[st.name] = E.names(value)
+
+    def closure(self, names: frozenset[str]) -> tuple[Binding, ...]:
+        """The bindings that `names` need, directly or through other bindings, in source order."""
+        need, todo = set(), list(names)
+        while todo:
+            name = todo.pop()
+            if name in self.numbers and name not in need:
+                need.add(name)
+                todo.extend(self.uses[name])
+        return tuple(b for name, b in self.numbers.items() if name in need)
+
+
+def _numeric_names(p: N.Pattern) -> frozenset[str]:
+    return frozenset().union(*(E.names(e) for node in p.walk() for e in node.arguments().values()))
+
+
+def elaborate(module: S.Module, pattern: str | None = None) -> Definition:
+    """The Definition of one pattern of a parsed program (by name, or the last one)."""
+    scope = Scope()
+    for st in module.statements:
+        scope.statement(st)
+    if not scope.patterns:
+        raise SparsecError("the program defines no pattern (write 'pattern NAME = ...')", module.span)
+    if pattern is None:
+        pattern = list(scope.patterns)[-1]
+    if pattern not in scope.patterns:
+        raise ValueError(f"pattern={pattern!r}: no such pattern; the program defines {', '.join(scope.patterns)}")
+    body = scope.patterns[pattern]
+    st = next(s for s in module.statements if s.kind == "pattern" and s.name == pattern)
+    return Definition(pattern, scope.closure(_numeric_names(body)), body, st.span)
+
+
+def pattern_names(module: S.Module) -> list[str]:
+    return [s.name for s in module.statements if s.kind == "pattern"]

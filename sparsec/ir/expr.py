@@ -1,0 +1,246 @@
+"""Integer, real and boolean expressions of the IR: printer, type, evaluator and sympy view per operator."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import sympy
+
+from ..errors import Span, SparsecError
+
+
+@dataclass(frozen=True)
+class Expr:
+    span: Span | None = field(default=None, compare=False, repr=False, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Const(Expr):
+    value: int | float | bool
+
+
+@dataclass(frozen=True)
+class Var(Expr):
+    name: str  # a param or let, n / n_q / n_k, or i / j / h inside where(...)
+
+
+@dataclass(frozen=True)
+class Apply(Expr):
+    op: str
+    args: tuple[Expr, ...]
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def _divisor(b, span):
+    if (np.any(b == 0) if _is_array(b) else b == 0):
+        raise SparsecError("division by zero", span)
+    return b
+
+
+def _isqrt(x, span):
+    if np.any(np.asarray(x) < 0):
+        raise SparsecError("isqrt of a negative number", span)
+    if _is_array(x):
+        r = np.floor(np.sqrt(x.astype(np.float64))).astype(np.int64)
+        r -= (r * r > x)            # float sqrt can land one above the exact root
+        return r + ((r + 1) * (r + 1) <= x)
+    return math.isqrt(int(x))
+
+
+def _ilog2(x, span):
+    if np.any(np.asarray(x) < 1):
+        raise SparsecError("ilog2 needs a positive argument", span)
+    if _is_array(x):
+        return np.floor(np.log2(x.astype(np.float64))).astype(np.int64)
+    return int(x).bit_length() - 1
+
+
+def _real(fn, name, ok):
+    def apply(x, span):
+        if not np.all(ok(np.asarray(x))):
+            raise SparsecError(f"{name} outside its domain", span)
+        return fn(x)
+    return apply
+
+
+def _ceil(x, span):
+    return np.ceil(x).astype(np.int64) if _is_array(x) else math.ceil(x)
+
+
+def _floor(x, span):
+    return np.floor(x).astype(np.int64) if _is_array(x) else math.floor(x)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operator, all of its views together."""
+    arity: tuple[int, int]             # (min, max) argument count; max -1: any
+    kind: str                          # result: "num" or "bool"
+    operands: str                      # "num" or "bool" or "any"
+    evaluate: Callable[..., Any]       # (span, *values) -> value; floor semantics for // and %
+    sympy: Callable[..., Any] | None   # (*sympy args) -> sympy expr
+    infix: tuple[str, int] | None = None  # (symbol, precedence) for operators
+
+
+# precedence, loosest first: or 1, and 2, not 3, comparison 4, + - 5, & 6, * // % 7, unary - 8, ** 9
+OPS: dict[str, Op] = {
+    "+": Op((2, 2), "num", "num", lambda s, a, b: a + b, lambda a, b: a + b, ("+", 5)),
+    "-": Op((2, 2), "num", "num", lambda s, a, b: a - b, lambda a, b: a - b, ("-", 5)),
+    "*": Op((2, 2), "num", "num", lambda s, a, b: a * b, lambda a, b: a * b, ("*", 7)),
+    "//": Op((2, 2), "num", "num", lambda s, a, b: a // _divisor(b, s),
+             lambda a, b: sympy.floor(a / b), ("//", 7)),
+    "%": Op((2, 2), "num", "num", lambda s, a, b: a % _divisor(b, s), sympy.Mod, ("%", 7)),
+    "**": Op((2, 2), "num", "num", lambda s, a, b: _power(a, b, s), lambda a, b: a ** b, ("**", 9)),
+    "neg": Op((1, 1), "num", "num", lambda s, a: -a, lambda a: -a, ("-", 8)),
+    "==": Op((2, 2), "bool", "num", lambda s, a, b: a == b, sympy.Eq, ("==", 4)),
+    "!=": Op((2, 2), "bool", "num", lambda s, a, b: a != b, sympy.Ne, ("!=", 4)),
+    "<": Op((2, 2), "bool", "num", lambda s, a, b: a < b, sympy.Lt, ("<", 4)),
+    "<=": Op((2, 2), "bool", "num", lambda s, a, b: a <= b, sympy.Le, ("<=", 4)),
+    ">": Op((2, 2), "bool", "num", lambda s, a, b: a > b, sympy.Gt, (">", 4)),
+    ">=": Op((2, 2), "bool", "num", lambda s, a, b: a >= b, sympy.Ge, (">=", 4)),
+    "and": Op((2, 2), "bool", "bool", lambda s, a, b: np.logical_and(a, b), sympy.And, ("and", 2)),
+    "or": Op((2, 2), "bool", "bool", lambda s, a, b: np.logical_or(a, b), sympy.Or, ("or", 1)),
+    "not": Op((1, 1), "bool", "bool", lambda s, a: np.logical_not(a), sympy.Not, ("not", 3)),
+    "min": Op((2, -1), "num", "num", lambda s, *a: _fold(np.minimum, min, a), sympy.Min),
+    "max": Op((2, -1), "num", "num", lambda s, *a: _fold(np.maximum, max, a), sympy.Max),
+    "abs": Op((1, 1), "num", "num", lambda s, a: abs(a), sympy.Abs),
+    "isqrt": Op((1, 1), "num", "num", lambda s, a: _isqrt(a, s), lambda a: sympy.floor(sympy.sqrt(a))),
+    "ilog2": Op((1, 1), "num", "num", lambda s, a: _ilog2(a, s), lambda a: sympy.floor(sympy.log(a, 2))),
+    "ceil_div": Op((2, 2), "num", "num", lambda s, a, b: -((-a) // _divisor(b, s)),
+                   lambda a, b: sympy.ceiling(a / b)),
+    "sqrt": Op((1, 1), "num", "num", lambda s, a: _real(np.sqrt, "sqrt", lambda x: x >= 0)(a, s), sympy.sqrt),
+    "log2": Op((1, 1), "num", "num", lambda s, a: _real(np.log2, "log2", lambda x: x > 0)(a, s),
+               lambda a: sympy.log(a, 2)),
+    "ceil": Op((1, 1), "num", "num", lambda s, a: _ceil(a, s), sympy.ceiling),
+    "floor": Op((1, 1), "num", "num", lambda s, a: _floor(a, s), sympy.floor),
+}
+FUNCTIONS = tuple(name for name, op in OPS.items() if op.infix is None)
+
+
+def _fold(array_fn, scalar_fn, values):
+    if any(_is_array(v) for v in values):
+        out = values[0]
+        for v in values[1:]:
+            out = array_fn(out, v)
+        return out
+    return scalar_fn(values)
+
+
+def _power(a, b, span):
+    if _is_array(b) or _is_array(a):
+        return np.power(a, b)
+    if isinstance(a, int) and isinstance(b, int) and b >= 0:
+        if b > 4096 or (abs(a) > 1 and b * math.log2(abs(a)) > 4096):
+            raise SparsecError("integer power too large", span)
+        return a ** b
+    if a == 0 and b < 0:
+        raise SparsecError("division by zero", span)
+    return float(a) ** float(b)
+
+
+# ---- views --------------------------------------------------------------------------------------
+
+def precedence(e: Expr) -> int:
+    if isinstance(e, Apply) and OPS[e.op].infix:
+        return OPS[e.op].infix[1]
+    if isinstance(e, Const) and not isinstance(e.value, bool) and e.value < 0:
+        return 8  # prints as a unary minus
+    return 10
+
+
+def show(e: Expr) -> str:
+    """Source text that parses back to an equal expression."""
+    if isinstance(e, Const):
+        if isinstance(e.value, bool):
+            return "true" if e.value else "false"
+        if isinstance(e.value, float):  # only folding of sqrt/log2 makes these; keep them exact-ish
+            raise ValueError("real constants have no source form; fold leaves them unevaluated")
+        return str(e.value)
+    if isinstance(e, Var):
+        return e.name
+    op = OPS[e.op]
+    if op.infix is None:
+        return f"{e.op}({', '.join(show(a) for a in e.args)})"
+    symbol, prec = op.infix
+
+    def wrap(a: Expr, need: int) -> str:
+        return f"({show(a)})" if precedence(a) < need else show(a)
+
+    if e.op == "neg":
+        return "-" + wrap(e.args[0], 8)
+    if e.op == "not":
+        return "not " + wrap(e.args[0], 3)
+    if e.op == "**":  # right associative; the grammar wants an atom on the left
+        return f"{wrap(e.args[0], 10)} ** {wrap(e.args[1], 8)}"
+    if prec == 4:  # comparisons do not chain
+        return f"{wrap(e.args[0], 5)} {symbol} {wrap(e.args[1], 5)}"
+    return f"{wrap(e.args[0], prec)} {symbol} {wrap(e.args[1], prec + 1)}"
+
+
+def kind(e: Expr) -> str:
+    """'num' or 'bool' (checked when the expression was built)."""
+    if isinstance(e, Const):
+        return "bool" if isinstance(e.value, bool) else "num"
+    if isinstance(e, Var):
+        return "num"
+    return OPS[e.op].kind
+
+
+def names(e: Expr) -> frozenset[str]:
+    if isinstance(e, Var):
+        return frozenset([e.name])
+    if isinstance(e, Apply):
+        return frozenset().union(*(names(a) for a in e.args))
+    return frozenset()
+
+
+def evaluate(e: Expr, env: dict[str, Any]):
+    """Value of `e` with the names in env; numpy arrays broadcast (used by where(...))."""
+    if isinstance(e, Const):
+        return e.value
+    if isinstance(e, Var):
+        if e.name not in env:
+            raise SparsecError(f"'{e.name}' has no value here", e.span)
+        return env[e.name]
+    return OPS[e.op].evaluate(e.span, *(evaluate(a, env) for a in e.args))
+
+
+def substitute(e: Expr, env: dict[str, Expr]) -> Expr:
+    """Replace names by expressions, then fold every sub-expression that became constant."""
+    if isinstance(e, Var):
+        return env.get(e.name, e)
+    if isinstance(e, Const):
+        return e
+    args = tuple(substitute(a, env) for a in e.args)
+    if all(isinstance(a, Const) for a in args):
+        value = OPS[e.op].evaluate(e.span, *(a.value for a in args))
+        if isinstance(value, (bool, np.bool_)):
+            return Const(bool(value), span=e.span)
+        if isinstance(value, (int, np.integer)):
+            return Const(int(value), span=e.span)
+    return Apply(e.op, args, span=e.span)  # reals stay symbolic until an integer is needed
+
+
+def integer(e: Expr, env: dict[str, Any]) -> int:
+    """An argument's value where an integer is needed: reals are rounded down (spec section 2)."""
+    value = evaluate(e, env)
+    if isinstance(value, (bool, np.bool_)):
+        raise SparsecError("expected an integer, found a boolean", e.span)
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            raise SparsecError(f"expected a finite number, found {value}", e.span)
+        return math.floor(value)
+    return int(value)
+
+
+def to_sympy(e: Expr, symbols: dict[str, Any]):
+    if isinstance(e, Const):
+        return sympy.true if e.value is True else sympy.false if e.value is False else sympy.Integer(e.value)
+    if isinstance(e, Var):
+        return symbols.get(e.name, sympy.Symbol(e.name, integer=True))
+    return OPS[e.op].sympy(*(to_sympy(a, symbols) for a in e.args))

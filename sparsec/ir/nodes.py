@@ -1,0 +1,10 @@
+"""Every pattern node of the IR under one roof, for the front end and the passes to import."""
+from .content import Cluster, Lsh, TopK
+from .pattern import Blocks, Difference, Heads, Intersection, Pattern, Union
+from .positional import (Band, Causal, Chunk, Dilated, Empty, Full, Global, GlobalSet, Last,
+                         LogSparse, Sink, Stride)
+from .sampled import Document, Random, Where
+
+__all__ = ["Band", "Blocks", "Causal", "Chunk", "Cluster", "Difference", "Dilated", "Document", "Empty",
+           "Full", "Global", "GlobalSet", "Heads", "Intersection", "Last", "LogSparse", "Lsh", "Pattern",
+           "Random", "Sink", "Stride", "TopK", "Union", "Where"]

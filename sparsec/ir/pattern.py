@@ -1,0 +1,312 @@
+"""The pattern IR: the base node with its views, and the nodes that combine other patterns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import sympy
+
+from ..errors import Span, SparsecError
+from . import expr as E
+from .tiles import EMPTY, FULL, PARTIAL, Grid, TileSet, Tiling, all_tiles
+
+CHUNK_PAIRS = 1 << 22  # token pairs evaluated at once by dense fallbacks, to bound their memory
+
+
+def value(e: E.Expr):
+    """The value of an argument of a specialized node (every argument is then a constant)."""
+    assert isinstance(e, E.Const), f"unspecialized argument {e!r}"
+    return e.value
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A node of the pattern IR. Each subclass keeps all of its rules together:
+
+    show      source text that parses back to an equal node (spans do not count in equality)
+    check     argument values allowed (run on every argument that is already a constant)
+    mask      the dense reference: a bool array over a Grid of token pairs, the oracle of every test
+    tiles     the non-EMPTY tiles of a Tiling with their class, built analytically where possible
+    classify  the class of given tiles (what an intersection or difference asks of its other parts)
+    estimate  how many tiles `tiles` would list, so an intersection enumerates its sparsest part
+    cost      allowed pairs at n_q = n_k = n as a sympy expression (section "cost" of docs/ir.md)
+    """
+    span: Span | None = field(default=None, compare=False, repr=False, kw_only=True)
+
+    keyword: ClassVar[str] = ""                       # the primitive's name in the language
+    limits: ClassVar[dict[str, tuple[int, str]]] = {}  # argument -> (lowest allowed value, wording)
+    head_dependent: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset()      # runtime inputs (segment_ids, q, k)
+    token_level: ClassVar[bool] = False                # defined on tokens only: not inside blocks()
+
+    # ---- structure (generic over the dataclass fields) ----
+    def children(self) -> tuple["Pattern", ...]:
+        out: list[Pattern] = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Pattern):
+                out.append(v)
+            elif isinstance(v, tuple) and v and isinstance(v[0], Pattern):
+                out.extend(v)
+        return tuple(out)
+
+    def map_children(self, fn: Callable[["Pattern"], "Pattern"]) -> "Pattern":
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Pattern):
+                changes[f.name] = fn(v)
+            elif isinstance(v, tuple) and v and isinstance(v[0], Pattern):
+                changes[f.name] = tuple(fn(c) for c in v)
+        return replace(self, **changes) if changes else self
+
+    def arguments(self) -> dict[str, E.Expr]:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, E.Expr):
+                out[f.name] = v
+            elif isinstance(v, tuple) and v and isinstance(v[0], E.Expr):
+                out.update({f"{f.name}[{k}]": x for k, x in enumerate(v)})
+        return out
+
+    def map_arguments(self, fn: Callable[[E.Expr], E.Expr]) -> "Pattern":
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, E.Expr):
+                changes[f.name] = fn(v)
+            elif isinstance(v, tuple) and v and isinstance(v[0], E.Expr):
+                changes[f.name] = tuple(fn(x) for x in v)
+        return replace(self, **changes) if changes else self
+
+    def walk(self):
+        yield self
+        for c in self.children():
+            yield from c.walk()
+
+    def uses_head(self) -> bool:
+        return type(self).head_dependent
+
+    def varies_with_head(self) -> bool:
+        return any(n.uses_head() for n in self.walk())
+
+    def runtime_needs(self) -> frozenset[str]:
+        return frozenset().union(*(type(n).needs for n in self.walk()))
+
+    # ---- views with defaults ----
+    def show(self) -> str:
+        args = ", ".join(E.show(a) for a in self.arguments().values())
+        return f"{self.keyword}({args})" if args else self.keyword
+
+    def check(self) -> None:
+        for name, (lowest, wording) in self.limits.items():
+            e = getattr(self, name)
+            if isinstance(e, E.Const) and not isinstance(e.value, bool) and e.value < lowest:
+                raise SparsecError(f"{self.keyword}: {name} must be {wording}, got {e.value}", e.span or self.span)
+
+    def specialize(self, env: dict[str, Any]) -> "Pattern":
+        """Every argument evaluated for concrete n_q and n_k (reals rounded down), then checked."""
+        node = self.map_arguments(lambda e: E.Const(
+            bool(E.evaluate(e, env)) if E.kind(e) == "bool" else E.integer(e, env), span=e.span))
+        node = node.map_children(lambda c: c.specialize(env))
+        node.check()
+        return node
+
+    def mask(self, grid: Grid) -> np.ndarray:
+        raise NotImplementedError
+
+    def tiles(self, t: Tiling) -> TileSet:
+        qt, kt = all_tiles(t)
+        return TileSet.build(t, qt, kt, self.classify(t, qt, kt))
+
+    def classify(self, t: Tiling, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
+        return self.tiles(t).lookup(t, qt, kt)
+
+    def estimate(self, t: Tiling) -> int:
+        return t.shape[0] * t.shape[1]
+
+    def cost(self, env: dict[str, Any]) -> sympy.Expr:
+        """env maps n, n_q and n_k to the sympy length (all equal: the cost is for square masks)."""
+        raise NotImplementedError
+
+    def sym(self, e: E.Expr, env: dict[str, Any]):
+        return E.to_sympy(e, env)
+
+
+def parenthesize(p: Pattern, need: int) -> str:
+    return f"({p.show()})" if level(p) < need else p.show()
+
+
+def level(p: Pattern) -> int:
+    return 1 if isinstance(p, (Union, Difference)) else 2 if isinstance(p, Intersection) else 3
+
+
+def density(c, n):
+    return c / n**2
+
+
+# ---- combinators ---------------------------------------------------------------------------------
+# cost: a union counts its parts' pairs (an upper bound); intersection and difference treat their
+# parts as independent, so densities multiply (an estimate; see docs/ir.md).
+
+@dataclass(frozen=True)
+class Union(Pattern):
+    parts: tuple[Pattern, ...]
+
+    def show(self):
+        return " + ".join(parenthesize(p, 1 if k == 0 else 2) for k, p in enumerate(self.parts))
+
+    def mask(self, grid):
+        return np.logical_or.reduce([p.mask(grid) for p in self.parts])
+
+    def tiles(self, t):
+        sets = [p.tiles(t) for p in self.parts]
+        cat = lambda a: np.concatenate([getattr(s, a) for s in sets])
+        return TileSet.build(t, cat("qt"), cat("kt"), cat("cls"))
+
+    def classify(self, t, qt, kt):
+        return np.maximum.reduce([p.classify(t, qt, kt) for p in self.parts])
+
+    def estimate(self, t):
+        return sum(p.estimate(t) for p in self.parts)
+
+    def cost(self, env):
+        return sum(p.cost(env) for p in self.parts)  # an upper bound: overlaps count twice
+
+
+@dataclass(frozen=True)
+class Intersection(Pattern):
+    parts: tuple[Pattern, ...]
+
+    def show(self):
+        return " & ".join(parenthesize(p, 2 if k == 0 else 3) for k, p in enumerate(self.parts))
+
+    def mask(self, grid):
+        return np.logical_and.reduce([p.mask(grid) for p in self.parts])
+
+    def tiles(self, t):
+        # enumerate only the sparsest part; the others classify its candidates
+        order = sorted(self.parts, key=lambda p: p.estimate(t))
+        base = order[0].tiles(t)
+        cls = base.cls
+        for p in order[1:]:
+            cls = np.minimum(cls, p.classify(t, base.qt, base.kt))
+        return TileSet.build(t, base.qt, base.kt, cls)
+
+    def classify(self, t, qt, kt):
+        return np.minimum.reduce([p.classify(t, qt, kt) for p in self.parts])
+
+    def estimate(self, t):
+        return min(p.estimate(t) for p in self.parts)
+
+    def cost(self, env):
+        d = sympy.Integer(1)
+        for p in self.parts:
+            d *= density(p.cost(env), env['n'])
+        return sympy.expand(env['n']**2 * d)
+
+
+def subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Class of a - b from the classes of a and b: b FULL empties, b EMPTY keeps a, else PARTIAL."""
+    return np.where(b == FULL, EMPTY, np.where(b == EMPTY, a, np.minimum(a, PARTIAL))).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class Difference(Pattern):
+    left: Pattern
+    right: Pattern
+
+    def show(self):
+        return f"{parenthesize(self.left, 1)} - {parenthesize(self.right, 2)}"
+
+    def mask(self, grid):
+        return self.left.mask(grid) & ~self.right.mask(grid)
+
+    def tiles(self, t):
+        base = self.left.tiles(t)
+        return TileSet.build(t, base.qt, base.kt, subtract(base.cls, self.right.classify(t, base.qt, base.kt)))
+
+    def classify(self, t, qt, kt):
+        return subtract(self.left.classify(t, qt, kt), self.right.classify(t, qt, kt))
+
+    def estimate(self, t):
+        return self.left.estimate(t)
+
+    def cost(self, env):
+        left = self.left.cost(env)
+        return sympy.expand(left * (1 - density(self.right.cost(env), env["n"])))
+
+
+@dataclass(frozen=True)
+class Heads(Pattern):
+    """Head h uses parts[h mod len(parts)]."""
+    parts: tuple[Pattern, ...]
+    keyword: ClassVar[str] = "heads"
+    head_dependent: ClassVar[bool] = True
+
+    def show(self):
+        return f"heads({', '.join(p.show() for p in self.parts)})"
+
+    def pick(self, head: int) -> Pattern:
+        return self.parts[head % len(self.parts)]
+
+    def mask(self, grid):
+        return self.pick(grid.head).mask(grid)
+
+    def tiles(self, t):
+        return self.pick(t.head).tiles(t)
+
+    def classify(self, t, qt, kt):
+        return self.pick(t.head).classify(t, qt, kt)
+
+    def estimate(self, t):
+        return self.pick(t.head).estimate(t)
+
+    def cost(self, env):
+        return sympy.expand(sum(p.cost(env) for p in self.parts) / len(self.parts))
+
+
+@dataclass(frozen=True)
+class Blocks(Pattern):
+    """Block granularity: the body is read on block indices i // size, j // size."""
+    size: E.Expr
+    body: Pattern
+    keyword: ClassVar[str] = "blocks"
+    limits: ClassVar = {"size": (1, "at least 1")}
+
+    def show(self):
+        return f"blocks({E.show(self.size)}, {self.body.show()})"
+
+    def check(self):
+        super().check()
+        for node in self.body.walk():
+            if type(node).token_level:
+                raise SparsecError(f"{node.keyword} is defined on tokens and cannot be used inside blocks(...)",
+                                   node.span or self.span)
+
+    def specialize(self, env):
+        b = E.integer(self.size, env)
+        node = replace(self, size=E.Const(b, span=self.size.span))
+        node.check()  # before dividing by b
+        inner = dict(env, n=-(-env["n"] // b), n_k=-(-env["n_k"] // b), n_q=-(-env["n_q"] // b))
+        return replace(node, body=self.body.specialize(inner))
+
+    def mask(self, grid):
+        inner, row_of, col_of = grid.coarsen(value(self.size))
+        return self.body.mask(inner)[row_of][:, col_of]
+
+    def tiles(self, t):
+        return self.body.tiles(t.coarsen(value(self.size)))
+
+    def classify(self, t, qt, kt):
+        return self.body.classify(t.coarsen(value(self.size)), qt, kt)
+
+    def estimate(self, t):
+        return self.body.estimate(t.coarsen(value(self.size)))
+
+    def cost(self, env):
+        b = self.sym(self.size, env)
+        inner = dict(env, n=env["n"] / b, n_q=env["n"] / b, n_k=env["n"] / b)
+        return sympy.expand(self.body.cost(inner) * b**2)

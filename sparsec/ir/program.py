@@ -1,0 +1,28 @@
+"""A compiled pattern's IR: the named constants it uses and its body, printable as a .sa program."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import Span
+from . import expr as E
+from .pattern import Pattern
+
+
+@dataclass(frozen=True)
+class Binding:
+    kind: str  # "param" (overridable) or "let"
+    name: str
+    value: E.Expr
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Definition:
+    name: str
+    bindings: tuple[Binding, ...]
+    body: Pattern
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def show(self) -> str:
+        lines = [f"{b.kind} {b.name} = {E.show(b.value)}" for b in self.bindings]
+        return "\n".join(lines + [f"pattern {self.name} = {self.body.show()}"]) + "\n"

@@ -1,0 +1,180 @@
+"""Primitives read from tables rather than intervals: random keys, where(...) predicates, documents."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import numpy as np
+import sympy
+
+from ..errors import SparsecError
+from . import expr as E
+from .pattern import CHUNK_PAIRS, Pattern, value
+from .tiles import EMPTY, FULL, PARTIAL, TileSet, all_tiles, expand_ranges, runtime_value, tiles_of_pairs
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 whose outputs pass as independent uniforms."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def random_keys(seed: int, head: int, rows: np.ndarray, r: int, n_k: int) -> np.ndarray:
+    """For each row position, min(r, n_k) distinct keys in [0, n_k), uniform over subsets.
+
+    Floyd's algorithm, one step per column, all rows at once: at step t pick x uniform in [0, t];
+    take x unless an earlier step took it, then take t. The uniform numbers come from a counter
+    hash of (seed, head, row, t), so any row can be drawn alone and every device agrees."""
+    m = min(r, n_k)
+    rows = np.asarray(rows, np.int64)
+    base = _mix(_mix(np.full(rows.shape, seed, np.int64).astype(np.uint64)) ^ np.uint64(head & 0xFFFFFFFF))
+    base = _mix(base ^ rows.astype(np.uint64))
+    picks = np.empty((len(rows), m), np.int64)
+    with np.errstate(over="ignore"):
+        for step, t in enumerate(range(n_k - m, n_k)):
+            x = (_mix(base ^ np.uint64(t)) % np.uint64(t + 1)).astype(np.int64)
+            taken = (picks[:, :step] == x[:, None]).any(axis=1)
+            picks[:, step] = np.where(taken, t, x)
+    return picks
+
+
+@dataclass(frozen=True)
+class Random(Pattern):
+    """Each row of each head allows exactly min(r, n_k) keys drawn by random_keys(seed, head, row)."""
+    r: E.Expr
+    seed: E.Expr
+    keyword: ClassVar[str] = "random"
+    limits: ClassVar = {"r": (0, "at least 0"), "seed": (0, "at least 0")}
+    head_dependent: ClassVar[bool] = True
+
+    def show(self):
+        return f"random({E.show(self.r)}, seed={E.show(self.seed)})"
+
+    def mask(self, grid):
+        picks = random_keys(value(self.seed), grid.head, grid.pos, value(self.r), grid.n_k)
+        out = np.zeros((len(grid.pos), len(grid.keys)), bool)
+        at = np.searchsorted(grid.keys, picks)            # grid.keys is sorted and unique
+        hit = (at < len(grid.keys)) & (grid.keys[np.minimum(at, len(grid.keys) - 1)] == picks)
+        rows = np.broadcast_to(np.arange(len(grid.pos))[:, None], picks.shape)
+        out[rows[hit], at[hit]] = True
+        return out
+
+    def tiles(self, t):
+        if not len(t.q_lo):
+            return TileSet.build(t, [], [], [])
+        rows = np.arange(t.q_lo.min(), t.q_hi.max() + 1, dtype=np.int64)
+        picks = random_keys(value(self.seed), t.head, rows, value(self.r), t.n_k)
+        return tiles_of_pairs(t, np.repeat(rows, picks.shape[1]), picks.ravel())
+
+    def estimate(self, t):
+        return int((t.q_hi - t.q_lo + 1).sum()) * max(min(value(self.r), t.n_k), 0)
+
+    def cost(self, env):
+        return self.sym(self.r, env) * env["n"]
+
+
+def _tile_pairs(t, qt, kt):
+    """Padded token coordinates of each tile: rows (C, BM, 1), cols (C, 1, BN) and their validity."""
+    bm = int((t.q_hi - t.q_lo).max()) + 1
+    bn = int((t.k_hi - t.k_lo).max()) + 1
+    rows = t.q_lo[qt][:, None] + np.arange(bm)
+    cols = t.k_lo[kt][:, None] + np.arange(bn)
+    valid = (rows <= t.q_hi[qt][:, None])[:, :, None] & (cols <= t.k_hi[kt][:, None])[:, None, :]
+    return rows[:, :, None], cols[:, None, :], valid
+
+
+@dataclass(frozen=True)
+class Where(Pattern):
+    """An arbitrary predicate over i (the position), j, h, n_q and n_k: evaluated pair by pair."""
+    cond: E.Expr
+    keyword: ClassVar[str] = "where"
+
+    def show(self):
+        return f"where({E.show(self.cond)})"
+
+    def uses_head(self):
+        return "h" in E.names(self.cond)
+
+    def specialize(self, env):
+        known = {k: E.Const(v) for k, v in env.items() if k in ("n", "n_q", "n_k")}
+        return replace(self, cond=E.substitute(self.cond, known))
+
+    def _eval(self, rows, cols, head, n_q, n_k):
+        env = {"i": rows, "j": cols, "h": head, "n": n_k, "n_q": n_q, "n_k": n_k}
+        out = E.evaluate(self.cond, env)
+        return np.broadcast_to(np.asarray(out, bool), np.broadcast_shapes(np.shape(rows), np.shape(cols)))
+
+    def mask(self, grid):
+        return self._eval(grid.pos[:, None], grid.keys[None, :], grid.head, grid.n_q, grid.n_k).copy()
+
+    def classify(self, t, qt, kt):
+        out = np.empty(len(qt), np.int8)
+        if not len(qt):
+            return out
+        area = int((t.q_hi - t.q_lo).max() + 1) * int((t.k_hi - t.k_lo).max() + 1)
+        step = max(1, CHUNK_PAIRS // area)
+        for s in range(0, len(qt), step):
+            rows, cols, valid = _tile_pairs(t, qt[s:s + step], kt[s:s + step])
+            ok = self._eval(rows, cols, t.head, t.n_q, t.n_k)
+            anyv = (ok & valid).any(axis=(1, 2))
+            allv = (ok | ~valid).all(axis=(1, 2))
+            out[s:s + step] = np.where(allv, FULL, np.where(anyv, PARTIAL, EMPTY))
+        return out
+
+    def cost(self, env):
+        return env["n"] ** 2  # no closed form: an upper bound
+
+
+def _extremes(seg: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """Min and max of seg over each tile; top-level tiles are ordered and contiguous, so
+    reduceat over the tile starts (cut at the last tile's end) reduces exactly each tile."""
+    if not len(lo):
+        return seg[:0], seg[:0]
+    part = seg[: hi[-1] + 1]
+    return np.minimum.reduceat(part, lo), np.maximum.reduceat(part, lo)
+
+
+@dataclass(frozen=True)
+class Document(Pattern):
+    """segment_ids[b, p] == segment_ids[b, j]: packed sequences attend within their document."""
+    keyword: ClassVar[str] = "document"
+    needs: ClassVar[frozenset[str]] = frozenset({"segment_ids"})
+    token_level: ClassVar[bool] = True
+
+    def _ids(self, runtime, lo, hi, n_k):
+        seg = np.asarray(runtime_value(runtime, "segment_ids", "document"))
+        if len(lo) and (lo.min() < 0 or hi.max() >= len(seg)):
+            raise ValueError(f"document: query positions {lo.min()}..{hi.max()} fall outside segment_ids "
+                             f"of length {len(seg)}; segment_ids must have shape (B, n_k) and q_offset >= 0")
+        return seg
+
+    def mask(self, grid):
+        seg = self._ids(grid.runtime, grid.pos, grid.pos, grid.n_k)
+        return seg[grid.pos][:, None] == seg[grid.keys][None, :]
+
+    def _ranges(self, t):
+        seg = self._ids(t.runtime, t.q_lo, t.q_hi, t.n_k)
+        return (seg, *_extremes(seg, t.q_lo, t.q_hi), *_extremes(seg, t.k_lo, t.k_hi))
+
+    def classify(self, t, qt, kt):
+        _, q_min, q_max, k_min, k_max = self._ranges(t)
+        meet = (q_min[qt] <= k_max[kt]) & (k_min[kt] <= q_max[qt])
+        same = (q_min[qt] == q_max[qt]) & (k_min[kt] == k_max[kt]) & (q_min[qt] == k_min[kt])
+        return np.where(same, FULL, np.where(meet, PARTIAL, EMPTY)).astype(np.int8)
+
+    def tiles(self, t):
+        seg, q_min, q_max, _, _ = self._ranges(t)
+        if np.all(seg[1:] >= seg[:-1]):  # sorted ids (packed documents): each tile meets a key range
+            lo = np.searchsorted(seg, q_min, side="left")
+            hi = np.searchsorted(seg, q_max, side="right") - 1
+            qt, kt = expand_ranges(*t.key_tiles(lo, hi))
+        else:
+            qt, kt = all_tiles(t)
+        return TileSet.build(t, qt, kt, self.classify(t, qt, kt))
+
+    def cost(self, env):
+        return env["n"] ** 2  # depends on the documents: an upper bound

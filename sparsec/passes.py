@@ -1,0 +1,200 @@
+"""The optimizer: pure IR -> IR passes, listed once in order; SPARSEC_DEBUG=passes prints each result."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import replace
+from typing import Callable
+
+from .ir import expr as E
+from .ir import nodes as N
+from .ir.program import Definition
+
+
+def fold_constants(d: Definition) -> Definition:
+    """Substitute every param and let into the body and fold what became constant; then check
+    the arguments that are known now (those that do not depend on n)."""
+    env: dict[str, E.Expr] = {}
+    for b in d.bindings:
+        env[b.name] = E.substitute(b.value, env)
+    body = _fold(d.body, env)
+    for node in body.walk():
+        node.check()
+    return replace(d, bindings=(), body=body)
+
+
+def _fold(p: N.Pattern, env) -> N.Pattern:
+    return p.map_arguments(lambda e: E.substitute(e, env)).map_children(lambda c: _fold(c, env))
+
+
+# ---- canonical form ------------------------------------------------------------------------------
+
+def _consts(p: N.Pattern):
+    """The argument values of a node when all are constants, else None."""
+    args = p.arguments()
+    if all(isinstance(a, E.Const) for a in args.values()):
+        return {k: a.value for k, a in args.items()}
+    return None
+
+
+def _offsets(p: N.Pattern):
+    """[lo, hi] of p - j allowed by a band or causal with constant arguments, else None."""
+    if isinstance(p, N.Causal):
+        return (0, math.inf)
+    v = _consts(p) if isinstance(p, N.Band) else None
+    return (-v["after"], v["before"]) if v else None
+
+
+def _band(lo, hi, like: N.Pattern) -> N.Pattern:
+    if hi == math.inf:
+        return N.Causal(span=like.span) if lo == 0 else None
+    return N.Band(E.Const(int(hi)), E.Const(int(-lo)), span=like.span)
+
+
+def subsumes(big: N.Pattern, small: N.Pattern) -> bool:
+    """A sufficient test that every pair of `small` is a pair of `big`."""
+    if big == small or isinstance(big, N.Full) or isinstance(small, N.Empty):
+        return True
+    a, b = _offsets(big), _offsets(small)
+    if a and b:
+        return a[0] <= b[0] and b[1] <= a[1]
+    vb, vs = _consts(big), _consts(small)
+    if vb is None or vs is None:
+        return False
+    if isinstance(small, N.Dilated) and a:
+        reach = vs["w"] * vs["d"]
+        return a[0] <= -reach and reach <= a[1]
+    pairs = {(N.Global, N.Global): "g", (N.Global, N.Sink): "g", (N.Sink, N.Sink): "g", (N.Last, N.Last): "g"}
+    key = pairs.get((type(big), type(small)))
+    if key:
+        return vs[key] <= vb[key]
+    if type(big) is type(small) is N.Chunk:
+        return vb["c"] % vs["c"] == 0
+    if type(big) is type(small) is N.Stride:
+        return vs["s"] % vb["s"] == 0
+    if isinstance(big, N.Stride) and isinstance(small, N.Dilated):
+        return vs["d"] % vb["s"] == 0
+    return False
+
+
+def _dedupe(parts):
+    out = []
+    for p in parts:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _union(u: N.Union) -> N.Pattern:
+    parts = _dedupe(q for p in u.parts for q in (p.parts if isinstance(p, N.Union) else (p,))
+                    if not isinstance(q, N.Empty))
+    if any(isinstance(p, N.Full) for p in parts):
+        return N.Full(span=u.span)
+    merged = True
+    while merged:  # bands whose offset ranges overlap or touch are one band
+        merged = False
+        for x in range(len(parts)):
+            for y in range(x + 1, len(parts)):
+                a, b = _offsets(parts[x]), _offsets(parts[y])
+                if a and b and a[0] <= b[1] + 1 and b[0] <= a[1] + 1:
+                    band = _band(min(a[0], b[0]), max(a[1], b[1]), parts[x])
+                    if band is not None:
+                        parts[x] = band
+                        del parts[y]
+                        merged = True
+                        break
+            if merged:
+                break
+    parts = [p for k, p in enumerate(parts)
+             if not any(subsumes(q, p) and (not subsumes(p, q) or m < k) for m, q in enumerate(parts) if m != k)]
+    if not parts:
+        return N.Empty(span=u.span)
+    return parts[0] if len(parts) == 1 else N.Union(tuple(parts), span=u.span)
+
+
+def _intersection(x: N.Intersection) -> N.Pattern:
+    parts = _dedupe(q for p in x.parts for q in (p.parts if isinstance(p, N.Intersection) else (p,))
+                    if not isinstance(q, N.Full))
+    if any(isinstance(p, N.Empty) for p in parts):
+        return N.Empty(span=x.span)
+    ranges = [(_offsets(p), p) for p in parts]
+    bands = [(r, p) for r, p in ranges if r]
+    if len(bands) > 1:  # bands and causal meet in one offset range
+        lo = max(r[0] for r, _ in bands)
+        hi = min(r[1] for r, _ in bands)
+        if lo > hi:
+            return N.Empty(span=x.span)
+        band = _band(lo, hi, bands[0][1])
+        rest = [p for r, p in ranges if not r]
+        parts = [band] + rest if band is not None else parts
+    parts = [p for k, p in enumerate(parts)
+             if not any(subsumes(p, q) and (not subsumes(q, p) or m < k) for m, q in enumerate(parts) if m != k)]
+    if not parts:
+        return N.Full(span=x.span)
+    return parts[0] if len(parts) == 1 else N.Intersection(tuple(parts), span=x.span)
+
+
+def _difference(d: N.Difference) -> N.Pattern:
+    if isinstance(d.right, N.Empty):
+        return d.left
+    if isinstance(d.left, N.Empty) or subsumes(d.right, d.left):
+        return N.Empty(span=d.span)
+    return d
+
+
+def _heads(h: N.Heads) -> N.Pattern:
+    return h.parts[0] if all(p == h.parts[0] for p in h.parts) else h
+
+
+def _blocks(b: N.Blocks) -> N.Pattern:
+    if isinstance(b.body, (N.Full, N.Empty)) or b.size == E.Const(1):
+        return b.body
+    if isinstance(b.body, N.Blocks) and isinstance(b.size, E.Const) and isinstance(b.body.size, E.Const):
+        # floor(floor(i / a) / b) == floor(i / (a b)), and ceil(ceil(n / a) / b) == ceil(n / (a b))
+        return N.Blocks(E.Const(b.size.value * b.body.size.value, span=b.size.span), b.body.body, span=b.span)
+    return b
+
+
+RULES: dict[type, Callable[[N.Pattern], N.Pattern]] = {
+    N.Union: _union, N.Intersection: _intersection, N.Difference: _difference,
+    N.Heads: _heads, N.Blocks: _blocks,
+}
+
+
+def _rewrite(p: N.Pattern) -> N.Pattern:
+    p = p.map_children(_rewrite)
+    rule = RULES.get(type(p))
+    return rule(p) if rule else p
+
+
+def canonicalize(d: Definition) -> Definition:
+    """Flatten unions and intersections, merge bands (band & causal is a one-sided band), drop
+    empty, full and subsumed terms, collapse nested blocks; repeated until nothing changes."""
+    body = d.body
+    for _ in range(32):
+        new = _rewrite(body)
+        if new == body:
+            break
+        body = new
+    return replace(d, body=body)
+
+
+PASSES: list[tuple[str, Callable[[Definition], Definition]]] = [
+    ("fold_constants", fold_constants),
+    ("canonicalize", canonicalize),
+]
+
+
+def optimize(d: Definition) -> Definition:
+    debug = "passes" in os.environ.get("SPARSEC_DEBUG", "")
+    for name, run in PASSES:
+        d = run(d)
+        if debug:
+            print(f"--- after {name}:\n{d.show()}", file=sys.stderr)
+    return d
+
+
+def specialize(d: Definition, n_q: int, n_k: int) -> N.Pattern:
+    """The body with every argument evaluated for these lengths and checked."""
+    return d.body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q})
