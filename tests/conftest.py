@@ -1,0 +1,53 @@
+"""Shared strategies: random .sa pattern sources, sizes and tilings for the property tests."""
+import os
+
+from hypothesis import HealthCheck, settings, strategies as st
+
+settings.register_profile("ci", deadline=None, max_examples=60,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", deadline=None, max_examples=1000,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+small = st.integers(0, 9)
+positive = st.integers(1, 7)
+
+LEAVES = [
+    st.just("full"), st.just("causal"), st.just("empty"), st.just("logsparse"),
+    st.builds("band({})".format, small),
+    st.builds("band({}, {})".format, small, st.integers(-3, 9)),
+    st.builds("dilated({}, {})".format, small, positive),
+    st.builds("stride({})".format, positive),
+    st.builds("chunk({})".format, positive),
+    st.builds("global({})".format, small),
+    st.builds("global([{}, {}])".format, small, st.integers(0, 40)),
+    st.builds("last({})".format, small),
+    st.builds("sink({})".format, small),
+    st.builds("random({}, seed={})".format, small, small),
+    st.builds("where(i % {} == j % 3 or i < j - {})".format, positive, small),
+    st.builds("where(h == 1 and j >= {})".format, small),
+]
+
+
+def _compose(children):
+    return st.one_of(
+        st.builds("({} + {})".format, children, children),
+        st.builds("({} & {})".format, children, children),
+        st.builds("({} - {})".format, children, children),
+        st.builds("heads({}, {})".format, children, children),
+        st.builds("blocks({}, {})".format, st.integers(1, 5), children),
+    )
+
+
+patterns = st.recursive(st.one_of(LEAVES), _compose, max_leaves=6)
+
+
+@st.composite
+def shapes(draw):
+    """(n_q, n_k, q_offset or None, heads): odd sizes, n_q != n_k, offsets, several heads."""
+    n_q, n_k = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+    offset = draw(st.one_of(st.none(), st.integers(-4, 40)))
+    return n_q, n_k, offset, draw(st.integers(1, 3))
+
+
+tiles = st.tuples(st.sampled_from([1, 2, 3, 8, 16]), st.sampled_from([1, 4, 5, 16]))
