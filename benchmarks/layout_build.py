@@ -242,7 +242,7 @@ def extrapolate(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     head = ("n", "sparsec compile", "sparsec build", "sparsec RSS / tracemalloc", "flex build",
-            "flex 1st call (compile)", "flex RSS build / whole", "time flex/sparsec")
+            "flex 1st call", "flex RSS build / whole", "time flex/sparsec")
     lines = [head]
     for r in rows:
         s, f = r["sparsec"], r["flex"]
@@ -307,7 +307,8 @@ def main() -> None:
         "flex_lookup": "random-block picks as two int64 (n/64,) tensors, built outside the timed build",
         "notes": {
             "times": "build median_s: median of --repeats runs after a first (cold) run in a fresh process; "
-                     "sparsec compile is timed separately; flex first_call includes torch.compile with a "
+                     "sparsec compile is timed separately; flex first_call is the first create_block_mask call, "
+                     "with torch.compile (unless eager) from a "
                      "fresh inductor cache",
             "memory": "peak_rss_delta_mb: peak RSS during the phase minus RSS at its start (peak reset per "
                       "phase via /proc/self/clear_refs); process_peak_rss_delta_mb: over the whole worker, "

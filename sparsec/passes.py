@@ -1,6 +1,7 @@
 """The optimizer: pure IR -> IR passes, listed once in order; SPARSEC_DEBUG=passes prints each result."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -78,44 +79,50 @@ def subsumes(big: N.Pattern, small: N.Pattern) -> bool:
     return False
 
 
-def _dedupe(parts):
+def _flatten(node, kind, identity) -> list:
+    """The parts of an n-ary node with nested parts of the same kind spliced in, the identity
+    (empty for +, full for &) and repeats dropped."""
     out = []
-    for p in parts:
-        if p not in out:
-            out.append(p)
+    for q in (q for p in node.parts for q in (p.parts if isinstance(p, kind) else (p,))):
+        if not isinstance(q, identity) and q not in out:
+            out.append(q)
     return out
 
 
+def _keep_extremes(parts, redundant) -> list:
+    """Drop each part made redundant by another (of two equivalent parts, the first stays)."""
+    return [p for k, p in enumerate(parts)
+            if not any(redundant(p, q) and (not redundant(q, p) or m < k) for m, q in enumerate(parts) if m != k)]
+
+
+def _rebuild(kind, parts, span, none):
+    if not parts:
+        return none(span=span)
+    return parts[0] if len(parts) == 1 else kind(tuple(parts), span=span)
+
+
+def _merge_bands(parts: list) -> list:
+    """Bands (and causal) of a union whose offset ranges overlap or touch are one band."""
+    for x, y in itertools.combinations(range(len(parts)), 2):
+        a, b = _offsets(parts[x]), _offsets(parts[y])
+        if a and b and a[0] <= b[1] + 1 and b[0] <= a[1] + 1:
+            band = _band(min(a[0], b[0]), max(a[1], b[1]), parts[x])
+            if band is not None:
+                return _merge_bands(parts[:x] + [band] + parts[x + 1:y] + parts[y + 1:])
+    return parts
+
+
 def _union(u: N.Union) -> N.Pattern:
-    parts = _dedupe(q for p in u.parts for q in (p.parts if isinstance(p, N.Union) else (p,))
-                    if not isinstance(q, N.Empty))
+    parts = _flatten(u, N.Union, N.Empty)
     if any(isinstance(p, N.Full) for p in parts):
         return N.Full(span=u.span)
-    merged = True
-    while merged:  # bands whose offset ranges overlap or touch are one band
-        merged = False
-        for x in range(len(parts)):
-            for y in range(x + 1, len(parts)):
-                a, b = _offsets(parts[x]), _offsets(parts[y])
-                if a and b and a[0] <= b[1] + 1 and b[0] <= a[1] + 1:
-                    band = _band(min(a[0], b[0]), max(a[1], b[1]), parts[x])
-                    if band is not None:
-                        parts[x] = band
-                        del parts[y]
-                        merged = True
-                        break
-            if merged:
-                break
-    parts = [p for k, p in enumerate(parts)
-             if not any(subsumes(q, p) and (not subsumes(p, q) or m < k) for m, q in enumerate(parts) if m != k)]
-    if not parts:
-        return N.Empty(span=u.span)
-    return parts[0] if len(parts) == 1 else N.Union(tuple(parts), span=u.span)
+    parts = _merge_bands(parts)
+    parts = _keep_extremes(parts, lambda p, q: subsumes(q, p))  # in a union the larger part stays
+    return _rebuild(N.Union, parts, u.span, N.Empty)
 
 
 def _intersection(x: N.Intersection) -> N.Pattern:
-    parts = _dedupe(q for p in x.parts for q in (p.parts if isinstance(p, N.Intersection) else (p,))
-                    if not isinstance(q, N.Full))
+    parts = _flatten(x, N.Intersection, N.Full)
     if any(isinstance(p, N.Empty) for p in parts):
         return N.Empty(span=x.span)
     ranges = [(_offsets(p), p) for p in parts]
@@ -128,11 +135,8 @@ def _intersection(x: N.Intersection) -> N.Pattern:
         band = _band(lo, hi, bands[0][1])
         rest = [p for r, p in ranges if not r]
         parts = [band] + rest if band is not None else parts
-    parts = [p for k, p in enumerate(parts)
-             if not any(subsumes(p, q) and (not subsumes(q, p) or m < k) for m, q in enumerate(parts) if m != k)]
-    if not parts:
-        return N.Full(span=x.span)
-    return parts[0] if len(parts) == 1 else N.Intersection(tuple(parts), span=x.span)
+    parts = _keep_extremes(parts, subsumes)  # in an intersection the smaller part stays
+    return _rebuild(N.Intersection, parts, x.span, N.Full)
 
 
 def _difference(d: N.Difference) -> N.Pattern:
