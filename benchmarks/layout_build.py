@@ -151,7 +151,6 @@ def worker_flex(n: int, repeats: int, eager: bool) -> dict:
 
 def worker_check(n: int, eager: bool) -> dict:
     """Tile classes of sparsec vs FlexAttention, plus the token masks, so a mismatch can be placed."""
-    import numpy as np
     import sparsec
     from sparsec.layout import tile_classes
     from torch.nn.attention.flex_attention import create_mask

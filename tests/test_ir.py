@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import sympy
-from hypothesis import given, strategies as st
+from hypothesis import given
 
 import sparsec
 from sparsec.compiled import N

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import sympy
 
 from ..errors import SparsecError
 from . import expr as E

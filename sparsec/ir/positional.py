@@ -10,7 +10,7 @@ import sympy
 from ..errors import SparsecError
 from . import expr as E
 from .pattern import Pattern, value
-from .tiles import EMPTY, FULL, PARTIAL, TileSet, Tiling, all_tiles, expand_ranges
+from .tiles import EMPTY, FULL, PARTIAL, TileSet, Tiling, expand_ranges
 
 INF = 1 << 61  # an offset beyond any sequence, still far from int64 overflow
 

@@ -5,9 +5,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
-import sympy
 
-from ..errors import SparsecError
 from . import expr as E
 from .pattern import CHUNK_PAIRS, Pattern, value
 from .tiles import EMPTY, FULL, PARTIAL, TileSet, all_tiles, expand_ranges, runtime_value, tiles_of_pairs
