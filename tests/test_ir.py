@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 import sympy
-from hypothesis import given
+from hypothesis import given, strategies as st
 
 import sparsec
 from sparsec.compiled import N
+from sparsec.ir import expr as E
 from sparsec.ir.tiles import Grid
 from sparsec.passes import PASSES, canonicalize, fold_constants
 
@@ -133,3 +134,17 @@ def test_cost_is_symbolic_in_params():
     w = sympy.Symbol("w", integer=True)
     assert sympy.simplify(kern.symbolic_cost() - (N * (2 * w + 1) - w * (w + 1))) == 0
     assert kern.cost == 513 * N - 65792
+
+
+@given(st.integers(0, 12), st.integers(1, 5), shapes())
+def test_fold_constants_preserves_the_mask(w, c, shape):
+    """The body read with its params and lets as an environment equals the folded body."""
+    n_q, n_k, offset, heads = shape
+    src = f"param w = {w}\nlet c = {c} + w // 4\nlet s = isqrt(n) + 1\npattern p = band(w) + chunk(c) & stride(s) + sink(c - 1)"
+    d = sparsec.compile(src).source_ir
+    env = {"n": n_k, "n_k": n_k, "n_q": n_q}
+    for b in d.bindings:
+        env[b.name] = E.evaluate(b.value, env)
+    before = masks(d.body.specialize(env), n_q, n_k, offset, heads)
+    after = masks(fold_constants(d).body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q}), n_q, n_k, offset, heads)
+    assert (before == after).all()
