@@ -143,7 +143,7 @@ class Document(Pattern):
     needs: ClassVar[frozenset[str]] = frozenset({"segment_ids"})
     token_level: ClassVar[bool] = True
 
-    def _ids(self, runtime, lo, hi, n_k):
+    def _ids(self, runtime, lo, hi):
         seg = np.asarray(runtime_value(runtime, "segment_ids", "document"))
         if len(lo) and (lo.min() < 0 or hi.max() >= len(seg)):
             raise ValueError(f"document: query positions {lo.min()}..{hi.max()} fall outside segment_ids "
@@ -151,11 +151,11 @@ class Document(Pattern):
         return seg
 
     def mask(self, grid):
-        seg = self._ids(grid.runtime, grid.pos, grid.pos, grid.n_k)
+        seg = self._ids(grid.runtime, grid.pos, grid.pos)
         return seg[grid.pos][:, None] == seg[grid.keys][None, :]
 
     def _ranges(self, t):
-        seg = self._ids(t.runtime, t.q_lo, t.q_hi, t.n_k)
+        seg = self._ids(t.runtime, t.q_lo, t.q_hi)
         return (seg, *_extremes(seg, t.q_lo, t.q_hi), *_extremes(seg, t.k_lo, t.k_hi))
 
     def classify(self, t, qt, kt):
