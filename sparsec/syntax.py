@@ -231,6 +231,9 @@ def parse(text: str, filename: str = "<string>") -> Module:
             lines = text.splitlines() or [""]
             raise SparsecError(f"unexpected end of input, expected {_describe(e.expected)}",
                                _point(source, len(lines), len(lines[-1]) + 1)) from None
+        if tok.type == "CMP":
+            raise SparsecError("comparisons do not chain: write 'a < b and b < c'",
+                               Span(source, tok.line, tok.column, tok.end_line, tok.end_column)) from None
         raise SparsecError(f"unexpected {str(tok)!r}, expected {_describe(e.expected)}",
                            Span(source, tok.line, tok.column, tok.end_line, tok.end_column)) from None
     try:

@@ -46,6 +46,8 @@ def error_of(src: str, **params) -> str:
      "<string>:1:13: error: topk is missing argument 'block': topk(k, block, causal=...)\npattern a = topk(4)\n            ^^^^^^^"),
     ("let n = 4\npattern a = full",
      "<string>:1:1: error: 'n' is a built-in name and cannot be redefined\nlet n = 4\n^^^^^^^^^"),
+    ("pattern a = where(0 < i < 3)",
+     "<string>:1:25: error: comparisons do not chain: write 'a < b and b < c'\npattern a = where(0 < i < 3)\n                        ^"),
     ("pattern a = band(3 // 0)",
      "<string>:1:18: error: division by zero\npattern a = band(3 // 0)\n                 ^^^^^^"),
     ("param w = 1",
