@@ -120,6 +120,7 @@ class CompiledPattern:
         heads = _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
         q, k = _numpy("q", q, 4), _numpy("k", k, 4)
+        centroids, rotations = _numpy("centroids", centroids, 3), _numpy("rotations", rotations, 3)
         if {"q", "k"} & self.needs:
             if q is None or k is None:
                 raise ValueError(f"pattern {self.name} is content-based: pass q= (B, H, n_q, D) and k= (B, Hkv, n_k, D)")
@@ -137,8 +138,7 @@ class CompiledPattern:
                 runtime = Runtime(
                     segment_ids=None if seg is None else seg[b],
                     q=None if q is None else q[b, h], k=None if k is None else k[b, h // (heads // k.shape[1])],
-                    centroids=None if centroids is None else _numpy("centroids", centroids, 3)[h],
-                    rotations=_numpy("rotations", rotations, 3))
+                    centroids=None if centroids is None else centroids[h], rotations=rotations)
                 out[b, h] = body.mask(Grid(pos, keys, n_q, n_k, h, runtime))
             if per_head == 1:
                 out[b, 1:] = out[b, 0]

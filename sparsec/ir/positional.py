@@ -24,7 +24,24 @@ def _has_multiple(lo: np.ndarray, hi: np.ndarray, d: int) -> np.ndarray:
     return (hi >= lo) & ((hi // d) * d >= lo)
 
 
-class OffsetPattern(Pattern):
+class RangePattern(Pattern):
+    """Candidates are ranges of key tiles per query tile; `classify` decides each candidate."""
+
+    def key_ranges(self, t: Tiling) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[first, last) key tiles per query tile, one pair of arrays per covering range."""
+        raise NotImplementedError
+
+    def tiles(self, t):
+        parts = [expand_ranges(first, last) for first, last in self.key_ranges(t)]
+        qt = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        kt = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        return TileSet.build(t, qt, kt, self.classify(t, qt, kt))
+
+    def estimate(self, t):
+        return int(sum((last - first).sum() for first, last in self.key_ranges(t)))
+
+
+class OffsetPattern(RangePattern):
     """A predicate of the offset p - j alone. Over a tile the offsets are exactly the integers
     [q_lo - k_hi, q_hi - k_lo], so classifying a tile is a question about one interval."""
 
@@ -44,20 +61,8 @@ class OffsetPattern(Pattern):
     def classify(self, t, qt, kt):
         return self.offset_class(t.q_lo[qt] - t.k_hi[kt], t.q_hi[qt] - t.k_lo[kt])
 
-    def _candidates(self, t: Tiling):
-        for lo, hi in self.offset_ranges(t):
-            yield t.key_tiles(t.q_lo - hi, t.q_hi - lo)
-
-    def tiles(self, t):
-        parts = [expand_ranges(first, last) for first, last in self._candidates(t)]
-        if not parts:
-            return TileSet.build(t, [], [], [])
-        qt = np.concatenate([p[0] for p in parts])
-        kt = np.concatenate([p[1] for p in parts])
-        return TileSet.build(t, qt, kt, self.classify(t, qt, kt))
-
-    def estimate(self, t):
-        return int(sum((last - first).sum() for first, last in self._candidates(t)))
+    def key_ranges(self, t):
+        return [t.key_tiles(t.q_lo - hi, t.q_hi - lo) for lo, hi in self.offset_ranges(t)]
 
 
 @dataclass(frozen=True)
@@ -225,22 +230,21 @@ class LogSparse(OffsetPattern):
 class RowsOrColumns(Pattern):
     """p in some set of rows or j in some set of columns (global, last, sink)."""
 
-    def row_count(self, t: Tiling, lo, hi) -> np.ndarray:
+    def row_count(self, n_k: int, lo, hi) -> np.ndarray:
         """How many positions in [lo, hi] are global rows."""
         raise NotImplementedError
 
-    def column_count(self, t: Tiling, lo, hi) -> np.ndarray:
+    def column_count(self, n_k: int, lo, hi) -> np.ndarray:
         raise NotImplementedError
 
     def mask(self, grid):
-        t = Tiling(grid.pos, grid.pos, grid.keys, grid.keys, grid.n_q, grid.n_k)
-        rows = self.row_count(t, grid.pos, grid.pos) > 0
-        cols = self.column_count(t, grid.keys, grid.keys) > 0
+        rows = self.row_count(grid.n_k, grid.pos, grid.pos) > 0
+        cols = self.column_count(grid.n_k, grid.keys, grid.keys) > 0
         return rows[:, None] | cols[None, :]
 
     def _counts(self, t):
-        rows = self.row_count(t, t.q_lo, t.q_hi)
-        cols = self.column_count(t, t.k_lo, t.k_hi)
+        rows = self.row_count(t.n_k, t.q_lo, t.q_hi)
+        cols = self.column_count(t.n_k, t.k_lo, t.k_hi)
         return rows, rows == t.q_hi - t.q_lo + 1, cols, cols == t.k_hi - t.k_lo + 1
 
     def classify(self, t, qt, kt):
@@ -272,7 +276,7 @@ class Global(RowsOrColumns):
     keyword: ClassVar[str] = "global"
     limits: ClassVar = {"g": (0, "at least 0")}
 
-    def row_count(self, t, lo, hi):
+    def row_count(self, n_k, lo, hi):
         return _count_below(lo, hi, value(self.g))
 
     column_count = row_count
@@ -296,7 +300,7 @@ class GlobalSet(RowsOrColumns):
             if isinstance(p, E.Const) and p.value < 0:
                 raise SparsecError(f"global: positions must be at least 0, got {p.value}", p.span or self.span)
 
-    def row_count(self, t, lo, hi):
+    def row_count(self, n_k, lo, hi):
         members = np.unique(np.array([value(p) for p in self.positions], np.int64))
         return np.searchsorted(members, hi, side="right") - np.searchsorted(members, lo, side="left")
 
@@ -314,8 +318,8 @@ class Last(RowsOrColumns):
     keyword: ClassVar[str] = "last"
     limits: ClassVar = {"g": (0, "at least 0")}
 
-    def row_count(self, t, lo, hi):
-        first = t.n_k - value(self.g)
+    def row_count(self, n_k, lo, hi):
+        first = n_k - value(self.g)
         return np.clip(hi - np.maximum(lo, first) + 1, 0, None)
 
     column_count = row_count
@@ -332,10 +336,10 @@ class Sink(RowsOrColumns):
     keyword: ClassVar[str] = "sink"
     limits: ClassVar = {"g": (0, "at least 0")}
 
-    def row_count(self, t, lo, hi):
+    def row_count(self, n_k, lo, hi):
         return np.zeros(np.shape(lo), np.int64)
 
-    def column_count(self, t, lo, hi):
+    def column_count(self, n_k, lo, hi):
         return _count_below(lo, hi, value(self.g))
 
     def cost(self, env):
@@ -343,7 +347,7 @@ class Sink(RowsOrColumns):
 
 
 @dataclass(frozen=True)
-class Chunk(Pattern):
+class Chunk(RangePattern):
     """p // c == j // c: attention within aligned chunks of c positions."""
     c: E.Expr
     keyword: ClassVar[str] = "chunk"
@@ -358,17 +362,9 @@ class Chunk(Pattern):
         q0, q1, k0, k1 = t.q_lo[qt] // c, t.q_hi[qt] // c, t.k_lo[kt] // c, t.k_hi[kt] // c
         return _classes((q1 >= k0) & (k1 >= q0), (q0 == q1) & (k0 == k1) & (q0 == k0))
 
-    def _candidates(self, t):
+    def key_ranges(self, t):
         c = value(self.c)
-        return t.key_tiles((t.q_lo // c) * c, (t.q_hi // c) * c + c - 1)
-
-    def tiles(self, t):
-        qt, kt = expand_ranges(*self._candidates(t))
-        return TileSet.build(t, qt, kt, self.classify(t, qt, kt))
-
-    def estimate(self, t):
-        first, last = self._candidates(t)
-        return int((last - first).sum())
+        return [t.key_tiles((t.q_lo // c) * c, (t.q_hi // c) * c + c - 1)]
 
     def cost(self, env):
         return env["n"] * self.sym(self.c, env)
