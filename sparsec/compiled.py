@@ -7,15 +7,21 @@ from typing import Any
 
 import numpy as np
 import sympy
+import torch
 
 from . import passes
 from .elaborate import elaborate, pattern_names
 from .errors import Source
 from .ir import expr as E
 from .ir.program import Binding, Definition
-from .ir.tiles import Grid, Runtime
+from . import cpu
+from . import runtime as R
+from .codegen import Generated, TileConfig, emit_forward
+from .ir.tiles import Grid, Runtime, TableSpace
 from .layout import BlockLayout, build_layout
 from .syntax import Module, parse
+
+CPU_TILES = (64, 64)  # the CPU path's tiles: big enough for the matmuls, small enough to skip work
 
 N = sympy.Symbol("n", positive=True, integer=True)
 
@@ -72,17 +78,26 @@ def _tidy(e: sympy.Expr) -> sympy.Expr:
     return sympy.simplify(e) if sympy.count_ops(e) < 60 else e
 
 
-class CompiledPattern:
-    """What `sparsec.compile` returns: the pattern's IR, its cost, dense reference mask and layouts."""
+class Kernel:
+    """What `sparsec.compile` returns: callable attention for the pattern, with its IR, cost,
+    dense reference mask, block layouts and generated source."""
 
     def __init__(self, path_or_source, pattern: str | None = None, **params):
-        self.source = read_source(path_or_source)
-        module = parse(self.source.text, self.source.filename)
+        self.program = read_source(path_or_source)
+        module = parse(self.program.text, self.program.filename)
         self.patterns = pattern_names(module)
         self.source_ir = bind_params(elaborate(module, pattern), module, params)
         self.ir = passes.optimize(self.source_ir)
         self.name = self.ir.name
         self.needs = self.ir.body.runtime_needs()
+        self._cache: dict = {}   # specializations, generated code, layouts, tables, CPU plans
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            if len(self._cache) > 256:  # many shapes: start over rather than grow without bound
+                self._cache.clear()
+            self._cache[key] = make()
+        return self._cache[key]
 
     def __repr__(self) -> str:
         return f"<sparsec pattern {self.name}: {self.ir.body.show()}>"
@@ -115,7 +130,6 @@ class CompiledPattern:
     def mask(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
              q=None, k=None, segment_ids=None, centroids=None, rotations=None):
         """The dense reference mask, bool (B or 1, heads, n_q, n_k), as a torch tensor."""
-        import torch
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         heads = _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
@@ -138,7 +152,8 @@ class CompiledPattern:
                 runtime = Runtime(
                     segment_ids=None if seg is None else seg[b],
                     q=None if q is None else q[b, h], k=None if k is None else k[b, h // (heads // k.shape[1])],
-                    centroids=None if centroids is None else centroids[h], rotations=rotations)
+                    centroids=None if centroids is None else centroids[h], rotations=rotations,
+                    q_offset=q_offset)
                 out[b, h] = body.mask(Grid(pos, keys, n_q, n_k, h, runtime))
             if per_head == 1:
                 out[b, 1:] = out[b, 0]
@@ -155,12 +170,63 @@ class CompiledPattern:
         body = passes.specialize(self.ir, n_q, n_k)
         return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, seg)
 
-    def __call__(self, q, k, v, **kwargs):
-        raise NotImplementedError("sparsec 0.1 compiles patterns to masks and block layouts; "
-                                  "the attention kernels are not part of this release yet")
+    # ---- kernels ----
+    def generated(self, config: TileConfig | None = None) -> Generated:
+        """The generated forward kernel for a tile config (default: the GPU default)."""
+        config = config or TileConfig()
+        return self._cached(("source", config), lambda: emit_forward(self.ir, config))
+
+    @property
+    def source(self) -> str:
+        """The generated Triton source (default tile config)."""
+        return self.generated().source
+
+    def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None,
+                 return_lse: bool = False, backend: str | None = None, **runtime):
+        """Attention of q (B, Hq, n_q, D) over k, v (B, Hkv, n_k, D) under the pattern: O, or
+        (O, LSE) with return_lse=True. backend: 'triton' (CUDA), 'interpret' (the generated kernel
+        in Triton's interpreter, CPU) or 'cpu' (the fast CPU path); default from SPARSEC_BACKEND,
+        else by device."""
+        call = R.check_call(self.name, self.needs, q, k, v, scale, q_offset, runtime)
+        backend = R.choose_backend(backend, call.device)
+        body = self._cached(("specialized", call.n_q, call.n_k), lambda: passes.specialize(self.ir, call.n_q, call.n_k))
+        inputs = {name: x for name, x in runtime.items() if x is not None}
+        if "segment_ids" in inputs:
+            inputs["segment_ids"] = inputs["segment_ids"].to(torch.int32).contiguous()
+        if {"q", "k"} & self.needs:
+            inputs.update(q=q, k=k)
+        space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, inputs)
+        # what depends on the shapes alone is cached; what depends on runtime inputs is not
+        shape_key = (call.n_q, call.n_k, call.q_offset, call.heads, call.device)
+        reusable = not self.needs
+        seg = None if "segment_ids" not in inputs else inputs["segment_ids"].cpu().numpy()
+        config = R.default_config(backend, call) if backend != "cpu" else TileConfig(*CPU_TILES)
+
+        def layout():
+            return build_layout(body, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,
+                                call.heads, seg)
+
+        if backend == "cpu":
+            make_plan = lambda: cpu.plan(body, layout(), space, per_batch=bool(self.needs))
+            p = self._cached(("plan", config, *shape_key), make_plan) if reusable else make_plan()
+            o, lse = cpu.forward(p, q, k, v, call.scale)
+        else:
+            interpret = backend == "interpret"
+            gen = self.generated(config)
+            module = R.load_kernel(gen, self.name, interpret)
+            make_layout = lambda: R.DeviceLayout.of(layout(), call.device)
+            lay = self._cached(("layout", config, *shape_key), make_layout) if reusable else make_layout()
+            make_tables = lambda: R.table_values(gen, body, call, inputs)
+            tables = self._cached(("tables", config, *shape_key, call.batch), make_tables) if reusable \
+                else make_tables()
+            o, lse = R.launch(module, lay, tables, call, q, k, v, interpret)
+        return (o, lse) if return_lse else o
 
 
-def compile(path_or_source: str | os.PathLike, pattern: str | None = None, **params) -> CompiledPattern:
+CompiledPattern = Kernel  # the name of sparsec 0.1
+
+
+def compile(path_or_source: str | os.PathLike, pattern: str | None = None, **params) -> Kernel:
     """Compile a .sa program (a path or its text); `pattern` picks one by name (default: the last);
     keyword arguments override its params."""
-    return CompiledPattern(path_or_source, pattern, **params)
+    return Kernel(path_or_source, pattern, **params)

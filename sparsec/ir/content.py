@@ -52,10 +52,42 @@ class ContentPattern(Pattern):
         qt, kt = all_tiles(t)
         return TileSet.build(t, qt, kt, PARTIAL)
 
-    def inputs(self, grid):
-        q = np.asarray(runtime_value(grid.runtime, "q", self.keyword), np.float64)
-        k = np.asarray(runtime_value(grid.runtime, "k", self.keyword), np.float64)
-        return q[grid.pos - grid.pos[0]] if len(grid.pos) else q[:0], k, k[grid.keys]
+    def lower(self, cx):
+        """Equal bucket ids in some round: ids are computed per call (tables) and compared here."""
+        q_ids, k_ids = cx.table(self, "q_ids"), cx.table(self, "k_ids")
+        rounds = cx.table(self, "rounds", pointer=False)
+        bh = f"({cx.batch} * {cx.heads} + {cx.head}).to(tl.int64) * {rounds}"
+        row = cx.let(f"{cx.rows} - Q_OFFSET", "query_row", hoist=True)
+        hit = cx.let("tl.zeros([BLOCK_M, BLOCK_N], tl.int1)", self.keyword)
+        cx.loop(f"for r in range({rounds}):", [
+            f"bq = tl.load({q_ids} + ({bh} + r) * N_Q + {row}, mask=({row} >= 0) & ({row} < N_Q), other=-1)",
+            f"bk = tl.load({k_ids} + ({bh} + r) * N_K + {cx.cols}, mask={cx.cols} < N_K, other=-2)",
+            f"{hit} = {hit} | (bq[:, None] == bk[None, :])"])
+        return hit
+
+    def ids(self, runtime) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket ids of q and k, (rounds, n_q) and (rounds, n_k), for one (batch, head)."""
+        raise NotImplementedError
+
+    def mask(self, grid):
+        bq, bk = self.ids(grid.runtime)
+        rows = grid.pos - grid.runtime.q_offset
+        return (bq[:, rows, None] == bk[:, None, grid.keys]).any(axis=0)
+
+    def tables(self, space):
+        q_ids, k_ids = [], []
+        for b in range(space.batch):
+            for h in range(space.heads):
+                bq, bk = self.ids(space.per_head(b, h))
+                q_ids.append(bq)
+                k_ids.append(bk)
+        return {"q_ids": np.stack(q_ids).astype(np.int32), "k_ids": np.stack(k_ids).astype(np.int32),
+                "rounds": q_ids[0].shape[0]}
+
+    def arrays(self, runtime) -> tuple[np.ndarray, np.ndarray]:
+        """q (n_q, D) and k (n_k, D) of this (batch, head), float64."""
+        q = np.asarray(runtime_value(runtime, "q", self.keyword), np.float64)
+        return q, np.asarray(runtime_value(runtime, "k", self.keyword), np.float64)
 
 
 @dataclass(frozen=True)
@@ -75,17 +107,14 @@ class Lsh(ContentPattern):
         if isinstance(b, E.Const) and b.value % 2:
             raise SparsecError(f"lsh: buckets must be even, got {b.value}", b.span or self.span)
 
-    def mask(self, grid):
-        q, _, k = self.inputs(grid)
-        rot = grid.runtime.rotations
+    def ids(self, runtime):
+        q, k = self.arrays(runtime)
+        rot = runtime.rotations
         if rot is None:
             rot = rotations(value(self.seed), value(self.rounds), q.shape[-1], value(self.buckets))
-        out = np.zeros((len(q), len(k)), bool)
-        for r in np.asarray(rot, np.float64):
-            bq = np.argmax(np.concatenate([q @ r, -(q @ r)], axis=-1), axis=-1)
-            bk = np.argmax(np.concatenate([k @ r, -(k @ r)], axis=-1), axis=-1)
-            out |= bq[:, None] == bk[None, :]
-        return out
+        bucket = lambda x, r: np.argmax(np.concatenate([x @ r, -(x @ r)], axis=-1), axis=-1)
+        rot = np.asarray(rot, np.float64)
+        return np.stack([bucket(q, r) for r in rot]), np.stack([bucket(k, r) for r in rot])
 
     def cost(self, env):
         return self.sym(self.rounds, env) * env["n"] ** 2 / self.sym(self.buckets, env)
@@ -102,15 +131,13 @@ class Cluster(ContentPattern):
     def show(self):
         return f"cluster({E.show(self.k)}, iters={E.show(self.iters)}, seed={E.show(self.seed)})"
 
-    def mask(self, grid):
-        q, all_keys, k = self.inputs(grid)
-        mu = grid.runtime.centroids
+    def ids(self, runtime):
+        q, k = self.arrays(runtime)
+        mu = runtime.centroids
         if mu is None:
-            mu = spherical_kmeans(all_keys, value(self.k), value(self.iters), value(self.seed))
+            mu = spherical_kmeans(k, value(self.k), value(self.iters), value(self.seed))
         mu = np.asarray(mu, np.float64)
-        cq = np.argmax(unit(q) @ mu.T, axis=-1)
-        ck = np.argmax(unit(k) @ mu.T, axis=-1)
-        return cq[:, None] == ck[None, :]
+        return np.argmax(unit(q) @ mu.T, axis=-1)[None], np.argmax(unit(k) @ mu.T, axis=-1)[None]
 
     def cost(self, env):
         return env["n"] ** 2 / self.sym(self.k, env)
@@ -128,22 +155,58 @@ class TopK(ContentPattern):
     def show(self):
         return f"topk({E.show(self.k)}, block={E.show(self.block)}, causal={E.show(self.causal)})"
 
-    def mask(self, grid):
-        q, all_keys, _ = self.inputs(grid)
+    def selection(self, runtime) -> tuple[int, np.ndarray]:
+        """(first query block I0, chosen[I - I0, J]) over the query blocks of this call; a block's
+        query mean is over the call's rows in it."""
+        q, k = self.arrays(runtime)
         b, top = value(self.block), value(self.k)
-        qb = grid.pos // b
+        qb = (np.arange(len(q)) + runtime.q_offset) // b
         rows, row_of = np.unique(qb, return_inverse=True)
         q_mean = np.stack([q[row_of == r].mean(axis=0) for r in range(len(rows))]) if len(rows) else q[:0]
-        n_blocks = -(-len(all_keys) // b)
-        k_mean = np.stack([all_keys[c * b:(c + 1) * b].mean(axis=0) for c in range(n_blocks)])
+        n_blocks = -(-len(k) // b)
+        k_mean = np.stack([k[c * b:(c + 1) * b].mean(axis=0) for c in range(n_blocks)])
         score = q_mean @ k_mean.T
         cols = np.arange(n_blocks)
         candidate = cols[None, :] < rows[:, None] if value(self.causal) else np.ones(score.shape, bool)
         score = np.where(candidate, score, -np.inf)
         rank = np.empty_like(score, dtype=np.int64)  # stable sort: equal scores keep the smaller J first
         rank[np.arange(len(rows))[:, None], np.argsort(-score, axis=1, kind="stable")] = cols[None, :]
-        chosen = candidate & (rank < top)
-        return chosen[row_of][:, grid.keys // b]
+        return int(rows[0]) if len(rows) else 0, candidate & (rank < top)
+
+    def mask(self, grid):
+        first, chosen = self.selection(grid.runtime)
+        b = value(self.block)
+        return chosen[grid.pos // b - first][:, grid.keys // b]
+
+    def lower(self, cx):
+        chosen, row0 = cx.table(self, "chosen"), cx.table(self, "row0", pointer=False)
+        rows, count = cx.table(self, "rows", pointer=False), cx.table(self, "count", pointer=False)
+        block = cx.num(self.block)
+        at = cx.let(f"_floordiv({cx.rows}, {block}) - {row0}", "topk_at", hoist=True)
+        ok = cx.let(f"({at} >= 0) & ({at} < {rows})", "topk_ok", hoist=True)
+        mine = cx.let(f"{chosen} + (({cx.batch} * {cx.heads} + {cx.head}).to(tl.int64) * {rows} + {at}) * {count}",
+                      "topk_row", hoist=True)
+        key_block = cx.let(f"_floordiv({cx.cols}, {block})", "topk_key_block")
+        hit = cx.let("tl.zeros([BLOCK_M, BLOCK_N], tl.int1)", "topk")
+        cx.loop(f"for t in range({count}):", [
+            f"picked = tl.load({mine} + t, mask={ok}, other=-1)",
+            f"{hit} = {hit} | (picked[:, None] == {key_block}[None, :])"])
+        return hit
+
+    def tables(self, space):
+        """chosen[b, h, I - I0, t]: the key blocks query block I keeps, padded with -1."""
+        lists, first = [], 0
+        for b in range(space.batch):
+            for h in range(space.heads):
+                first, chosen = self.selection(space.per_head(b, h))
+                lists.append(chosen)
+        width = max(1, max(int(c.sum(axis=1).max(initial=0)) for c in lists))
+        out = np.full((len(lists), lists[0].shape[0], width), -1, np.int32)
+        for n, c in enumerate(lists):
+            for r, picked in enumerate(c):
+                blocks = np.flatnonzero(picked)
+                out[n, r, :len(blocks)] = blocks
+        return {"chosen": out, "row0": first, "rows": out.shape[1], "count": width}
 
     def cost(self, env):
         return env["n"] * self.sym(self.k, env) * self.sym(self.block, env)

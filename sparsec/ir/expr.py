@@ -85,41 +85,74 @@ class Op:
     evaluate: Callable[..., Any]       # (span, *values) -> value; floor semantics for // and %
     sympy: Callable[..., Any] | None   # (*sympy args) -> sympy expr
     infix: tuple[str, int] | None = None  # (symbol, precedence) for operators
+    triton: Callable[..., str] | None = None  # (*Triton source of args) -> Triton source; floor // and %
 
 
 # precedence, loosest first: or 1, and 2, not 3, comparison 4, + - 5, & 6, * // % 7, unary - 8, ** 9
 OPS: dict[str, Op] = {
-    "+": Op((2, 2), "num", "num", lambda s, a, b: a + b, lambda a, b: a + b, ("+", 5)),
-    "-": Op((2, 2), "num", "num", lambda s, a, b: a - b, lambda a, b: a - b, ("-", 5)),
-    "*": Op((2, 2), "num", "num", lambda s, a, b: a * b, lambda a, b: a * b, ("*", 7)),
+    "+": Op((2, 2), "num", "num", lambda s, a, b: a + b, lambda a, b: a + b, ("+", 5),
+       triton=lambda a, b: f"({a} + {b})"),
+    "-": Op((2, 2), "num", "num", lambda s, a, b: a - b, lambda a, b: a - b, ("-", 5),
+       triton=lambda a, b: f"({a} - {b})"),
+    "*": Op((2, 2), "num", "num", lambda s, a, b: a * b, lambda a, b: a * b, ("*", 7),
+       triton=lambda a, b: f"({a} * {b})"),
     "//": Op((2, 2), "num", "num", lambda s, a, b: a // _divisor(b, s),
-             lambda a, b: sympy.floor(a / b), ("//", 7)),
-    "%": Op((2, 2), "num", "num", lambda s, a, b: a % _divisor(b, s), sympy.Mod, ("%", 7)),
+             lambda a, b: sympy.floor(a / b), ("//", 7),
+       triton=lambda a, b: f"_floordiv({a}, {b})"),
+    "%": Op((2, 2), "num", "num", lambda s, a, b: a % _divisor(b, s), sympy.Mod, ("%", 7),
+       triton=lambda a, b: f"_mod({a}, {b})"),
     "**": Op((2, 2), "num", "num", lambda s, a, b: _power(a, b, s), lambda a, b: a ** b, ("**", 9)),
-    "neg": Op((1, 1), "num", "num", lambda s, a: -a, lambda a: -a, ("-", 8)),
-    "==": Op((2, 2), "bool", "num", lambda s, a, b: a == b, sympy.Eq, ("==", 4)),
-    "!=": Op((2, 2), "bool", "num", lambda s, a, b: a != b, sympy.Ne, ("!=", 4)),
-    "<": Op((2, 2), "bool", "num", lambda s, a, b: a < b, sympy.Lt, ("<", 4)),
-    "<=": Op((2, 2), "bool", "num", lambda s, a, b: a <= b, sympy.Le, ("<=", 4)),
-    ">": Op((2, 2), "bool", "num", lambda s, a, b: a > b, sympy.Gt, (">", 4)),
-    ">=": Op((2, 2), "bool", "num", lambda s, a, b: a >= b, sympy.Ge, (">=", 4)),
-    "and": Op((2, 2), "bool", "bool", lambda s, a, b: np.logical_and(a, b), sympy.And, ("and", 2)),
-    "or": Op((2, 2), "bool", "bool", lambda s, a, b: np.logical_or(a, b), sympy.Or, ("or", 1)),
-    "not": Op((1, 1), "bool", "bool", lambda s, a: np.logical_not(a), sympy.Not, ("not", 3)),
-    "min": Op((2, -1), "num", "num", lambda s, *a: _fold(np.minimum, min, a), sympy.Min),
-    "max": Op((2, -1), "num", "num", lambda s, *a: _fold(np.maximum, max, a), sympy.Max),
-    "abs": Op((1, 1), "num", "num", lambda s, a: abs(a), sympy.Abs),
-    "isqrt": Op((1, 1), "num", "num", lambda s, a: _isqrt(a, s), lambda a: sympy.floor(sympy.sqrt(a))),
-    "ilog2": Op((1, 1), "num", "num", lambda s, a: _ilog2(a, s), lambda a: sympy.floor(sympy.log(a, 2))),
+    "neg": Op((1, 1), "num", "num", lambda s, a: -a, lambda a: -a, ("-", 8),
+       triton=lambda a: f"(-{a})"),
+    "==": Op((2, 2), "bool", "num", lambda s, a, b: a == b, sympy.Eq, ("==", 4),
+       triton=lambda a, b: f"({a} == {b})"),
+    "!=": Op((2, 2), "bool", "num", lambda s, a, b: a != b, sympy.Ne, ("!=", 4),
+       triton=lambda a, b: f"({a} != {b})"),
+    "<": Op((2, 2), "bool", "num", lambda s, a, b: a < b, sympy.Lt, ("<", 4),
+       triton=lambda a, b: f"({a} < {b})"),
+    "<=": Op((2, 2), "bool", "num", lambda s, a, b: a <= b, sympy.Le, ("<=", 4),
+       triton=lambda a, b: f"({a} <= {b})"),
+    ">": Op((2, 2), "bool", "num", lambda s, a, b: a > b, sympy.Gt, (">", 4),
+       triton=lambda a, b: f"({a} > {b})"),
+    ">=": Op((2, 2), "bool", "num", lambda s, a, b: a >= b, sympy.Ge, (">=", 4),
+       triton=lambda a, b: f"({a} >= {b})"),
+    "and": Op((2, 2), "bool", "bool", lambda s, a, b: np.logical_and(a, b), sympy.And, ("and", 2),
+       triton=lambda a, b: f"({a} & {b})"),
+    "or": Op((2, 2), "bool", "bool", lambda s, a, b: np.logical_or(a, b), sympy.Or, ("or", 1),
+       triton=lambda a, b: f"({a} | {b})"),
+    "not": Op((1, 1), "bool", "bool", lambda s, a: np.logical_not(a), sympy.Not, ("not", 3),
+       triton=lambda a: f"({a} == 0)"),
+    "min": Op((2, -1), "num", "num", lambda s, *a: _fold(np.minimum, min, a), sympy.Min,
+       triton=lambda *a: _nest("tl.minimum", a)),
+    "max": Op((2, -1), "num", "num", lambda s, *a: _fold(np.maximum, max, a), sympy.Max,
+       triton=lambda *a: _nest("tl.maximum", a)),
+    "abs": Op((1, 1), "num", "num", lambda s, a: abs(a), sympy.Abs,
+       triton=lambda a: f"tl.abs({a})"),
+    "isqrt": Op((1, 1), "num", "num", lambda s, a: _isqrt(a, s), lambda a: sympy.floor(sympy.sqrt(a)),
+       triton=lambda a: f"_isqrt({a})"),
+    "ilog2": Op((1, 1), "num", "num", lambda s, a: _ilog2(a, s), lambda a: sympy.floor(sympy.log(a, 2)),
+       triton=lambda a: f"_ilog2({a})"),
     "ceil_div": Op((2, 2), "num", "num", lambda s, a, b: -((-a) // _divisor(b, s)),
-                   lambda a, b: sympy.ceiling(a / b)),
-    "sqrt": Op((1, 1), "num", "num", lambda s, a: _real(np.sqrt, "sqrt", lambda x: x >= 0)(a, s), sympy.sqrt),
+                   lambda a, b: sympy.ceiling(a / b),
+       triton=lambda a, b: f"(-_floordiv(-{a}, {b}))"),
+    "sqrt": Op((1, 1), "num", "num", lambda s, a: _real(np.sqrt, "sqrt", lambda x: x >= 0)(a, s), sympy.sqrt,
+       triton=lambda a: f"tl.sqrt(_real({a}))"),
     "log2": Op((1, 1), "num", "num", lambda s, a: _real(np.log2, "log2", lambda x: x > 0)(a, s),
-               lambda a: sympy.log(a, 2)),
-    "ceil": Op((1, 1), "num", "num", lambda s, a: _ceil(a, s), sympy.ceiling),
-    "floor": Op((1, 1), "num", "num", lambda s, a: _floor(a, s), sympy.floor),
+               lambda a: sympy.log(a, 2),
+       triton=lambda a: f"tl.log2(_real({a}))"),
+    "ceil": Op((1, 1), "num", "num", lambda s, a: _ceil(a, s), sympy.ceiling,
+       triton=lambda a: f"tl.ceil(_real({a})).to(tl.int64)"),
+    "floor": Op((1, 1), "num", "num", lambda s, a: _floor(a, s), sympy.floor,
+       triton=lambda a: f"tl.floor(_real({a})).to(tl.int64)"),
 }
 FUNCTIONS = tuple(name for name, op in OPS.items() if op.infix is None)
+
+
+def _nest(fn: str, args) -> str:
+    out = args[0]
+    for a in args[1:]:
+        out = f"{fn}({out}, {a})"
+    return out
 
 
 def _fold(array_fn, scalar_fn, values):
@@ -244,3 +277,22 @@ def to_sympy(e: Expr, symbols: dict[str, Any]):
     if isinstance(e, Var):
         return symbols.get(e.name, sympy.Symbol(e.name, integer=True))
     return OPS[e.op].sympy(*(to_sympy(a, symbols) for a in e.args))
+
+
+def to_triton(e: Expr, names: dict[str, str]) -> str:
+    """Triton source for e, with each free name replaced by the Triton expression in `names`.
+    `//` and `%` go through floor helpers (Triton's own truncate toward zero)."""
+    if isinstance(e, Const):
+        if isinstance(e.value, bool):
+            return "True" if e.value else "False"
+        return repr(e.value)
+    if isinstance(e, Var):
+        if e.name not in names:
+            raise SparsecError(f"'{e.name}' has no value inside a kernel", e.span)
+        return names[e.name]
+    if e.op == "**":
+        base, power = e.args
+        if not (isinstance(power, Const) and isinstance(power.value, int) and 0 <= power.value <= 64):
+            raise SparsecError("inside a kernel, ** needs a constant exponent between 0 and 64", e.span)
+        return "(" + " * ".join([to_triton(base, names)] * power.value) + ")" if power.value else "1"
+    return OPS[e.op].triton(*(to_triton(a, names) for a in e.args))

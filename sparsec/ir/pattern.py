@@ -31,6 +31,9 @@ class Pattern:
     classify  the class of given tiles (what an intersection or difference asks of its other parts)
     estimate  how many tiles `tiles` would list, so an intersection enumerates its sparsest part
     cost      allowed pairs at n_q = n_k = n as a sympy expression (section "cost" of docs/ir.md)
+    lower     the predicate as Triton source over one tile, through a Lowering (codegen.py): its
+              `rows`/`cols` coordinates, `num(expr)`, `let`/`loop` statements, `table` parameters
+    tables    the values of the kernel parameters `lower` declared, for one call (TableSpace)
     """
     span: Span | None = field(default=None, compare=False, repr=False, kw_only=True)
 
@@ -134,6 +137,13 @@ class Pattern:
     def sym(self, e: E.Expr, env: dict[str, Any]):
         return E.to_sympy(e, env)
 
+    def lower(self, cx) -> str:
+        raise NotImplementedError(f"{type(self).__name__} has no kernel lowering")
+
+    def tables(self, space) -> dict[str, Any]:
+        """Values of the table parameters `lower` declared (on a specialized node); most have none."""
+        return {}
+
 
 def parenthesize(p: Pattern, need: int) -> str:
     return f"({p.show()})" if level(p) < need else p.show()
@@ -175,6 +185,9 @@ class Union(Pattern):
     def cost(self, env):
         return sum(p.cost(env) for p in self.parts)  # an upper bound: overlaps count twice
 
+    def lower(self, cx):
+        return "(" + " | ".join(cx.sub(p) for p in self.parts) + ")"
+
 
 @dataclass(frozen=True)
 class Intersection(Pattern):
@@ -207,6 +220,9 @@ class Intersection(Pattern):
             d *= density(p.cost(env), env['n'])
         return sympy.expand(env['n']**2 * d)
 
+    def lower(self, cx):
+        return "(" + " & ".join(cx.sub(p) for p in self.parts) + ")"
+
 
 def subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Class of a - b from the classes of a and b: b FULL empties, b EMPTY keeps a, else PARTIAL."""
@@ -238,6 +254,10 @@ class Difference(Pattern):
         left = self.left.cost(env)
         return sympy.expand(left * (1 - density(self.right.cost(env), env["n"])))
 
+    def lower(self, cx):
+        left = cx.sub(self.left)
+        return f"({left} & ({cx.sub(self.right)} == 0))"
+
 
 @dataclass(frozen=True)
 class Heads(Pattern):
@@ -266,6 +286,14 @@ class Heads(Pattern):
 
     def cost(self, env):
         return sympy.expand(sum(p.cost(env) for p in self.parts) / len(self.parts))
+
+    def lower(self, cx):
+        # h is one scalar per program: every part is lowered, the select costs nothing per pair
+        parts = [cx.sub(p) for p in self.parts]
+        out = parts[-1]
+        for k in range(len(parts) - 2, -1, -1):
+            out = f"tl.where({cx.head} % {len(parts)} == {k}, {parts[k]}, {out})"
+        return out
 
 
 @dataclass(frozen=True)
@@ -310,3 +338,6 @@ class Blocks(Pattern):
         b = self.sym(self.size, env)
         inner = dict(env, n=env["n"] / b, n_q=env["n"] / b, n_k=env["n"] / b)
         return sympy.expand(self.body.cost(inner) * b**2)
+
+    def lower(self, cx):
+        return cx.coarsen(cx.num(self.size)).sub(self.body)

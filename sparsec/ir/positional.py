@@ -64,6 +64,13 @@ class OffsetPattern(RangePattern):
     def key_ranges(self, t):
         return [t.key_tiles(t.q_lo - hi, t.q_hi - lo) for lo, hi in self.offset_ranges(t)]
 
+    def lower(self, cx):
+        return self.lower_offset(cx, cx.offsets())
+
+    def lower_offset(self, cx, d: str) -> str:
+        """The predicate over the tile's offsets d = p - j, a (BLOCK_M, BLOCK_N) int tensor."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Full(OffsetPattern):
@@ -80,6 +87,9 @@ class Full(OffsetPattern):
 
     def cost(self, env):
         return env["n"] ** 2
+
+    def lower_offset(self, cx, d):
+        return cx.constant(True)
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,9 @@ class Empty(OffsetPattern):
     def cost(self, env):
         return sympy.Integer(0)
 
+    def lower_offset(self, cx, d):
+        return cx.constant(False)
+
 
 @dataclass(frozen=True)
 class Causal(OffsetPattern):
@@ -116,6 +129,9 @@ class Causal(OffsetPattern):
     def cost(self, env):
         n = env["n"]
         return n * (n + 1) / 2
+
+    def lower_offset(self, cx, d):
+        return f"({d} >= 0)"
 
 
 @dataclass(frozen=True)
@@ -153,6 +169,9 @@ class Band(OffsetPattern):
         b, a, n = self.sym(self.before, env), self.sym(self.after, env), env["n"]
         return n * (a + b + 1) - (a * (a + 1) + b * (b + 1)) / 2
 
+    def lower_offset(self, cx, d):
+        return f"(({d} >= {cx.num(E.substitute(E.Apply('neg', (self.after,)), {}))}) & ({d} <= {cx.num(self.before)}))"
+
 
 @dataclass(frozen=True)
 class Dilated(OffsetPattern):
@@ -180,6 +199,10 @@ class Dilated(OffsetPattern):
         w, d, n = self.sym(self.w, env), self.sym(self.d, env), env["n"]
         return n * (2 * w + 1) - d * w * (w + 1)
 
+    def lower_offset(self, cx, d):
+        s = cx.num(self.d)
+        return f"((tl.abs({d}) <= {cx.num(self.w)} * {s}) & (_mod({d}, {s}) == 0))"
+
 
 @dataclass(frozen=True)
 class Stride(OffsetPattern):
@@ -199,6 +222,9 @@ class Stride(OffsetPattern):
 
     def cost(self, env):
         return env["n"] ** 2 / self.sym(self.s, env)
+
+    def lower_offset(self, cx, d):
+        return f"(_mod({d}, {cx.num(self.s)}) == 0)"
 
 
 @dataclass(frozen=True)
@@ -225,6 +251,10 @@ class LogSparse(OffsetPattern):
     def cost(self, env):
         n = env["n"]
         return n * (1 + sympy.log(n, 2))
+
+    def lower_offset(self, cx, d):
+        # a power of two has one bit set: d & (d - 1) clears it
+        return f"(({d} == 0) | (({d} > 0) & (({d} & ({d} - 1)) == 0)))"
 
 
 class RowsOrColumns(Pattern):
@@ -263,6 +293,18 @@ class RowsOrColumns(Pattern):
         rows, _, cols, _ = self._counts(t)
         return int((rows > 0).sum() * t.shape[1] + (cols > 0).sum() * t.shape[0])
 
+    def lower(self, cx):
+        rows, cols = self.lower_rows(cx), self.lower_cols(cx)
+        parts = ([f"{rows}[:, None]"] if rows else []) + ([f"{cols}[None, :]"] if cols else [])
+        return "(" + " | ".join(parts) + ")" if parts else cx.constant(False)
+
+    def lower_rows(self, cx) -> str | None:
+        """(BLOCK_M,) bool: which rows of the tile are global rows (None: no row ever is)."""
+        raise NotImplementedError
+
+    def lower_cols(self, cx) -> str | None:
+        raise NotImplementedError
+
 
 def _count_below(lo, hi, g):
     """How many integers of [lo, hi] are < g."""
@@ -284,6 +326,12 @@ class Global(RowsOrColumns):
     def cost(self, env):
         g, n = self.sym(self.g, env), env["n"]
         return 2 * g * n - g**2
+
+    def lower_rows(self, cx):
+        return cx.let(f"{cx.rows} < {cx.num(self.g)}", "global_rows", hoist=True)
+
+    def lower_cols(self, cx):
+        return cx.let(f"{cx.cols} < {cx.num(self.g)}", "global_cols")
 
 
 @dataclass(frozen=True)
@@ -310,6 +358,20 @@ class GlobalSet(RowsOrColumns):
         m = len(self.positions)
         return 2 * m * env["n"] - m**2
 
+    def lower(self, cx):
+        members, count = cx.table(self, "members"), cx.table(self, "count", pointer=False)
+        rows = cx.let(f"tl.zeros([BLOCK_M], tl.int1)", "set_rows")
+        cols = cx.let(f"tl.zeros([BLOCK_N], tl.int1)", "set_cols")
+        cx.loop(f"for t in range({count}):", [
+            f"member = tl.load({members} + t)",
+            f"{rows} = {rows} | ({cx.rows} == member)",
+            f"{cols} = {cols} | ({cx.cols} == member)"])
+        return f"({rows}[:, None] | {cols}[None, :])"
+
+    def tables(self, space):
+        members = np.unique(np.array([value(p) for p in self.positions], np.int64))
+        return {"members": members.astype(np.int32), "count": len(members)}
+
 
 @dataclass(frozen=True)
 class Last(RowsOrColumns):
@@ -328,6 +390,12 @@ class Last(RowsOrColumns):
         g, n = self.sym(self.g, env), env["n"]
         return 2 * g * n - g**2
 
+    def lower_rows(self, cx):
+        return cx.let(f"{cx.rows} >= {cx.n_k} - {cx.num(self.g)}", "last_rows", hoist=True)
+
+    def lower_cols(self, cx):
+        return cx.let(f"{cx.cols} >= {cx.n_k} - {cx.num(self.g)}", "last_cols")
+
 
 @dataclass(frozen=True)
 class Sink(RowsOrColumns):
@@ -344,6 +412,12 @@ class Sink(RowsOrColumns):
 
     def cost(self, env):
         return self.sym(self.g, env) * env["n"]
+
+    def lower_rows(self, cx):
+        return None
+
+    def lower_cols(self, cx):
+        return cx.let(f"{cx.cols} < {cx.num(self.g)}", "sink_cols")
 
 
 @dataclass(frozen=True)
@@ -368,3 +442,8 @@ class Chunk(RangePattern):
 
     def cost(self, env):
         return env["n"] * self.sym(self.c, env)
+
+    def lower(self, cx):
+        c = cx.num(self.c)
+        rows = cx.let(f"_floordiv({cx.rows}, {c})", "chunk_rows", hoist=True)
+        return f"({rows}[:, None] == _floordiv({cx.cols}, {c})[None, :])"

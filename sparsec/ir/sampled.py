@@ -74,6 +74,25 @@ class Random(Pattern):
     def cost(self, env):
         return self.sym(self.r, env) * env["n"]
 
+    def lower(self, cx):
+        keys, row0 = cx.table(self, "keys"), cx.table(self, "row0", pointer=False)
+        rows, count = cx.table(self, "rows", pointer=False), cx.table(self, "count", pointer=False)
+        at = cx.let(f"{cx.rows} - {row0}", "random_at", hoist=True)
+        ok = cx.let(f"({at} >= 0) & ({at} < {rows})", "random_ok", hoist=True)
+        row_keys = cx.let(f"{keys} + ({cx.head} * {rows} + {at}) * {count}", "random_row", hoist=True)
+        hit = cx.let("tl.zeros([BLOCK_M, BLOCK_N], tl.int1)", "random")
+        cx.loop(f"for t in range({count}):", [  # the row's t-th drawn key, compared with every column
+            f"drawn = tl.load({row_keys} + t, mask={ok}, other=-1)",
+            f"{hit} = {hit} | (drawn[:, None] == {cx.cols}[None, :])"])
+        return hit
+
+    def tables(self, space):
+        """keys[h, row - row0, t]: the drawn keys of every row coordinate this call can meet."""
+        rows = np.arange(space.first_row, space.last_row + 1, dtype=np.int64)
+        m = min(value(self.r), space.keys)
+        keys = np.stack([random_keys(value(self.seed), h, rows, m, space.keys) for h in range(space.heads)])
+        return {"keys": keys.astype(np.int32), "row0": space.first_row, "rows": len(rows), "count": m}
+
 
 def _tile_pairs(t, qt, kt):
     """Padded token coordinates of each tile: rows (C, BM, 1), cols (C, 1, BN) and their validity."""
@@ -126,6 +145,13 @@ class Where(Pattern):
     def cost(self, env):
         return env["n"] ** 2  # no closed form: an upper bound
 
+    def lower(self, cx):
+        # int64 coordinates: products such as i * j overflow 32 bits at long lengths
+        rows = cx.let(f"{cx.rows}.to(tl.int64)", "where_i", hoist=True)
+        cols = cx.let(f"{cx.cols}.to(tl.int64)", "where_j")
+        cond = cx.num(self.cond, {"i": f"{rows}[:, None]", "j": f"{cols}[None, :]", "h": cx.head})
+        return f"({cond} & {cx.constant(True)})"  # & broadcasts a condition of h alone to the tile
+
 
 def _extremes(seg: np.ndarray, lo: np.ndarray, hi: np.ndarray):
     """Min and max of seg over each tile; top-level tiles are ordered and contiguous, so
@@ -176,3 +202,15 @@ class Document(Pattern):
 
     def cost(self, env):
         return env["n"] ** 2  # depends on the documents: an upper bound
+
+    def lower(self, cx):
+        ids, stride = cx.table(self, "ids"), cx.table(self, "stride", pointer=False)
+        mine = cx.let(f"{ids} + {cx.batch}.to(tl.int64) * {stride}", "document_ids", hoist=True)
+        rows = cx.let(f"tl.load({mine} + {cx.rows}, mask=({cx.rows} >= 0) & ({cx.rows} < {cx.n_k}), other=-1)",
+                      "document_rows", hoist=True)
+        cols = cx.let(f"tl.load({mine} + {cx.cols}, mask={cx.cols} < {cx.n_k}, other=-2)", "document_cols")
+        return f"({rows}[:, None] == {cols}[None, :])"
+
+    def tables(self, space):
+        seg = space.inputs["segment_ids"]  # (B, n_k), contiguous int32 on the kernel's device
+        return {"ids": seg, "stride": seg.shape[1]}

@@ -17,6 +17,50 @@ class Runtime:
     k: np.ndarray | None = None              # (n_k, D)
     centroids: np.ndarray | None = None      # (clusters, D) of this head
     rotations: np.ndarray | None = None      # (rounds, D, buckets/2)
+    q_offset: int = 0                        # position of q's first row
+
+
+@dataclass(frozen=True)
+class TableSpace:
+    """What a node's kernel tables are built for: one call's lengths (tokens), the block scale
+    the node sits under (product of enclosing blocks sizes), and every runtime input, whole
+    (numpy or torch): segment_ids (B, n_k), q (B, H, n_q, D), k (B, Hkv, n_k, D), centroids
+    (H, clusters, D), rotations (rounds, D, buckets/2)."""
+    n_q: int
+    n_k: int
+    q_offset: int
+    heads: int
+    batch: int
+    scale: int = 1
+    inputs: dict = field(default_factory=dict)
+
+    @property
+    def first_row(self) -> int:
+        """The first row coordinate (position, or block index inside blocks) of this call."""
+        return self.q_offset // self.scale
+
+    @property
+    def last_row(self) -> int:
+        return (self.q_offset + self.n_q - 1) // self.scale
+
+    @property
+    def keys(self) -> int:
+        """n_k in this node's coordinates."""
+        return -(-self.n_k // self.scale)
+
+    def numpy(self, name: str):
+        x = self.inputs.get(name)
+        return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+    def per_head(self, b: int, h: int) -> Runtime:
+        """The Runtime (numpy) of query head h of batch row b (k of its group)."""
+        x = {name: self.numpy(name) for name in self.inputs}
+        q, k = x.get("q"), x.get("k")
+        group = self.heads // k.shape[1] if k is not None else 1
+        return Runtime(segment_ids=None if x.get("segment_ids") is None else x["segment_ids"][b],
+                       q=None if q is None else q[b, h], k=None if k is None else k[b, h // group],
+                       centroids=None if x.get("centroids") is None else x["centroids"][h],
+                       rotations=x.get("rotations"), q_offset=self.q_offset)
 
 
 @dataclass(frozen=True)
