@@ -208,13 +208,21 @@ def _ilog2(x):
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE, DOT_PRECISION: tl.constexpr):
+def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    if DOT_IN_FP32:  # Triton 3.9's interpreter misreads bfloat16 operands of tl.dot: widen them first
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE,
+            DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """One key tile of the online softmax (base 2). keep: the pairs allowed, or None for all.
 
     m_i is the running row max of the scaled scores, l_i the running sum of 2^(s - m_i), acc the
     running sum of 2^(s - m_i) v. A row whose pairs are all masked so far keeps m_i = -inf; using
     0 in its place keeps every exponent finite (2^-inf = 0) so such rows stay exactly zero."""
-    s = tl.dot(q, K_tile, input_precision=DOT_PRECISION) * QK_SCALE
+    s = _dot(q, K_tile, DOT_PRECISION, DOT_IN_FP32) * QK_SCALE
     if keep is not None:
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -222,7 +230,7 @@ def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE, DOT_PRECISION: tl.
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(V_tile.dtype), V_tile, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(V_tile.dtype), V_tile, DOT_PRECISION, DOT_IN_FP32)
     return acc, m_new, l_i
 
 '''
@@ -239,7 +247,7 @@ def sparse_attention_forward(
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES,
 {params}    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PAD, "the head dim is padded up to a power of two")
@@ -277,9 +285,9 @@ def sparse_attention_forward(
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=in_n[:, None] & in_d[None, :], other=0.0)
         if EVEN_N:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, QK_SCALE, DOT_PRECISION)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         else:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, in_n[None, :], QK_SCALE, DOT_PRECISION)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, in_n[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     # the pattern's predicate, the parts that depend on the query rows only
 {hoisted}
@@ -295,7 +303,7 @@ def sparse_attention_forward(
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=in_n[:, None] & in_d[None, :], other=0.0)
 {body}        keep = {pred} & in_n[None, :]
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     # rows with no allowed key: O = 0 and LSE = -inf (l_i = 0 there), never NaN
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -255,5 +255,6 @@ def launch(module, lay: DeviceLayout, tables: list, call: Call, q, k, v, interpr
             lay.full_ptr, lay.full_idx, lay.partial_ptr, lay.partial_idx, lb, lh, tq, *tables,
             HEAD_DIM=call.dim, HEAD_DIM_PAD=max(16, 1 << (call.dim - 1).bit_length()),
             BLOCK_M=layout.block_m, BLOCK_N=layout.block_n, EVEN_N=call.n_k % layout.block_n == 0,
-            DOT_PRECISION=precision, num_warps=module.CONFIG["num_warps"], num_stages=module.CONFIG["num_stages"])
+            DOT_PRECISION=precision, DOT_IN_FP32=interpret and q.dtype == torch.bfloat16,
+            num_warps=module.CONFIG["num_warps"], num_stages=module.CONFIG["num_stages"])
     return o, lse

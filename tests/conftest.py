@@ -8,6 +8,8 @@ settings.register_profile("ci", deadline=None, max_examples=60,
 settings.register_profile("thorough", deadline=None, max_examples=1000,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# kernel properties run the Triton interpreter: fewer examples, unless a thorough run asks for more
+KERNEL_EXAMPLES = 25 if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci" else 300
 
 small = st.integers(0, 9)
 positive = st.integers(1, 7)

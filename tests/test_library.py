@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch
+
 import sparsec
 from sparsec.elaborate import pattern_names
 from sparsec.syntax import parse
+from test_kernel import check
 
 LIBRARY = Path(__file__).resolve().parent.parent / "patterns"
 FILES = sorted(LIBRARY.glob("*.sa"))
@@ -114,3 +117,9 @@ def test_prefix_lm_is_causal_plus_sink():
     same = sparsec.compile("pattern p = causal + sink(24)")
     for n_q, n_k in ((64, 64), (20, 64), (64, 64 + 7)):
         assert bool((kern.mask(n_q, n_k) == same.mask(n_q, n_k)).all())
+
+
+@pytest.mark.parametrize("path,name", ALL_PATTERNS)
+def test_runs_through_the_generated_kernel(path, name):
+    """Every library pattern, through its generated Triton kernel (interpreter), against float64."""
+    check(sparsec.compile(str(path), pattern=name), "interpret", 1, 2, 1, 130, 130, 16, torch.float32)
