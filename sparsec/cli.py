@@ -5,8 +5,10 @@ import argparse
 import sys
 
 import numpy as np
+import torch
 
 from . import passes
+from .codegen import TileConfig
 from .compiled import CompiledPattern, read_source
 from .errors import SparsecError
 from .ir.tiles import EMPTY, FULL, PARTIAL
@@ -46,6 +48,9 @@ def emit(args) -> None:
         print(dump(parse(source.text, source.filename)))
         return
     kern = _compile(args)
+    if args.stage == "triton":
+        print(kern.generated(TileConfig(*args.block)).source, end="")
+        return
     if args.stage == "ir":
         d = kern.source_ir
         print(f"# {kern.name}: as written\n{d.show()}")
@@ -95,8 +100,34 @@ def check(args) -> int:
     if missed or false_full:
         print("FAILED: the layout is unsound for this pattern (a sparsec bug; please report it)")
         return 1
-    print("OK: the layout covers the reference mask (kernels come in a later release)")
+    worst = 0.0
+    for backend in args.backend or (["triton"] if torch.cuda.is_available() else ["interpret", "cpu"]):
+        err = kernel_error(kern, inputs, n, args.heads, backend)
+        worst = max(worst, err)
+        what = "generated Triton kernel" + (" (interpreter)" if backend == "interpret" else "") \
+            if backend != "cpu" else "CPU path"
+        print(f"{what}: max |O - O_ref| = {err:.2e} against dense attention in float64 (fp32, D = 64)")
+    if not worst < 1e-4:
+        print("FAILED: the kernel disagrees with the dense reference (a sparsec bug; please report it)")
+        return 1
+    print("OK: the layout covers the reference mask and the kernels match dense attention")
     return 0
+
+
+def kernel_error(kern, inputs: dict, n: int, heads: int, backend: str) -> float:
+    """Run the kernel on seeded fp32 inputs and compare with masked softmax attention in float64."""
+    device = "cuda" if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, heads, n, 64, generator=gen) for _ in range(3))
+    if "q" in inputs:
+        q, k = torch.as_tensor(inputs["q"], dtype=torch.float32), torch.as_tensor(inputs["k"], dtype=torch.float32)
+    runtime = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
+    mask = kern.mask(n, heads=heads, **inputs)
+    scores = (q.double() @ k.double().transpose(-1, -2) / 8.0).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with no allowed key: 0
+    want = weights @ v.double()
+    got = kern(q.to(device), k.to(device), v.to(device), backend=backend, **runtime).cpu()
+    return float((got.double() - want).abs().max()) if not got.isnan().any() else float("nan")
 
 
 def show(args) -> None:
@@ -149,15 +180,17 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--n", type=int, default=n_default, help="sequence length (n_q = n_k)")
         sp.add_argument("--block", type=int, nargs=2, default=(64, 64), metavar=("M", "N"), help="tile size")
 
-    e = sub.add_parser("emit", help="print a stage: ast, ir (each pass, and the cost) or layout")
-    e.add_argument("stage", choices=["ast", "ir", "layout"])
+    e = sub.add_parser("emit", help="print a stage: ast, ir (each pass, and the cost), layout or triton")
+    e.add_argument("stage", choices=["ast", "ir", "layout", "triton"])
     common(e, 1024)
     e.add_argument("--n-k", type=int, default=None, help="key length (default: --n)")
     e.add_argument("--heads", type=int, default=1)
     e.add_argument("--rows", type=int, default=32, help="query tiles to list")
-    c = sub.add_parser("check", help="verify the block layout against the dense reference mask")
+    c = sub.add_parser("check", help="verify the layout and run the kernels against dense attention")
     common(c, 2048)
     c.add_argument("--heads", type=int, default=2)
+    c.add_argument("--backend", choices=["triton", "interpret", "cpu"], action="append",
+                   help="kernel(s) to run (repeatable; default: triton with a GPU, else interpret and cpu)")
     s = sub.add_parser("show", help="draw the mask and its block layout to a PNG")
     common(s, 2048)
     s.add_argument("-o", "--output", required=True, help="PNG path")
