@@ -25,18 +25,22 @@ import json
 import os
 import platform
 import re
-import resource
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+# a fresh inductor cache, so FlexAttention's compile times are cold in every run (removed at exit)
+_INDUCTOR_CACHE = tempfile.TemporaryDirectory(prefix="cpu_forward_inductor_")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_CACHE.name)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # use the checkout's sparsec without installing it
@@ -98,40 +102,40 @@ def timed(fn, device):
     return out, time.perf_counter() - t
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
 def peak_memory_mb(fn, device) -> float | None:
-    """Peak memory of one call above what was in use before it: CUDA allocator peak, or on CPU the
-    peak RSS after resetting it to the current RSS (Linux /proc/self/clear_refs; else None)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        sync(device)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
+    """CUDA: the allocator's peak during one call above what was in use before it. CPU: None (RSS
+    in one process mostly shows the allocator's reuse, not what a call needs)."""
+    if device.type != "cuda":
         return None
-    before = rss_mb()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     fn()
-    return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def round_robin(impls: dict, device, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Per implementation, `repeats` call times (s) after `warmup` calls, interleaved."""
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, of this process) so far (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def round_robin(impls: dict, device, warmup: int, repeats: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Per implementation, `repeats` call times (s) after `warmup` calls, interleaved; and per
+    round, the cores other processes kept busy meanwhile (their load skews the times)."""
     for fn in impls.values():
         for _ in range(warmup):
             timed(fn, device)
-    times = {name: [] for name in impls}
+    times, foreign = {name: [] for name in impls}, []
     for _ in range(repeats):
+        (busy, own), t = cpu_seconds(), time.perf_counter()
         for name, fn in impls.items():
             times[name].append(timed(fn, device)[1])
-    return times
+        (busy2, own2), wall = cpu_seconds(), time.perf_counter() - t
+        foreign.append(max(0.0, (busy2 - busy) - (own2 - own)) / wall)
+    return times, foreign
 
 
 # ---- one pattern ------------------------------------------------------------------------------------
@@ -158,9 +162,9 @@ def bench_pattern(name: str, args, device, dtype, flex) -> dict:
     lay = kern.layout(n, n, block_m=64, block_n=64, heads=H)
     per_slice = lay.shape[0] * lay.shape[1]  # the layout has a heads dimension of 1 when no head differs
     info = {"pattern": name, "ir": kern.ir.body.show(), "density": mask.sum().item() / mask.numel(),
-            "dense_mask_s": mask_s,
-            "tiles_64": {"visited_per_head": lay.tiles_visited() / per_slice, "total_per_head": lay.shape[2] * lay.shape[3],
-                         "tile_density": lay.tile_density()}}
+            "dense_mask_s": mask_s, "dense_mask_mb": mask.numel() / 2**20,
+            "tiles_64": {"visited_per_head": lay.tiles_visited() / per_slice,
+                         "total_per_head": lay.shape[2] * lay.shape[3], "tile_density": lay.tile_density()}}
     ref = reference(q, k, v, mask, 1 / D ** 0.5)
     impls, setup = {}, {}
 
@@ -192,14 +196,21 @@ def bench_pattern(name: str, args, device, dtype, flex) -> dict:
     except (torch.OutOfMemoryError, RuntimeError) as e:
         setup["sdpa dense mask"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
-    times = round_robin(impls, device, args.warmup, args.repeats)
+    times, foreign = round_robin(impls, device, args.warmup, args.repeats)
+    quiet = [i for i, f in enumerate(foreign) if f < args.quiet]
+    if len(quiet) < 3:  # too few rounds free of other load: use them all, and say so
+        print(f"warning: {name}: only {len(quiet)} of {len(foreign)} rounds had other processes below "
+              f"{args.quiet} cores busy; medians over all rounds", file=sys.stderr)
+        quiet = list(range(len(foreign)))
+    info.update(foreign_cores_busy_per_round=foreign, rounds_used=quiet)
     results = {}
     for label in setup:
         r = dict(setup[label])
         if label in impls:
-            out = impls[label]()
-            r.update(times_ms=[t * 1e3 for t in times[label]], median_ms=statistics.median(times[label]) * 1e3,
-                     min_ms=min(times[label]) * 1e3, max_abs_err=(out.double() - ref).abs().max().item(),
+            out, used = impls[label](), [times[label][i] for i in quiet]
+            r.update(times_ms=[t * 1e3 for t in times[label]], median_ms=statistics.median(used) * 1e3,
+                     min_ms=min(used) * 1e3, median_all_rounds_ms=statistics.median(times[label]) * 1e3,
+                     max_abs_err=(out.double() - ref).abs().max().item(),
                      peak_memory_mb=peak_memory_mb(impls[label], device))
             del out
         results[label] = r
@@ -213,13 +224,14 @@ def bench_pattern(name: str, args, device, dtype, flex) -> dict:
 
 # ---- report -------------------------------------------------------------------------------------
 
-def machine(device) -> dict:
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+def version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
+
+def machine(device) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
@@ -255,7 +267,9 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, help="head dim (default 64 on cpu, 128 on cuda)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 cpu, bfloat16 cuda")
-    ap.add_argument("--repeats", type=int, default=7, help="timed calls per implementation (median reported)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls per implementation (median reported)")
+    ap.add_argument("--quiet", type=float, default=0.2,
+                    help="rounds where other processes kept more cores busy than this are left out of the medians")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation before timing")
     ap.add_argument("--flex-block", type=int, nargs="+", default=[128, 64], help="FlexAttention BLOCK_SIZEs")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/{cpu_forward,gpu_forward_<gpu>}.json)")
@@ -279,7 +293,8 @@ def main() -> int:
         p = patterns[-1]
         print(f"{name}: density {p['density']:.4f}, 64x64 tiles visited {p['tiles_64']['visited_per_head']:.0f}"
               f" / {p['tiles_64']['total_per_head']} per head, flex mask pairs differing "
-              f"{p['flex_mask_pairs_differing']}", flush=True)
+              f"{p['flex_mask_pairs_differing']}, other processes' busy cores per round "
+              f"{[round(f, 2) for f in p['foreign_cores_busy_per_round']]}", flush=True)
     print("\n" + table(patterns))
 
     tol = TOLERANCE[dtype]
@@ -292,22 +307,27 @@ def main() -> int:
                                "5x_faster_than_sdpa": sdpa.get("sparsec_speedup", 0) >= 5}
     bad = [p["pattern"] for p in patterns if not p["results"]["sparsec"]["max_abs_err"] <= tol]
     wall = time.perf_counter() - start
-    print(f"\ngoals (faster than Flex at its best block size; >= 5x faster than dense-mask SDPA): {goals}")
+    for name, g in goals.items():
+        print(f"goal {name}: faster than Flex (best block size) {'yes' if g['faster_than_best_flex'] else 'NO'}, "
+              f">= 5x faster than dense-mask SDPA {'yes' if g['5x_faster_than_sdpa'] else 'NO'}")
     print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; wall time {wall:.0f} s")
 
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": shlex.join([sys.executable, *sys.argv]), "machine": machine(device),
               "config": {"batch": 1, "heads": args.heads, "n": args.n, "dim": args.dim, "dtype": str(dtype),
                          "device": args.device, "sparsec_backend": args.backend, "flex_block_sizes": args.flex_block,
-                         "repeats": args.repeats, "warmup": args.warmup, "tolerance": tol},
+                         "repeats": args.repeats, "warmup": args.warmup, "quiet": args.quiet, "tolerance": tol},
               "notes": {"times": "median/min of `repeats` calls after `warmup`, interleaved round-robin over the "
                                  "implementations; setup phases are single calls, timed separately",
                         "sparsec_speedup": "peer median / sparsec median (> 1: sparsec is faster)",
                         "max_abs_err": "vs a float64 masked softmax with the dense mask from kern.mask",
-                        "peak_memory_mb": "one extra call: CPU peak RSS above RSS before it (clear_refs reset), "
-                                          "or the CUDA allocator's peak above memory in use",
+                        "quiet_rounds": "median_ms/min_ms use only the rounds (one call of each implementation) "
+                                        "in which other processes kept fewer than `quiet` cores busy (from /proc/stat)"
+                                        "; median_all_rounds_ms uses all",
+                        "peak_memory_mb": "CUDA only: the allocator's peak in one call above memory in use",
                         "flex": "torch.compile(flex_attention); block masks from torch.compile(create_block_mask)"
-                                " (first call includes its compile; BigBird's random picks table built untimed)",
+                                " (first call includes its compile; BigBird's random picks table built untimed); "
+                                "compiles start from an empty inductor cache (TORCHINDUCTOR_CACHE_DIR unless set)",
                         "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]},
               "goals": goals, "patterns": patterns, "wall_s": wall}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

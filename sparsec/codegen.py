@@ -277,8 +277,8 @@ def sparse_attention_forward(
     # FULL key tiles: every pair allowed; only the last key tile can cross n_k
     start = tl.load(FULL_PTR + row)
     end = tl.load(FULL_PTR + row + 1)
-    for t in range(start, end):
-        cols = tl.load(FULL_IDX + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+    for at in range(start, end):
+        cols = tl.load(FULL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = cols < N_K
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=in_n[None, :] & in_d[:, None], other=0.0)
@@ -295,8 +295,8 @@ def sparse_attention_forward(
     # PARTIAL key tiles: the predicate decides each pair
     start = tl.load(PARTIAL_PTR + row)
     end = tl.load(PARTIAL_PTR + row + 1)
-    for t in range(start, end):
-        cols = tl.load(PARTIAL_IDX + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+    for at in range(start, end):
+        cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = cols < N_K
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=in_n[None, :] & in_d[:, None], other=0.0)

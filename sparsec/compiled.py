@@ -195,30 +195,28 @@ class Kernel:
             inputs["segment_ids"] = inputs["segment_ids"].to(torch.int32).contiguous()
         if {"q", "k"} & self.needs:
             inputs.update(q=q, k=k)
-        space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, inputs)
-        # what depends on the shapes alone is cached; what depends on runtime inputs is not
-        shape_key = (call.n_q, call.n_k, call.q_offset, call.heads, call.device)
-        reusable = not self.needs
-        seg = None if "segment_ids" not in inputs else inputs["segment_ids"].cpu().numpy()
-        config = R.default_config(backend, call) if backend != "cpu" else TileConfig(*CPU_TILES)
+        config = TileConfig(*CPU_TILES) if backend == "cpu" else R.default_config(backend, call)
+        seg = inputs["segment_ids"].cpu().numpy() if "segment_ids" in inputs else None
+
+        def per_shape(what, make):
+            """Cached by shape when the pattern reads no runtime input; else made per call."""
+            return make() if self.needs else self._cached(
+                (what, config, call.n_q, call.n_k, call.q_offset, call.heads, call.batch, call.device), make)
 
         def layout():
             return build_layout(body, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,
                                 call.heads, seg)
 
         if backend == "cpu":
-            make_plan = lambda: cpu.plan(body, layout(), space, per_batch=bool(self.needs))
-            p = self._cached(("plan", config, *shape_key), make_plan) if reusable else make_plan()
+            space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, inputs)
+            p = per_shape("plan", lambda: cpu.plan(body, layout(), space, per_batch=bool(self.needs)))
             o, lse = cpu.forward(p, q, k, v, call.scale)
         else:
             interpret = backend == "interpret"
             gen = self.generated(config)
             module = R.load_kernel(gen, self.name, interpret)
-            make_layout = lambda: R.DeviceLayout.of(layout(), call.device)
-            lay = self._cached(("layout", config, *shape_key), make_layout) if reusable else make_layout()
-            make_tables = lambda: R.table_values(gen, body, call, inputs)
-            tables = self._cached(("tables", config, *shape_key, call.batch), make_tables) if reusable \
-                else make_tables()
+            lay = per_shape("layout", lambda: R.DeviceLayout.of(layout(), call.device))
+            tables = per_shape("tables", lambda: R.table_values(gen, body, call, inputs))
             o, lse = R.launch(module, lay, tables, call, q, k, v, interpret)
         return (o, lse) if return_lse else o
 
