@@ -37,22 +37,26 @@ from pathlib import Path
 _INDUCTOR_CACHE = tempfile.TemporaryDirectory(prefix="cpu_forward_inductor_")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_CACHE.name)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import (
+    create_block_mask,
+    create_mask,
+    flex_attention,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # use the checkout's sparsec without installing it
-import sparsec  # noqa: E402
-from sparsec.ir.sampled import random_keys  # noqa: E402
+import sparsec
+from sparsec.ir.sampled import random_keys
 
 PATTERNS = {"band(256) + global(16)": "pattern p = band(256) + global(16)",
             "bigbird": str(ROOT / "patterns/bigbird.sa")}  # blocks(64, band(1) + global(1) + last(1) + random(3))
 BIGBIRD_BLOCK = 64
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-DEFAULTS = {"cpu": dict(n=4096, dim=64, dtype="float32", backend="cpu"),
-            "cuda": dict(n=16384, dim=128, dtype="bfloat16", backend="triton")}
+DEFAULTS = {"cpu": {"n": 4096, "dim": 64, "dtype": "float32", "backend": "cpu"},
+            "cuda": {"n": 16384, "dim": 128, "dtype": "bfloat16", "backend": "triton"}}
 
 
 # ---- the patterns as FlexAttention mask_mods ----------------------------------------------------
@@ -153,6 +157,46 @@ def reference(q, k, v, mask, scale: float) -> torch.Tensor:
     return out
 
 
+def flex_impls(name: str, q, k, v, mask, flex, block_sizes, info: dict) -> tuple[dict, dict]:
+    """Per block size, the timed call and its setup: create_block_mask (compiled: the first call
+    compiles), then the flex_attention compile + first call. Also checks the mask_mod's pairs."""
+    H, n, device = q.shape[1], q.shape[2], q.device
+    mask_mod, per_head = mask_mod_for(name, n, H, device)
+    info["flex_mask_pairs_differing"] = flex_mask_differences(mask_mod, mask)  # must be 0: same pattern
+    build_mask, impls, setup = torch.compile(create_block_mask), {}, {}
+    for bs in block_sizes:
+        label = f"flex (block {bs})"
+        try:
+            make = lambda bs=bs: build_mask(mask_mod, None, H if per_head else None, n, n, device=device,
+                                            BLOCK_SIZE=bs)
+            bm, first = timed(make, device)
+            bm, again = timed(make, device)
+            call = lambda bm=bm: flex(q, k, v, block_mask=bm)
+            setup[label] = {"create_block_mask_first_s": first, "create_block_mask_s": again,
+                            "compile_and_first_call_s": timed(call, device)[1]}
+            impls[label] = call
+        except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
+            setup[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return impls, setup
+
+
+def summarize(impls: dict, setup: dict, times: dict, quiet: list[int], ref, device) -> dict:
+    """Per implementation: setup, times, median over the quiet rounds, error, speedup of sparsec."""
+    results = {}
+    for label, before in setup.items():
+        r = results[label] = dict(before)
+        if label in impls:
+            out, used = impls[label](), [times[label][i] for i in quiet]
+            r.update(times_ms=[t * 1e3 for t in times[label]], median_ms=statistics.median(used) * 1e3,
+                     min_ms=min(used) * 1e3, median_all_rounds_ms=statistics.median(times[label]) * 1e3,
+                     max_abs_err=(out.double() - ref).abs().max().item(),
+                     peak_memory_mb=peak_memory_mb(impls[label], device))
+    for label, r in results.items():
+        if label != "sparsec" and "median_ms" in r:
+            r["sparsec_speedup"] = r["median_ms"] / results["sparsec"]["median_ms"]
+    return results
+
+
 def bench_pattern(name: str, args, device, dtype, flex) -> dict:
     n, H, D = args.n, args.heads, args.dim
     torch.manual_seed(0)
@@ -166,34 +210,17 @@ def bench_pattern(name: str, args, device, dtype, flex) -> dict:
             "tiles_64": {"visited_per_head": lay.tiles_visited() / per_slice,
                          "total_per_head": lay.shape[2] * lay.shape[3], "tile_density": lay.tile_density()}}
     ref = reference(q, k, v, mask, 1 / D ** 0.5)
-    impls, setup = {}, {}
 
     sp = lambda: kern(q, k, v, backend=args.backend)
-    setup["sparsec"] = {"build_and_first_call_s": timed(sp, device)[1]}  # builds and caches the plan
-    impls["sparsec"] = sp
-
-    mask_mod, per_head = mask_mod_for(name, n, H, device)
-    info["flex_mask_pairs_differing"] = flex_mask_differences(mask_mod, mask)  # must be 0: same pattern
-    build_mask = torch.compile(create_block_mask)
-    for bs in args.flex_block:
-        label = f"flex (block {bs})"
-        try:
-            make = lambda: build_mask(mask_mod, None, H if per_head else None, n, n, device=device, BLOCK_SIZE=bs)
-            bm, first = timed(make, device)
-            bm, again = timed(make, device)
-            call = lambda bm=bm: flex(q, k, v, block_mask=bm)
-            _, compile_s = timed(call, device)
-            setup[label] = {"create_block_mask_first_s": first, "create_block_mask_s": again,
-                            "compile_and_first_call_s": compile_s}
-            impls[label] = call
-        except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
-            setup[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-
+    impls, setup = {"sparsec": sp}, {"sparsec": {"build_and_first_call_s": timed(sp, device)[1]}}  # caches the plan
+    flex_calls, flex_setup = flex_impls(name, q, k, v, mask, flex, args.flex_block, info)
+    impls.update(flex_calls)
+    setup.update(flex_setup)
     try:
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         setup["sdpa dense mask"] = {"first_call_s": timed(sdpa, device)[1]}
         impls["sdpa dense mask"] = sdpa
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # on a GPU, where the dense mask does not fit
         setup["sdpa dense mask"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
     times, foreign = round_robin(impls, device, args.warmup, args.repeats)
@@ -203,42 +230,22 @@ def bench_pattern(name: str, args, device, dtype, flex) -> dict:
               f"{args.quiet} cores busy; medians over all rounds", file=sys.stderr)
         quiet = list(range(len(foreign)))
     info.update(foreign_cores_busy_per_round=foreign, rounds_used=quiet)
-    results = {}
-    for label in setup:
-        r = dict(setup[label])
-        if label in impls:
-            out, used = impls[label](), [times[label][i] for i in quiet]
-            r.update(times_ms=[t * 1e3 for t in times[label]], median_ms=statistics.median(used) * 1e3,
-                     min_ms=min(used) * 1e3, median_all_rounds_ms=statistics.median(times[label]) * 1e3,
-                     max_abs_err=(out.double() - ref).abs().max().item(),
-                     peak_memory_mb=peak_memory_mb(impls[label], device))
-            del out
-        results[label] = r
-    base = results["sparsec"]["median_ms"]
-    for label, r in results.items():
-        if label != "sparsec" and "median_ms" in r:
-            r["sparsec_speedup"] = r["median_ms"] / base
-    info["results"] = results
+    info["results"] = summarize(impls, setup, times, quiet, ref, device)
     return info
 
 
 # ---- report -------------------------------------------------------------------------------------
 
-def version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine(device) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
            "cpus_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-           "python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
-           "numpy": np.__version__, "git_commit": git("rev-parse", "HEAD"),
-           "git_dirty": bool(git("status", "--porcelain", "--", "sparsec"))}
+           "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "triton": next((d.version for d in importlib.metadata.distributions() if d.metadata["Name"] == "triton"),
+                          None),
+           "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "sparsec"))}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
@@ -260,7 +267,7 @@ def table(patterns: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--n", type=int, help="sequence length (default 4096 on cpu, 16384 on cuda)")
@@ -268,71 +275,81 @@ def main() -> int:
     ap.add_argument("--dim", type=int, help="head dim (default 64 on cpu, 128 on cuda)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 cpu, bfloat16 cuda")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per implementation (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation before timing")
     ap.add_argument("--quiet", type=float, default=0.2,
                     help="rounds where other processes kept more cores busy than this are left out of the medians")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation before timing")
     ap.add_argument("--flex-block", type=int, nargs="+", default=[128, 64], help="FlexAttention BLOCK_SIZEs")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/{cpu_forward,gpu_forward_<gpu>}.json)")
     args = ap.parse_args()
     defaults = DEFAULTS[args.device]
     args.n, args.dim = args.n or defaults["n"], args.dim or defaults["dim"]
-    args.backend, dtype = defaults["backend"], getattr(torch, args.dtype or defaults["dtype"])
-    device = torch.device(args.device)
+    args.backend, args.dtype = defaults["backend"], args.dtype or defaults["dtype"]
     if args.out is None:
-        slug = "cpu_forward" if device.type == "cpu" else \
+        slug = "cpu_forward" if args.device == "cpu" else \
             "gpu_forward_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
         args.out = str(ROOT / f"benchmarks/results/{slug}.json")
+    return args
 
+
+def goals(patterns: list[dict]) -> dict:
+    """The issue's goals: faster than FlexAttention (at its best block size), >= 5x faster than SDPA."""
+    out = {}
+    for p in patterns:
+        r = p["results"]
+        flex_ms = [x["median_ms"] for label, x in r.items() if label.startswith("flex") and "median_ms" in x]
+        out[p["pattern"]] = {"faster_than_best_flex": bool(flex_ms) and r["sparsec"]["median_ms"] < min(flex_ms),
+                             "5x_faster_than_sdpa": r.get("sdpa dense mask", {}).get("sparsec_speedup", 0) >= 5}
+        print(f"goal {p['pattern']}: faster than Flex (best block size) "
+              f"{'yes' if out[p['pattern']]['faster_than_best_flex'] else 'NO'}, >= 5x faster than dense-mask SDPA "
+              f"{'yes' if out[p['pattern']]['5x_faster_than_sdpa'] else 'NO'}")
+    return out
+
+
+NOTES = {
+    "times": "median/min of `repeats` calls after `warmup`, interleaved round-robin over the implementations; "
+             "setup phases are single calls, timed separately",
+    "quiet_rounds": "median_ms/min_ms use only the rounds (one call of each implementation) in which other processes "
+                    "kept fewer than `quiet` cores busy (from /proc/stat); median_all_rounds_ms uses all",
+    "sparsec_speedup": "peer median / sparsec median (> 1: sparsec is faster)",
+    "max_abs_err": "vs a float64 masked softmax with the dense mask from kern.mask",
+    "peak_memory_mb": "CUDA only: the allocator's peak in one call above memory in use",
+    "flex": "torch.compile(flex_attention); block masks from torch.compile(create_block_mask) (its first call "
+            "compiles; BigBird's random-picks table is built untimed); compiles start from an empty inductor cache "
+            "(TORCHINDUCTOR_CACHE_DIR, unless set)"}
+
+
+def main() -> int:
+    args = parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     start, load_before = time.perf_counter(), os.getloadavg()
     flex = torch.compile(flex_attention)
     print(f"B=1 H={args.heads} n={args.n} D={args.dim} {dtype} on {device}, sparsec backend={args.backend}, "
           f"torch threads {torch.get_num_threads()}", flush=True)
     patterns = []
     for name in PATTERNS:
-        patterns.append(bench_pattern(name, args, device, dtype, flex))
-        p = patterns[-1]
+        p = bench_pattern(name, args, device, dtype, flex)
+        patterns.append(p)
         print(f"{name}: density {p['density']:.4f}, 64x64 tiles visited {p['tiles_64']['visited_per_head']:.0f}"
               f" / {p['tiles_64']['total_per_head']} per head, flex mask pairs differing "
               f"{p['flex_mask_pairs_differing']}, other processes' busy cores per round "
               f"{[round(f, 2) for f in p['foreign_cores_busy_per_round']]}", flush=True)
-    print("\n" + table(patterns))
+    print("\n" + table(patterns) + "\n")
+    reached = goals(patterns)
+    wall, load_after = time.perf_counter() - start, os.getloadavg()
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; wall time {wall:.0f} s")
 
     tol = TOLERANCE[dtype]
-    goals = {}
-    for p in patterns:
-        r = p["results"]
-        flex_ms = [x["median_ms"] for label, x in r.items() if label.startswith("flex") and "median_ms" in x]
-        sdpa = r.get("sdpa dense mask", {})
-        goals[p["pattern"]] = {"faster_than_best_flex": bool(flex_ms) and r["sparsec"]["median_ms"] < min(flex_ms),
-                               "5x_faster_than_sdpa": sdpa.get("sparsec_speedup", 0) >= 5}
-    bad = [p["pattern"] for p in patterns if not p["results"]["sparsec"]["max_abs_err"] <= tol]
-    wall = time.perf_counter() - start
-    for name, g in goals.items():
-        print(f"goal {name}: faster than Flex (best block size) {'yes' if g['faster_than_best_flex'] else 'NO'}, "
-              f">= 5x faster than dense-mask SDPA {'yes' if g['5x_faster_than_sdpa'] else 'NO'}")
-    print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; wall time {wall:.0f} s")
-
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": shlex.join([sys.executable, *sys.argv]), "machine": machine(device),
-              "config": {"batch": 1, "heads": args.heads, "n": args.n, "dim": args.dim, "dtype": str(dtype),
+              "config": {"batch": 1, "heads": args.heads, "n": args.n, "dim": args.dim, "dtype": args.dtype,
                          "device": args.device, "sparsec_backend": args.backend, "flex_block_sizes": args.flex_block,
                          "repeats": args.repeats, "warmup": args.warmup, "quiet": args.quiet, "tolerance": tol},
-              "notes": {"times": "median/min of `repeats` calls after `warmup`, interleaved round-robin over the "
-                                 "implementations; setup phases are single calls, timed separately",
-                        "sparsec_speedup": "peer median / sparsec median (> 1: sparsec is faster)",
-                        "max_abs_err": "vs a float64 masked softmax with the dense mask from kern.mask",
-                        "quiet_rounds": "median_ms/min_ms use only the rounds (one call of each implementation) "
-                                        "in which other processes kept fewer than `quiet` cores busy (from /proc/stat)"
-                                        "; median_all_rounds_ms uses all",
-                        "peak_memory_mb": "CUDA only: the allocator's peak in one call above memory in use",
-                        "flex": "torch.compile(flex_attention); block masks from torch.compile(create_block_mask)"
-                                " (first call includes its compile; BigBird's random picks table built untimed); "
-                                "compiles start from an empty inductor cache (TORCHINDUCTOR_CACHE_DIR unless set)",
-                        "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]},
-              "goals": goals, "patterns": patterns, "wall_s": wall}
+              "notes": NOTES, "load_average_1min_before_after": [load_before[0], load_after[0]],
+              "goals": reached, "patterns": patterns, "wall_s": wall}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
+    bad = [p["pattern"] for p in patterns if not p["results"]["sparsec"]["max_abs_err"] <= tol]
     if bad:
         print(f"FAIL: sparsec's max abs error exceeds {tol:g} for {', '.join(bad)}", file=sys.stderr)
         return 1
