@@ -209,7 +209,7 @@ class Kernel:
 
         if backend == "cpu":
             space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, inputs)
-            p = per_shape("plan", lambda: cpu.plan(body, layout(), space, per_batch=bool(self.needs)))
+            p = per_shape("plan", lambda: cpu.plan(body, layout(), space, call.kv_heads, per_batch=bool(self.needs)))
             o, lse = cpu.forward(p, q, k, v, call.scale)
         else:
             interpret = backend == "interpret"
