@@ -143,7 +143,7 @@ def emit_forward(d: Definition, config: TileConfig) -> Generated:
                        f"{t.key}\n" for t in out.tables) or "#   (none)\n"
     kernel = FORWARD.format(params=params, hoisted=hoisted, body=body + ("\n" if out.body else ""),
                             pred=pred)
-    text = f"{d.name}\n{d.body.show()}\n{config.show()}\n{VERSION}\n{kernel}"
+    text = f"{d.name}\n{d.body.show()}\n{config.show()}\n{VERSION}\n{HELPERS}{kernel}"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     header = HEADER.format(name=d.name, ir=d.body.show(), config=config.show(), digest=digest,
                            tables=glossary, block_m=config.block_m, block_n=config.block_n,
@@ -215,6 +215,17 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(k_base, v_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd, stride_vn, stride_vd):
+    """K^T (HEAD_DIM_PAD, BLOCK_N) and V (BLOCK_N, HEAD_DIM_PAD) of one key tile, zero past n_k."""
+    in_n = cols < N_K
+    k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=in_n[None, :] & in_d[:, None], other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=in_n[:, None] & in_d[None, :], other=0.0)
+    return k, v, in_n
+
+
+@triton.jit
 def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE,
             DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """One key tile of the online softmax (base 2). keep: the pairs allowed, or None for all.
@@ -279,11 +290,7 @@ def sparse_attention_forward(
     end = tl.load(FULL_PTR + row + 1)
     for at in range(start, end):
         cols = tl.load(FULL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = cols < N_K
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=in_n[None, :] & in_d[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=in_n[:, None] & in_d[None, :], other=0.0)
+        k, v, in_n = _load_kv(k_base, v_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd, stride_vn, stride_vd)
         if EVEN_N:
             acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         else:
@@ -297,11 +304,7 @@ def sparse_attention_forward(
     end = tl.load(PARTIAL_PTR + row + 1)
     for at in range(start, end):
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = cols < N_K
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=in_n[None, :] & in_d[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=in_n[:, None] & in_d[None, :], other=0.0)
+        k, v, in_n = _load_kv(k_base, v_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd, stride_vn, stride_vd)
 {body}        keep = {pred} & in_n[None, :]
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 

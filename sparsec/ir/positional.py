@@ -360,8 +360,8 @@ class GlobalSet(RowsOrColumns):
 
     def lower(self, cx):
         members, count = cx.table(self, "members"), cx.table(self, "count", pointer=False)
-        rows = cx.let(f"tl.zeros([BLOCK_M], tl.int1)", "set_rows")
-        cols = cx.let(f"tl.zeros([BLOCK_N], tl.int1)", "set_cols")
+        rows = cx.let("tl.zeros([BLOCK_M], tl.int1)", "set_rows")
+        cols = cx.let("tl.zeros([BLOCK_N], tl.int1)", "set_cols")
         cx.loop(f"for t in range({count}):", [
             f"member = tl.load({members} + t)",
             f"{rows} = {rows} | ({cx.rows} == member)",

@@ -3,7 +3,7 @@
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2
-# content hash: f5e220bd1aba549b
+# content hash: 059b9e521f322af1
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -58,6 +58,17 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     if DOT_IN_FP32:  # Triton 3.9's interpreter misreads bfloat16 operands of tl.dot: widen them first
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
     return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _load_kv(k_base, v_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd, stride_vn, stride_vd):
+    """K^T (HEAD_DIM_PAD, BLOCK_N) and V (BLOCK_N, HEAD_DIM_PAD) of one key tile, zero past n_k."""
+    in_n = cols < N_K
+    k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=in_n[None, :] & in_d[:, None], other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=in_n[:, None] & in_d[None, :], other=0.0)
+    return k, v, in_n
 
 
 @triton.jit
@@ -125,11 +136,7 @@ def sparse_attention_forward(
     end = tl.load(FULL_PTR + row + 1)
     for at in range(start, end):
         cols = tl.load(FULL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = cols < N_K
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=in_n[None, :] & in_d[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=in_n[:, None] & in_d[None, :], other=0.0)
+        k, v, in_n = _load_kv(k_base, v_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd, stride_vn, stride_vd)
         if EVEN_N:
             acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         else:
@@ -144,11 +151,7 @@ def sparse_attention_forward(
     end = tl.load(PARTIAL_PTR + row + 1)
     for at in range(start, end):
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = cols < N_K
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=in_n[None, :] & in_d[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=in_n[:, None] & in_d[None, :], other=0.0)
+        k, v, in_n = _load_kv(k_base, v_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd, stride_vn, stride_vd)
         d0 = pos[:, None] - cols[None, :]
         document_cols0 = tl.load(document_ids0 + cols, mask=cols < N_K, other=-2)
         keep = (((d0 >= 0) & (d0 <= 512)) & (document_rows0[:, None] == document_cols0[None, :])) & in_n[None, :]
