@@ -2,8 +2,8 @@
 #
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
-# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2
-# content hash: e064134f6cc58423
+# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
+# content hash: 39344bb18deb05cb
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -20,7 +20,7 @@
 import triton
 import triton.language as tl
 
-CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 # Triton's // and % truncate toward zero (and Python's, under the interpreter, may not):

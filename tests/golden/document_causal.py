@@ -2,8 +2,8 @@
 #
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
-# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2
-# content hash: 059b9e521f322af1
+# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
+# content hash: 2958dd52929b2c1e
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -18,7 +18,7 @@
 import triton
 import triton.language as tl
 
-CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 # Triton's // and % truncate toward zero (and Python's, under the interpreter, may not):

@@ -2,8 +2,8 @@
 #
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
-# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2
-# content hash: b06d0b001bcee12a
+# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
+# content hash: 251ab2f6f7cae265
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -17,7 +17,7 @@
 import triton
 import triton.language as tl
 
-CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 # Triton's // and % truncate toward zero (and Python's, under the interpreter, may not):
