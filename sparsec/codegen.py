@@ -124,7 +124,6 @@ class Generated:
     source: str
     digest: str
     tables: tuple[TableParam, ...]
-    config: TileConfig
 
 
 def lower(body: Pattern) -> tuple[str, Emitter]:
@@ -149,7 +148,7 @@ def emit_forward(d: Definition, config: TileConfig) -> Generated:
     header = HEADER.format(name=d.name, ir=d.body.show(), config=config.show(), digest=digest,
                            tables=glossary, block_m=config.block_m, block_n=config.block_n,
                            num_warps=config.num_warps, num_stages=config.num_stages)
-    return Generated(header + HELPERS + kernel, digest, tuple(out.tables), config)
+    return Generated(header + HELPERS + kernel, digest, tuple(out.tables))
 
 
 HEADER = '''\

@@ -9,19 +9,16 @@ import numpy as np
 import sympy
 import torch
 
-from . import passes
+from . import cpu, passes
+from . import runtime as R
+from .codegen import Generated, TileConfig, emit_forward
 from .elaborate import elaborate, pattern_names
 from .errors import Source
 from .ir import expr as E
 from .ir.program import Binding, Definition
-from . import cpu
-from . import runtime as R
-from .codegen import Generated, TileConfig, emit_forward
-from .ir.tiles import Grid, Runtime, TableSpace
+from .ir.tiles import Grid, TableSpace
 from .layout import BlockLayout, build_layout
 from .syntax import Module, parse
-
-CPU_TILES = (64, 64)  # the CPU path's tiles: big enough for the matmuls, small enough to skip work
 
 N = sympy.Symbol("n", positive=True, integer=True)
 
@@ -147,14 +144,11 @@ class Kernel:
         per_head = heads if body.varies_with_head() else 1
         out = np.zeros((batch, heads, n_q, n_k), bool)
         pos, keys = np.arange(n_q, dtype=np.int64) + q_offset, np.arange(n_k, dtype=np.int64)
+        space = TableSpace(n_q, n_k, q_offset, heads, batch, inputs=dict(
+            segment_ids=seg, q=q, k=k, centroids=centroids, rotations=rotations))
         for b in range(batch):
             for h in range(per_head):
-                runtime = Runtime(
-                    segment_ids=None if seg is None else seg[b],
-                    q=None if q is None else q[b, h], k=None if k is None else k[b, h // (heads // k.shape[1])],
-                    centroids=None if centroids is None else centroids[h], rotations=rotations,
-                    q_offset=q_offset)
-                out[b, h] = body.mask(Grid(pos, keys, n_q, n_k, h, runtime))
+                out[b, h] = body.mask(Grid(pos, keys, n_q, n_k, h, space.per_head(b, h)))
             if per_head == 1:
                 out[b, 1:] = out[b, 0]
         return torch.from_numpy(out)
@@ -195,13 +189,13 @@ class Kernel:
             inputs["segment_ids"] = inputs["segment_ids"].to(torch.int32).contiguous()
         if {"q", "k"} & self.needs:
             inputs.update(q=q, k=k)
-        config = TileConfig(*CPU_TILES) if backend == "cpu" else R.default_config(backend, call)
+        config = R.default_config(backend, call)
         seg = inputs["segment_ids"].cpu().numpy() if "segment_ids" in inputs else None
 
         def per_shape(what, make):
             """Cached by shape when the pattern reads no runtime input; else made per call."""
             return make() if self.needs else self._cached(
-                (what, config, call.n_q, call.n_k, call.q_offset, call.heads, call.batch, call.device), make)
+                (what, config, call.n_q, call.n_k, call.q_offset, call.heads, call.device), make)
 
         def layout():
             return build_layout(body, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,

@@ -31,8 +31,6 @@ class TileGroup:
 class Plan:
     """Tile groups per batch row (key None: the same for every batch row)."""
     layout: BlockLayout
-    heads: int
-    kv_heads: int
     groups: dict[int | None, list[TileGroup]]
 
 
@@ -67,9 +65,9 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
                 if not len(visits):
                     continue
                 if (lay_h, t) not in masks:
-                    ragged = (visits[-1] + 1) * layout.block_n > space.n_k or (t + 1) * layout.block_m > space.n_q
+                    past_n_k = (visits[-1] + 1) * layout.block_n > space.n_k
                     masks[(lay_h, t)] = _row_mask(body, layout, space, h, runtime, t, visits) \
-                        if len(part) or ragged else None
+                        if len(part) or past_n_k else None
                 by_count.setdefault(len(visits), []).append((h * tq + t, (h // group) * tk + visits, (lay_h, t)))
         out = []
         for entries in by_count.values():
@@ -87,7 +85,7 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
             out.append(TileGroup(rows, key_tiles, torch.as_tensor(np.stack(stack)),
                                  torch.as_tensor([index[key] for key in keys])))
         groups[b] = out
-    return Plan(layout, H, kv_heads, groups)
+    return Plan(layout, groups)
 
 
 def _tiles(x: torch.Tensor, tiles: int, size: int) -> torch.Tensor:

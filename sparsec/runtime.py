@@ -94,7 +94,6 @@ class Call:
     q_offset: int
     scale: float
     device: torch.device
-    dtype: torch.dtype
 
 
 def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, runtime: dict) -> Call:
@@ -135,7 +134,7 @@ def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, runti
         if arg not in RUNTIME_INPUTS:
             raise TypeError(f"unexpected keyword argument {arg}=; a call takes scale=, q_offset=, return_lse=, "
                             f"backend= and the runtime inputs {', '.join(RUNTIME_INPUTS)}")
-    call = Call(B, H, Hkv, n_q, n_k, D, int(q_offset), float(scale), q.device, q.dtype)
+    call = Call(B, H, Hkv, n_q, n_k, D, int(q_offset), float(scale), q.device)
     check_runtime(name, needs, call, runtime)
     return call
 
@@ -182,7 +181,10 @@ def choose_backend(backend: str | None, device: torch.device) -> str:
 def default_config(backend: str, call: Call) -> TileConfig:
     """Tiles before the autotuner exists: 64x64 on a GPU (32 for the largest head dims, to stay
     in shared memory). In the interpreter each program is numpy work, so tiles are 16x16 for the
-    tests' short sequences and 64x64 beyond (fewer, larger numpy operations)."""
+    tests' short sequences and 64x64 beyond (fewer, larger numpy operations). The CPU path's
+    64x64 measured fastest of 32..128 (benchmarks/cpu_forward.py)."""
+    if backend == "cpu":
+        return TileConfig(64, 64, 1, 1)
     if backend == "interpret":
         side = 16 if max(call.n_q, call.n_k) <= 256 else 64
         return TileConfig(side, side, 1, 1)
@@ -242,8 +244,9 @@ class DeviceLayout:
 def launch(module, lay: DeviceLayout, tables: list, call: Call, q, k, v, interpret: bool):
     """Run the generated kernel: one program per (query tile, batch x head)."""
     # the interpreter (the tests' backend) starts from NaN, so a row the kernel never writes shows
-    o = torch.full(q.shape, float("nan") if interpret else 0.0, dtype=q.dtype, device=q.device)
-    lse = torch.full((call.batch, call.heads, call.n_q), float("nan"), dtype=torch.float32, device=q.device)
+    make = (lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype)) if interpret else \
+        (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=q.device))
+    o, lse = make(q.shape, q.dtype), make((call.batch, call.heads, call.n_q), torch.float32)
     layout = lay.layout
     lb, lh, tq, _ = layout.shape
     precision = "ieee" if interpret or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) \

@@ -348,8 +348,12 @@ class GlobalSet(RowsOrColumns):
             if isinstance(p, E.Const) and p.value < 0:
                 raise SparsecError(f"global: positions must be at least 0, got {p.value}", p.span or self.span)
 
+    def members(self) -> np.ndarray:
+        """The distinct positions, sorted."""
+        return np.unique(np.array([value(p) for p in self.positions], np.int64))
+
     def row_count(self, n_k, lo, hi):
-        members = np.unique(np.array([value(p) for p in self.positions], np.int64))
+        members = self.members()
         return np.searchsorted(members, hi, side="right") - np.searchsorted(members, lo, side="left")
 
     column_count = row_count
@@ -369,7 +373,7 @@ class GlobalSet(RowsOrColumns):
         return f"({rows}[:, None] | {cols}[None, :])"
 
     def tables(self, space):
-        members = np.unique(np.array([value(p) for p in self.positions], np.int64))
+        members = self.members()
         return {"members": members.astype(np.int32), "count": len(members)}
 
 

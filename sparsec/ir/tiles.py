@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -48,13 +49,15 @@ class TableSpace:
         """n_k in this node's coordinates."""
         return -(-self.n_k // self.scale)
 
-    def numpy(self, name: str):
-        x = self.inputs.get(name)
-        return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    @cached_property
+    def host(self) -> dict:
+        """The runtime inputs as numpy arrays, converted (copied off a device) once."""
+        return {name: x.detach().cpu().numpy() if hasattr(x, "detach") else x
+                for name, x in self.inputs.items() if x is not None}
 
     def per_head(self, b: int, h: int) -> Runtime:
         """The Runtime (numpy) of query head h of batch row b (k of its group)."""
-        x = {name: self.numpy(name) for name in self.inputs}
+        x = self.host
         q, k = x.get("q"), x.get("k")
         group = self.heads // k.shape[1] if k is not None else 1
         return Runtime(segment_ids=None if x.get("segment_ids") is None else x["segment_ids"][b],
