@@ -129,4 +129,4 @@ def forward(p: Plan, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]
                 o[bs, rows] = out.div_(total.clamp_min(torch.finfo(torch.float32).tiny))
                 lse[bs, rows] = m.add_(total.log()).squeeze(-1)
     o = o.view(B, H, tq * bm, D)[:, :, :n_q]
-    return o.to(q.dtype), lse.view(B, H, tq * bm)[:, :, :n_q].contiguous()
+    return o.to(q.dtype).contiguous(), lse.view(B, H, tq * bm)[:, :, :n_q].contiguous()

@@ -46,6 +46,7 @@ def check(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None, scale=No
     want_o, want_lse = dense_attention(mask, q, k, v, scale or 1 / math.sqrt(D))
     o, lse = kern(q, k, v, scale=scale, q_offset=q_offset, return_lse=True, backend=backend, **runtime)
     assert o.shape == q.shape and o.dtype == dtype and lse.shape == (B, Hq, n_q) and lse.dtype == torch.float32
+    assert o.is_contiguous() and lse.is_contiguous()
     assert not o.isnan().any() and not lse.isnan().any(), "NaN in the output"
     err = (o.double() - want_o).abs().max().item() / max(1.0, want_o.abs().max().item())
     assert err < TOLERANCE[dtype], f"{backend} {dtype}: relative error {err:.2e}"
