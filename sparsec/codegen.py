@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .ir import expr as E
 from .ir.pattern import Pattern
@@ -75,9 +75,7 @@ class Lowering:
         """Lower a child (children must be lowered once each, in `children()` order)."""
         here = self.out.visited
         self.out.visited += 1
-        cx = Lowering(self.out, self.rows, self.cols, self.n_q, self.n_k, self.head, self.batch,
-                      self.heads, here)
-        expr = p.lower(cx)
+        expr = p.lower(replace(self, node=here))
         assert self.out.visited == here + sum(1 for _ in p.walk()), f"{type(p).__name__} skipped a child"
         return expr
 
@@ -114,8 +112,8 @@ class Lowering:
         """The coordinates of blocks(size, ...): every coordinate and length divided by size."""
         rows = self.let(f"_floordiv({self.rows}, {size})", "block_rows", hoist=True)
         cols = self.let(f"_floordiv({self.cols}, {size})", "block_cols")
-        return Lowering(self.out, rows, cols, f"(-_floordiv(-{self.n_q}, {size}))",
-                        f"(-_floordiv(-{self.n_k}, {size}))", self.head, self.batch, self.heads, self.node)
+        return replace(self, rows=rows, cols=cols, n_q=f"(-_floordiv(-{self.n_q}, {size}))",
+                       n_k=f"(-_floordiv(-{self.n_k}, {size}))")
 
 
 @dataclass(frozen=True)
