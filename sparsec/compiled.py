@@ -11,7 +11,8 @@ import torch
 
 from . import cpu, passes
 from . import runtime as R
-from .codegen import Generated, TileConfig, emit_forward
+from .autograd import attend
+from .codegen import Generated, TileConfig, emit_kernels
 from .elaborate import elaborate, pattern_names
 from .errors import Source
 from .ir import expr as E
@@ -168,7 +169,7 @@ class Kernel:
     def generated(self, config: TileConfig | None = None) -> Generated:
         """The generated forward kernel for a tile config (default: the GPU default)."""
         config = config or TileConfig()
-        return self._cached(("source", config), lambda: emit_forward(self.ir, config))
+        return self._cached(("source", config), lambda: emit_kernels(self.ir, config))
 
     @property
     def source(self) -> str:
@@ -204,14 +205,15 @@ class Kernel:
         if backend == "cpu":
             space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, inputs)
             p = per_shape("plan", lambda: cpu.plan(body, layout(), space, call.kv_heads, per_batch=bool(self.needs)))
-            o, lse = cpu.forward(p, q, k, v, call.scale)
+            runner = cpu.CpuAttention(p, call.scale)
         else:
             interpret = backend == "interpret"
             gen = self.generated(config)
             module = R.load_kernel(gen, self.name, interpret)
             lay = per_shape("layout", lambda: R.DeviceLayout.of(layout(), call.device))
             tables = per_shape("tables", lambda: R.table_values(gen, body, call, inputs))
-            o, lse = R.launch(module, lay, tables, call, q, k, v, interpret)
+            runner = R.GeneratedAttention(module, lay, tables, call, interpret)
+        o, lse = attend(runner, q, k, v)
         return (o, lse) if return_lse else o
 
 

@@ -98,6 +98,21 @@ def _tiles(x: torch.Tensor, tiles: int, size: int) -> torch.Tensor:
     return out.view(B, H * tiles, size, D)
 
 
+def _steps(p: Plan, batch: int):
+    """(batch slice, its size, query tile rows, their key tiles, their keep masks or None), in
+    steps whose score matrix fits SCORE_BUDGET. keep is a fresh copy: callers may write to it."""
+    bm, bn = p.layout.block_m, p.layout.block_n
+    for b, groups in p.groups.items():
+        bs = slice(None) if b is None else slice(b, b + 1)
+        nb = batch if b is None else 1
+        for grp in groups:
+            visits = grp.key_tiles.shape[1]
+            step = max(1, SCORE_BUDGET // (nb * bm * visits * bn))
+            for s in range(0, len(grp.rows), step):
+                keep = None if grp.keep is None else grp.keep[grp.keep_of[s: s + step]]
+                yield bs, nb, grp.rows[s: s + step], grp.key_tiles[s: s + step], keep
+
+
 def forward(p: Plan, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """O and LSE: per tile group, scores of the gathered key tiles, a masked softmax, and P @ V.
     Rows with no allowed key get O = 0 and LSE = -inf."""
@@ -108,25 +123,72 @@ def forward(p: Plan, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]
     kt, vt = _tiles(k, tk, bn), _tiles(v, tk, bn)
     o = torch.zeros((B, H * tq, bm, D), dtype=torch.float32)
     lse = torch.full((B, H * tq, bm), float("-inf"), dtype=torch.float32)
-    for b, groups in p.groups.items():
-        bs = slice(None) if b is None else slice(b, b + 1)
-        nb = B if b is None else 1
-        for grp in groups:
-            visits = grp.key_tiles.shape[1]
-            step = max(1, SCORE_BUDGET // (nb * bm * visits * bn))
-            for s in range(0, len(grp.rows), step):
-                rows, key_tiles = grp.rows[s: s + step], grp.key_tiles[s: s + step]
-                r = len(rows)
-                kg = kt[bs, key_tiles].view(nb, r, visits * bn, D)
-                scores = torch.matmul(qt[bs, rows], kg.transpose(-1, -2))
-                if grp.keep is not None:
-                    scores.masked_fill_(grp.keep[grp.keep_of[s: s + step]].logical_not_(), float("-inf"))
-                m = scores.amax(-1, keepdim=True)
-                m.masked_fill_(torch.isneginf(m), 0.0)   # rows with nothing allowed: exp(-inf) = 0
-                scores.sub_(m).exp_()
-                total = scores.sum(-1, keepdim=True)
-                out = torch.matmul(scores, vt[bs, key_tiles].view(nb, r, visits * bn, D))
-                o[bs, rows] = out.div_(total.clamp_min(torch.finfo(torch.float32).tiny))
-                lse[bs, rows] = m.add_(total.log()).squeeze(-1)
+    for bs, nb, rows, key_tiles, keep in _steps(p, B):
+        r, visits = key_tiles.shape
+        kg = kt[bs, key_tiles].view(nb, r, visits * bn, D)
+        scores = torch.matmul(qt[bs, rows], kg.transpose(-1, -2))
+        if keep is not None:
+            scores.masked_fill_(keep.logical_not_(), float("-inf"))
+        m = scores.amax(-1, keepdim=True)
+        m.masked_fill_(torch.isneginf(m), 0.0)   # rows with nothing allowed: exp(-inf) = 0
+        scores.sub_(m).exp_()
+        total = scores.sum(-1, keepdim=True)
+        out = torch.matmul(scores, vt[bs, key_tiles].view(nb, r, visits * bn, D))
+        o[bs, rows] = out.div_(total.clamp_min(torch.finfo(torch.float32).tiny))
+        lse[bs, rows] = m.add_(total.log()).squeeze(-1)
     o = o.view(B, H, tq * bm, D)[:, :, :n_q]
     return o.to(q.dtype).contiguous(), lse.view(B, H, tq * bm)[:, :, :n_q].contiguous()
+
+
+def backward(p: Plan, q, k, v, o, lse, do, dlse, scale: float):
+    """dQ, dK, dV by the FlashAttention-2 equations per tile group: P recomputed from the saved
+    LSE, dS = P * (dO V^T - delta) with delta = rowsum(dO * O) - dLSE; dK and dV of the gathered
+    key tiles are summed back into place with index_add_ (deterministic on the CPU)."""
+    B, H, n_q, D = q.shape
+    Hkv, n_k = k.shape[1], k.shape[2]
+    _, _, tq, tk = p.layout.shape
+    bm, bn = p.layout.block_m, p.layout.block_n
+    qt = _tiles(q.float() * scale, tq, bm)
+    kt, vt, dot = _tiles(k, tk, bn), _tiles(v, tk, bn), _tiles(do, tq, bm)
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    # rows with no allowed key (LSE = -inf) and padding rows: +inf makes their P exactly 0
+    lse = torch.where(torch.isneginf(lse), float("inf"), lse)
+    pad = tq * bm - n_q
+    lse_t = torch.nn.functional.pad(lse, (0, pad), value=float("inf")).view(B, H * tq, bm, 1)
+    delta_t = torch.nn.functional.pad(delta, (0, pad)).view(B, H * tq, bm, 1)
+    dq = torch.zeros((B, H * tq, bm, D), dtype=torch.float32)
+    dk = torch.zeros((B, Hkv * tk, bn, D), dtype=torch.float32)
+    dv = torch.zeros((B, Hkv * tk, bn, D), dtype=torch.float32)
+    for bs, nb, rows, key_tiles, keep in _steps(p, B):
+        r, visits = key_tiles.shape
+        kg = kt[bs, key_tiles].view(nb, r, visits * bn, D)
+        vg = vt[bs, key_tiles].view(nb, r, visits * bn, D)
+        scores = torch.matmul(qt[bs, rows], kg.transpose(-1, -2))
+        if keep is not None:
+            scores.masked_fill_(keep.logical_not_(), float("-inf"))
+        prob = scores.sub_(lse_t[bs, rows]).exp_()
+        d_o = dot[bs, rows]
+        ds = torch.matmul(d_o, vg.transpose(-1, -2)).sub_(delta_t[bs, rows]).mul_(prob)
+        dq[bs, rows] = torch.matmul(ds, kg).mul_(scale)
+        flat = key_tiles.reshape(-1)
+        dk[bs].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qt[bs, rows]).view(nb, r * visits, bn, D))
+        dv[bs].index_add_(1, flat, torch.matmul(prob.transpose(-1, -2), d_o).view(nb, r * visits, bn, D))
+    dq = dq.view(B, H, tq * bm, D)[:, :, :n_q]
+    dk = dk.view(B, Hkv, tk * bn, D)[:, :, :n_k]
+    dv = dv.view(B, Hkv, tk * bn, D)[:, :, :n_k]
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+@dataclass(frozen=True)
+class CpuAttention:
+    """A plan bound to one call's scale: the CPU path's forward and backward."""
+    plan: Plan
+    scale: float
+
+    def forward(self, q, k, v):
+        return forward(self.plan, q, k, v, self.scale)
+
+    def backward(self, q, k, v, o, lse, do, dlse):
+        return backward(self.plan, q, k, v, o, lse, do, dlse, self.scale)

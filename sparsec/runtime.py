@@ -223,12 +223,16 @@ def table_values(gen: Generated, body: Pattern, call: Call, inputs: dict) -> lis
 
 @dataclass(frozen=True)
 class DeviceLayout:
-    """A BlockLayout's FULL and PARTIAL lists as int32 tensors on the kernel's device."""
-    layout: BlockLayout
-    full_ptr: torch.Tensor
-    full_idx: torch.Tensor
-    partial_ptr: torch.Tensor
-    partial_idx: torch.Tensor
+    """A BlockLayout's four lists (FULL and PARTIAL, by query tile and by key tile) as int32 CSR
+    tensors on the kernel's device. shape: (batch, heads, query tiles, key tiles)."""
+    shape: tuple[int, int, int, int]
+    block_m: int
+    block_n: int
+    full: tuple[torch.Tensor, torch.Tensor]        # (ptr, indices) per query tile
+    partial: tuple[torch.Tensor, torch.Tensor]
+    full_t: tuple[torch.Tensor, torch.Tensor]      # per key tile: the backward's dK/dV walk
+    partial_t: tuple[torch.Tensor, torch.Tensor]
+    longest_row: int                               # most key tiles any query tile visits
 
     @staticmethod
     def of(layout: BlockLayout, device: torch.device) -> "DeviceLayout":
@@ -237,29 +241,99 @@ class DeviceLayout:
                 raise ValueError("the layout has more than 2^31 tiles; use larger tiles")
             x = torch.as_tensor(np.asarray(x, np.int32), device=device)
             return x if x.numel() else torch.zeros(1, dtype=torch.int32, device=device)
-        return DeviceLayout(layout, tensor(layout.full.ptr), tensor(layout.full.indices),
-                            tensor(layout.partial.ptr), tensor(layout.partial.indices))
+        lists = [(tensor(x.ptr), tensor(x.indices)) for x in
+                 (layout.full, layout.partial, layout.full_t, layout.partial_t)]
+        longest = int((np.diff(layout.full.ptr) + np.diff(layout.partial.ptr)).max(initial=0))
+        return DeviceLayout(layout.shape, layout.block_m, layout.block_n, *lists, longest)
 
 
-def launch(module, lay: DeviceLayout, tables: list, call: Call, q, k, v, interpret: bool):
-    """Run the generated kernel: one program per (query tile, batch x head)."""
-    # the interpreter (the tests' backend) starts from NaN, so a row the kernel never writes shows
-    make = (lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype)) if interpret else \
-        (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=q.device))
-    o, lse = make(q.shape, q.dtype), make((call.batch, call.heads, call.n_q), torch.float32)
-    layout = lay.layout
-    lb, lh, tq, _ = layout.shape
-    precision = "ieee" if interpret or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) \
-        else "tf32"
-    grid = (tq, call.batch * call.heads)
-    with _interpreting(interpret):
-        module.sparse_attention_forward[grid](
-            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            call.n_q, call.n_k, call.q_offset, call.heads, call.heads // call.kv_heads,
-            call.scale * math.log2(math.e),
-            lay.full_ptr, lay.full_idx, lay.partial_ptr, lay.partial_idx, lb, lh, tq, *tables,
-            HEAD_DIM=call.dim, HEAD_DIM_PAD=max(16, 1 << (call.dim - 1).bit_length()),
-            BLOCK_M=layout.block_m, BLOCK_N=layout.block_n, EVEN_N=call.n_k % layout.block_n == 0,
-            DOT_PRECISION=precision, DOT_IN_FP32=interpret and q.dtype == torch.bfloat16,
-            num_warps=module.CONFIG["num_warps"], num_stages=module.CONFIG["num_stages"])
-    return o, lse
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(call: Call, lay: DeviceLayout, interpret: bool) -> int:
+    """Programs per query tile in the forward: 1, unless (decoding) the (query tile, batch x head)
+    grid is too small to fill the device, then enough to give each SM about two programs, at most
+    16 and never more than the longest row has key tiles. The interpreter pretends to have 4 SMs
+    so that the tests' small shapes take the split path too."""
+    programs = lay.shape[2] * call.batch * call.heads
+    target = 2 * (4 if interpret else _sm_count(call.device))
+    if programs >= target:
+        return 1
+    return max(1, min(16, -(-target // programs), lay.longest_row))
+
+
+@dataclass(frozen=True)
+class GeneratedAttention:
+    """The generated module bound to one call: its layout on the device and its table values."""
+    module: object
+    lay: DeviceLayout
+    tables: list
+    call: Call
+    interpret: bool
+
+    def _common(self, q):
+        c = self.call
+        precision = "ieee" if self.interpret or (
+            q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) else "tf32"
+        return dict(HEAD_DIM=c.dim, HEAD_DIM_PAD=max(16, 1 << (c.dim - 1).bit_length()),
+                    BLOCK_M=self.lay.block_m, BLOCK_N=self.lay.block_n, DOT_PRECISION=precision,
+                    DOT_IN_FP32=self.interpret and q.dtype == torch.bfloat16,
+                    num_warps=self.module.CONFIG["num_warps"], num_stages=self.module.CONFIG["num_stages"])
+
+    def _empty(self, shape, dtype, device):
+        # the interpreter (the tests' backend) starts from NaN, so an entry no program writes shows
+        if self.interpret:
+            return torch.full(shape, float("nan"), dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def forward(self, q, k, v):
+        """O and LSE: one program per (query tile, split, batch x head), splits merged by LSE."""
+        c, lay = self.call, self.lay
+        lb, lh, tq, _ = lay.shape
+        splits = decode_splits(c, lay, self.interpret)
+        if splits == 1:
+            o, lse = self._empty(q.shape, q.dtype, q.device), self._empty((c.batch, c.heads, c.n_q), torch.float32, q.device)
+            o_part, lse_part = o, lse
+        else:
+            o_part = self._empty((splits, *q.shape), torch.float32, q.device)
+            lse_part = self._empty((splits, c.batch, c.heads, c.n_q), torch.float32, q.device)
+        with _interpreting(self.interpret):
+            self.module.sparse_attention_forward[(tq * splits, c.batch * c.heads)](
+                q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), *o_part.stride()[-4:],
+                o_part.stride(0) if splits > 1 else 0, lse_part.stride(0) if splits > 1 else 0,
+                c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale * math.log2(math.e), splits,
+                *lay.full, *lay.partial, lb, lh, tq, *self.tables,
+                EVEN_N=c.n_k % lay.block_n == 0, **self._common(q))
+        if splits == 1:
+            return o, lse
+        # merge the splits: LSE = logsumexp over splits, O = sum of exp(LSE_s - LSE) O_s
+        lse = torch.logsumexp(lse_part, 0)
+        weight = torch.exp(lse_part - lse).nan_to_num_(0.0)   # rows with no key: -inf - -inf
+        o = (weight.unsqueeze(-1) * o_part).sum(0).to(q.dtype)
+        return o, lse
+
+    def backward(self, q, k, v, o, lse, do, dlse):
+        """dQ, dK, dV: delta per query row, then dQ per query tile and dK/dV per key tile."""
+        c, lay = self.call, self.lay
+        lb, lh, tq, tk = lay.shape
+        common = self._common(q)
+        do = do.contiguous() if do.stride(-1) != 1 else do
+        delta = self._empty((c.batch, c.heads, c.n_q), torch.float32, q.device)
+        dq = self._empty(q.shape, q.dtype, q.device)
+        dk, dv = self._empty(k.shape, k.dtype, k.device), self._empty(v.shape, v.dtype, v.device)
+        scalars = (c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale, c.scale * math.log2(math.e))
+        with _interpreting(self.interpret):
+            self.module.sparse_attention_backward_delta[(tq, c.batch * c.heads)](
+                o, do, dlse if dlse is not None else delta, delta, *o.stride(), *do.stride(), c.n_q, c.heads,
+                HEAD_DIM=common["HEAD_DIM"], HEAD_DIM_PAD=common["HEAD_DIM_PAD"], BLOCK_M=lay.block_m,
+                HAS_DLSE=dlse is not None)
+            self.module.sparse_attention_backward_dq[(tq, c.batch * c.heads)](
+                q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                *scalars, *lay.full, *lay.partial, lb, lh, tq, *self.tables,
+                EVEN_N=c.n_k % lay.block_n == 0, **common)
+            self.module.sparse_attention_backward_dkdv[(tk, c.batch * c.kv_heads)](
+                q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                *dk.stride(), *dv.stride(), *scalars, *lay.full_t, *lay.partial_t, lb, lh, tk, *self.tables,
+                **common)
+        return dq, dk, dv

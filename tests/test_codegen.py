@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.codegen import TileConfig, emit_forward, lower
+from sparsec.codegen import TileConfig, emit_kernels, lower
 from sparsec.runtime import write_source
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -42,7 +42,7 @@ def test_source_is_deterministic_and_headed():
 
 def test_each_table_parameter_is_declared_and_used():
     kern = sparsec.compile("pattern p = heads(random(2), blocks(4, random(3) + global([1, 2])))")
-    gen = emit_forward(kern.ir, TileConfig())
+    gen = emit_kernels(kern.ir, TileConfig())
     signature = gen.source[gen.source.index("def sparse_attention_forward("):gen.source.index("HEAD_DIM: tl.constexpr")]
     body = gen.source[gen.source.index("HEAD_DIM: tl.constexpr"):]
     assert [t.key for t in gen.tables] == ["keys", "row0", "rows", "count"] * 2 + ["members", "count"]
@@ -72,8 +72,12 @@ def test_source_is_written_atomically_to_the_cache(tmp_path, monkeypatch):
     assert len(list(path.parent.glob("p_*.py"))) == 2
 
 
-def _compile_for_sm90(src: str, dtype: str, dim: int) -> int:
-    """Compile the generated kernel with the real Triton compiler for an H100 (sm_90) target: no
+KERNELS = ("sparse_attention_forward", "sparse_attention_backward_delta", "sparse_attention_backward_dq",
+           "sparse_attention_backward_dkdv")
+
+
+def _compile_for_sm90(src: str, dtype: str, dim: int) -> dict[str, int]:
+    """Compile the generated kernels with the real Triton compiler for an H100 (sm_90) target: no
     GPU needed (ptxas ships with Triton), and it catches what the interpreter lets through.
     Runs in a fresh process: Triton 3.9's interpreter leaves the language patched in its process."""
     import triton
@@ -81,17 +85,23 @@ def _compile_for_sm90(src: str, dtype: str, dim: int) -> int:
     from triton.compiler import ASTSource
     from sparsec.runtime import load_kernel
     kern = sparsec.compile(f"pattern p = {src}")
-    gen = kern.generated(TileConfig(64, 64, 4, 3))
-    fn = load_kernel(gen, kern.name, interpret=False).sparse_attention_forward
+    wide = dim > 128   # the runtime's default tiles for the largest head dims
+    gen = kern.generated(TileConfig(64, 32 if wide else 64, 4, 2 if wide else 3))
+    module = load_kernel(gen, kern.name, interpret=False)
     pointers = {t.name for t in gen.tables if t.pointer} | {"FULL_PTR", "FULL_IDX", "PARTIAL_PTR", "PARTIAL_IDX"}
-    constants = dict(HEAD_DIM=dim, HEAD_DIM_PAD=1 << (dim - 1).bit_length(), BLOCK_M=64, BLOCK_N=64,
-                     EVEN_N=False, DOT_PRECISION="tf32", DOT_IN_FP32=False)
-    signature = {name: "constexpr" if name in constants else f"*{dtype}" if name in "QKVO" else "*fp32"
-                 if name == "LSE" else "*i32" if name in pointers else "fp32" if name == "QK_SCALE" else "i32"
-                 for name in fn.arg_names}
-    source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-    return len(compiled.asm["cubin"])
+    constants = dict(HEAD_DIM=dim, HEAD_DIM_PAD=1 << (dim - 1).bit_length(), BLOCK_M=64, BLOCK_N=32 if wide else 64,
+                     EVEN_N=False, DOT_PRECISION="tf32", DOT_IN_FP32=False, HAS_DLSE=True)
+    sizes = {}
+    for name in KERNELS:
+        fn = getattr(module, name)
+        signature = {arg: "constexpr" if arg in constants else f"*{dtype}" if arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+                     else "*fp32" if arg in ("LSE", "DELTA", "DLSE") else "*i32" if arg in pointers
+                     else "fp32" if arg.endswith("_SCALE") else "i32" for arg in fn.arg_names}
+        source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()
+                                           if k in fn.arg_names})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        sizes[name] = len(compiled.asm["cubin"])
+    return sizes
 
 
 @pytest.mark.parametrize("src, dtype, dim", [
@@ -106,4 +116,5 @@ def test_generated_kernels_compile_for_a_gpu_target(src, dtype, dim, monkeypatch
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        assert pool.submit(_compile_for_sm90, src, dtype, dim).result() > 0
+        sizes = pool.submit(_compile_for_sm90, src, dtype, dim).result()
+    assert set(sizes) == set(KERNELS) and all(size > 0 for size in sizes.values())
