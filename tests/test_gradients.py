@@ -1,0 +1,118 @@
+"""Gradients: dq, dk, dv of the generated backward kernels (interpreter) and of the CPU path against
+autograd through dense masked attention in float64, on inputs drawn fresh each run."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import sparsec
+
+from conftest import KERNEL_EXAMPLES, patterns
+from test_kernel import DTYPES, compiled, dense_attention, kernel_shapes, runtime_inputs
+
+# max |g - g_ref| / max(1, max |g_ref|): gradients pass through two more roundings of P and dS
+GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def check_gradients(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None, seed=None, segment_ids=None,
+                    lse_weight=True):
+    """Loss = <O, dO> + <LSE, dLSE> over rows with an allowed key; its gradients in q, k, v."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    q = torch.randn(B, Hq, n_q, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, n_k, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, n_k, D, generator=gen).to(dtype)
+    do = torch.randn(B, Hq, n_q, D, generator=gen)
+    dlse = torch.randn(B, Hq, n_q, generator=gen) if lse_weight else torch.zeros(B, Hq, n_q)
+    runtime = runtime_inputs(kern, B, n_k, rng) if segment_ids is None else {"segment_ids": segment_ids}
+    content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
+    mask = kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset, **content, **runtime)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, lse = kern(*leaves, q_offset=q_offset, return_lse=True, backend=backend, **runtime)
+    loss = (o.double() * do).sum()
+    if lse_weight:
+        loss = loss + (torch.where(torch.isneginf(lse), 0.0, lse).double() * dlse).sum()
+    got = torch.autograd.grad(loss, leaves)
+
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want_o, want_lse = dense_attention(mask, *ref, 1 / math.sqrt(D))
+    ref_loss = (want_o * do).sum() + (torch.where(torch.isneginf(want_lse), 0.0, want_lse) * dlse).sum()
+    want = torch.autograd.grad(ref_loss, ref)
+
+    for name, g, w, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == dtype, f"{name}: {g.shape} {g.dtype}"
+        assert not g.isnan().any(), f"{backend} {name}: NaN"
+        err = (g.double() - w).abs().max().item() / max(1.0, w.abs().max().item())
+        assert err < GRAD_TOLERANCE[dtype], f"{backend} {dtype} {name}: relative error {err:.2e}"
+    empty = ~mask.any(-1)                      # (B or 1, Hq, n_q): rows with no allowed key
+    assert (got[0][empty.expand(B, Hq, n_q)] == 0).all(), "rows with no allowed key must get dq = 0"
+    return got
+
+
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+@settings(max_examples=KERNEL_EXAMPLES)
+@given(src=patterns, shape=kernel_shapes)
+def test_random_pattern_gradients_match_dense_autograd(backend, src, shape):
+    kern = compiled(src)
+    if kern is None:
+        return
+    B, (Hq, Hkv), n_q, n_k, D, dtype, q_offset = shape
+    try:
+        kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset)
+    except sparsec.SparsecError:
+        return
+    check_gradients(kern, backend, B, Hq, Hkv, n_q, n_k, D, DTYPES[dtype], q_offset)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+@pytest.mark.parametrize("src", ["band(3) + global(2)", "blocks(8, band(1) + global(1) + random(2))",
+                                 "heads(band(2), stride(3), full) & causal", "lsh(4, rounds=2) & causal",
+                                 "causal & (topk(2, block=8, causal=true) + chunk(8))"])
+def test_gradients_with_grouped_heads(backend, src):
+    """GQA and MQA: dK/dV sum over the query heads that share a K/V head."""
+    kern = sparsec.compile(f"pattern p = {src}")
+    for Hq, Hkv in ((4, 2), (3, 1)):
+        check_gradients(kern, backend, 2, Hq, Hkv, 37, 45, 16, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+def test_gradients_of_empty_rows_are_zero(backend):
+    kern = sparsec.compile("pattern p = band(2) - where(i % 5 == 0)")   # rows 0, 5, 10, ... see nothing
+    dq, _, _ = check_gradients(kern, backend, 1, 2, 2, 23, 23, 16, torch.float32)
+    assert (dq[:, :, ::5] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+@settings(max_examples=max(5, KERNEL_EXAMPLES // 3))
+@given(lengths=st.lists(st.lists(st.integers(1, 30), min_size=1, max_size=5), min_size=1, max_size=2),
+       band=st.integers(0, 20), dtype=st.sampled_from(list(DTYPES)))
+def test_document_causal_gradients_with_random_segments(backend, lengths, band, dtype):
+    """Packed documents of random lengths (one layout per batch row) under document & causal & band."""
+    n = max(sum(row) for row in lengths)
+    # each batch row: its documents back to back, then one more filling the rest up to n
+    seg = torch.as_tensor(np.stack([np.repeat(np.arange(len(row) + 1), row + [n - sum(row)]) for row in lengths]))
+    kern = sparsec.compile(f"pattern p = document & causal & band({band})")
+    check_gradients(kern, backend, len(lengths), 2, 1, n, n, 16, DTYPES[dtype], segment_ids=seg)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+def test_lse_gradient_is_optional(backend):
+    """Without LSE in the loss, the backward takes no dLSE (its gradient arrives as None)."""
+    kern = sparsec.compile("pattern p = band(4) & causal")
+    check_gradients(kern, backend, 1, 2, 2, 30, 30, 16, torch.float32, lse_weight=False)
+    q, k, v = (torch.randn(1, 2, 30, 16, requires_grad=True) for _ in range(3))
+    kern(q, k, v, backend=backend).sum().backward()
+    assert all(x.grad is not None and not x.grad.isnan().any() for x in (q, k, v))
+
+
+def test_no_graph_without_requires_grad():
+    kern = sparsec.compile("pattern p = band(4)")
+    q = torch.randn(1, 1, 20, 16)
+    assert kern(q, q, q).grad_fn is None
+    q.requires_grad_()
+    assert kern(q, q, q).grad_fn is not None
+    with torch.no_grad():
+        assert kern(q, q, q).grad_fn is None
