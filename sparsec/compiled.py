@@ -12,6 +12,7 @@ import torch
 from . import cpu, passes
 from . import runtime as R
 from .autograd import attend
+from .documents import DocumentLayouts, static_part
 from .codegen import Generated, TileConfig, emit_kernels
 from .elaborate import elaborate, pattern_names
 from .errors import Source
@@ -191,28 +192,39 @@ class Kernel:
         if {"q", "k"} & self.needs:
             inputs.update(q=q, k=k)
         config = R.default_config(backend, call)
-        seg = inputs["segment_ids"].cpu().numpy() if "segment_ids" in inputs else None
+        shape = (config, call.n_q, call.n_k, call.q_offset, call.heads, call.device)
 
         def per_shape(what, make):
             """Cached by shape when the pattern reads no runtime input; else made per call."""
-            return make() if self.needs else self._cached(
-                (what, config, call.n_q, call.n_k, call.q_offset, call.heads, call.device), make)
+            return make() if self.needs else self._cached((what, *shape), make)
 
-        def layout():
-            return build_layout(body, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,
+        def layout(part=body, seg=None):
+            return build_layout(part, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,
                                 call.heads, seg)
+
+        def host_layout():
+            seg = inputs["segment_ids"].cpu().numpy() if "segment_ids" in inputs else None
+            return layout(seg=seg)
+
+        def device_layout():
+            static = static_part(body) if self.needs == {"segment_ids"} else None
+            if static is None:   # everything else: built on the host, copied over
+                return per_shape("layout", lambda: R.DeviceLayout.of(host_layout(), call.device))
+            documents = self._cached(("documents", *shape), lambda: DocumentLayouts.of(
+                None if static[0] is None else layout(static[0]), call.n_q, call.n_k, call.q_offset,
+                config.block_m, config.block_n, call.device))
+            return documents.build(inputs["segment_ids"])
 
         if backend == "cpu":
             space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, inputs)
-            p = per_shape("plan", lambda: cpu.plan(body, layout(), space, call.kv_heads, per_batch=bool(self.needs)))
+            p = per_shape("plan", lambda: cpu.plan(body, host_layout(), space, call.kv_heads, per_batch=bool(self.needs)))
             runner = cpu.CpuAttention(p, call.scale)
         else:
             interpret = backend == "interpret"
             gen = self.generated(config)
             module = R.load_kernel(gen, self.name, interpret)
-            lay = per_shape("layout", lambda: R.DeviceLayout.of(layout(), call.device))
             tables = per_shape("tables", lambda: R.table_values(gen, body, call, inputs))
-            runner = R.GeneratedAttention(module, lay, tables, call, interpret)
+            runner = R.GeneratedAttention(module, device_layout(), tables, call, interpret)
         o, lse = attend(runner, q, k, v)
         return (o, lse) if return_lse else o
 

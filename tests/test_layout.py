@@ -123,3 +123,51 @@ def test_layout_argument_errors():
         sparsec.compile("pattern p = full").layout(16, block_m=0)
     with pytest.raises(TypeError, match="n_q must be an int"):
         sparsec.compile("pattern p = full").layout(16.0)
+
+
+def _device_classes(lay, transposed=False):
+    """Dense (B, H, tq, tk) classes from a DeviceLayout's tensors (row lists, or the transposed ones)."""
+    b, h, tq, tk = lay.shape
+    out = np.zeros((b * h * (tk if transposed else tq), tq if transposed else tk), np.int8)
+    for (ptr, idx), cls in (((lay.partial_t if transposed else lay.partial), PARTIAL),
+                            ((lay.full_t if transposed else lay.full), FULL)):
+        ptr = ptr.numpy()
+        owner = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+        out[owner, idx.numpy()[:ptr[-1]]] = cls
+    out = out.reshape(b, h, *((tk, tq) if transposed else (tq, tk)))
+    return out.swapaxes(-1, -2) if transposed else out
+
+
+@given(src=st.sampled_from(["document", "document & causal", "document & causal & band(7)",
+                            "document & heads(band(3), stride(4))", "document & (band(2) + global(1))",
+                            "blocks(2, band(1)) & document"]),
+       lengths=st.lists(st.lists(st.integers(1, 20), min_size=1, max_size=6), min_size=1, max_size=3),
+       shuffle=st.booleans(), tile=st.sampled_from([(1, 1), (4, 4), (3, 5), (16, 16)]), n_q=st.integers(1, 40))
+def test_document_layouts_built_on_device_equal_the_host_ones(src, lengths, shuffle, tile, n_q):
+    """DocumentLayouts (torch, the tensors' device) against build_layout (numpy, host) and the dense mask."""
+    import torch
+    from sparsec import passes
+    from sparsec.documents import DocumentLayouts, static_part
+    from sparsec.layout import build_layout
+    n = max(sum(row) for row in lengths)
+    n_q = min(n_q, n)
+    seg = np.stack([np.repeat(np.arange(len(row) + 1), row + [n - sum(row)]) for row in lengths])
+    if shuffle:   # ids not sorted: a document need not be contiguous
+        seg = np.random.default_rng(len(seg)).permutation(seg.T).T.copy()
+    kern = sparsec.compile(f"pattern p = {src}")
+    body = passes.specialize(kern.ir, n_q, n)
+    (static,) = static_part(body)
+    heads = 2
+    docs = DocumentLayouts.of(None if static is None else build_layout(static, n_q, n, *tile, n - n_q, heads),
+                              n_q, n, n - n_q, *tile, torch.device("cpu"))
+    lay = docs.build(torch.as_tensor(seg, dtype=torch.int32))
+    got = _device_classes(lay)
+    assert np.array_equal(_device_classes(lay, transposed=True), got)
+    host = kern.layout(n_q, n, *tile, heads=heads, segment_ids=seg)
+    assert np.array_equal(np.broadcast_to(got, (len(seg), heads, *got.shape[2:])),
+                          np.broadcast_to(host.classes(), (len(seg), heads, *got.shape[2:])))
+    truth = tile_classes(kern.mask(n_q, n, heads=heads, segment_ids=seg).numpy(), *tile)
+    assert ((truth == EMPTY) | (np.broadcast_to(got, truth.shape) != EMPTY)).all()
+    assert ((np.broadcast_to(got, truth.shape) != FULL) | (truth == FULL)).all()
+    rows = (np.diff(lay.full[0].numpy()) + np.diff(lay.partial[0].numpy())).max(initial=0)
+    assert rows <= lay.longest_row
