@@ -1,7 +1,8 @@
 """sparsec: a compiler for sparse attention patterns written in the .sa language."""
-from .compiled import CompiledPattern, compile
+from .compiled import CompiledPattern, Kernel, compile
 from .errors import SparsecError
 from .layout import BlockLayout
+from .module import SparseSelfAttention
 
-__all__ = ["BlockLayout", "CompiledPattern", "SparsecError", "compile"]
+__all__ = ["BlockLayout", "CompiledPattern", "Kernel", "SparseSelfAttention", "SparsecError", "compile"]
 __version__ = "0.1.0"
