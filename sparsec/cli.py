@@ -100,34 +100,46 @@ def check(args) -> int:
     if missed or false_full:
         print("FAILED: the layout is unsound for this pattern (a sparsec bug; please report it)")
         return 1
-    worst = 0.0
+    errors = []
     for backend in args.backend or (["triton"] if torch.cuda.is_available() else ["interpret", "cpu"]):
-        err = kernel_error(kern, inputs, n, args.heads, backend)
-        worst = max(worst, err)
-        what = "generated Triton kernel" + (" (interpreter)" if backend == "interpret" else "") \
+        err, grad_err = kernel_error(kern, inputs, n, args.heads, backend)
+        errors += [err, grad_err]
+        what = "generated Triton kernels" + (" (interpreter)" if backend == "interpret" else "") \
             if backend != "cpu" else "CPU path"
-        print(f"{what}: max |O - O_ref| = {err:.2e} against dense attention in float64 (fp32, D = 64)")
-    if not worst < 1e-4:
+        print(f"{what}: max |O - O_ref| = {err:.2e}, gradients {grad_err:.2e} (relative) against dense "
+              f"attention and autograd in float64 (fp32, D = 64)")
+    if not all(e < 1e-4 for e in errors):   # NaN fails too
         print("FAILED: the kernel disagrees with the dense reference (a sparsec bug; please report it)")
         return 1
     print("OK: the layout covers the reference mask and the kernels match dense attention")
     return 0
 
 
-def kernel_error(kern, inputs: dict, n: int, heads: int, backend: str) -> float:
-    """Run the kernel on seeded fp32 inputs and compare with masked softmax attention in float64."""
+def kernel_error(kern, inputs: dict, n: int, heads: int, backend: str) -> tuple[float, float]:
+    """Run the kernel forward and backward on seeded fp32 inputs; return max |O - O_ref| and the
+    largest relative gradient error max |g - g_ref| / max(1, max |g_ref|) over dq, dk, dv, against
+    float64 autograd through masked softmax attention."""
     device = "cuda" if backend == "triton" else "cpu"
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, heads, n, 64, generator=gen) for _ in range(3))
+    q, k, v, do = (torch.randn(1, heads, n, 64, generator=gen) for _ in range(4))
     if "q" in inputs:
         q, k = torch.as_tensor(inputs["q"], dtype=torch.float32), torch.as_tensor(inputs["k"], dtype=torch.float32)
     runtime = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
     mask = kern.mask(n, heads=heads, **inputs)
-    scores = (q.double() @ k.double().transpose(-1, -2) / 8.0).masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with no allowed key: 0
-    want = weights @ v.double()
-    got = kern(q.to(device), k.to(device), v.to(device), backend=backend, **runtime).cpu()
-    return float((got.double() - want).abs().max()) if not got.isnan().any() else float("nan")
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    scores = (ref[0] @ ref[1].transpose(-1, -2) / 8.0).masked_fill(~mask, float("-inf"))
+    some = mask.any(-1, keepdim=True)   # rows with no allowed key: weights 0, gradients 0 (not NaN)
+    weights = torch.where(mask, torch.softmax(torch.where(some, scores, 0.0), -1), 0.0)
+    want = weights @ ref[2]
+    want_grads = torch.autograd.grad(want, ref, do.double())
+    leaves = [x.to(device).requires_grad_() for x in (q, k, v)]
+    got = kern(*leaves, backend=backend, **runtime)
+    grads = torch.autograd.grad(got, leaves, do.to(device))
+    if got.isnan().any() or any(g.isnan().any() for g in grads):
+        return float("nan"), float("nan")
+    grad_err = max(float((g.cpu().double() - w).abs().max()) / max(1.0, float(w.abs().max()))
+                   for g, w in zip(grads, want_grads))
+    return float((got.detach().cpu().double() - want.detach()).abs().max()), grad_err
 
 
 def show(args) -> None:
