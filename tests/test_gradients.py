@@ -108,6 +108,16 @@ def test_lse_gradient_is_optional(backend):
     assert all(x.grad is not None and not x.grad.isnan().any() for x in (q, k, v))
 
 
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+def test_autograd_saves_outputs_not_scores(backend):
+    """What the backward keeps: q, k, v, O and LSE (the layout lives with the runner), no n x n."""
+    kern = sparsec.compile("pattern p = band(4) + global(1)")
+    q, k, v = (torch.randn(1, 2, 300, 16, requires_grad=True) for _ in range(3))
+    o = kern(q, k, v, backend=backend)
+    saved = o.grad_fn.saved_tensors
+    assert [tuple(x.shape) for x in saved] == [(1, 2, 300, 16)] * 4 + [(1, 2, 300)]
+
+
 def test_no_graph_without_requires_grad():
     kern = sparsec.compile("pattern p = band(4)")
     q = torch.randn(1, 1, 20, 16)
