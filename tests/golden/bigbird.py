@@ -3,7 +3,7 @@
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 667adbf16e4de020
+# content hash: 23b7e7e23ee53788
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -111,6 +111,25 @@ def _probabilities(q, K_tile, lse2, keep, QK_SCALE, DOT_PRECISION: tl.constexpr,
     if keep is not None:
         p = tl.where(keep, p, 0.0)
     return p
+
+
+@triton.jit
+def _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dq += dS K for one key tile (times the softmax scale at the end), dS = P (dO V^T - delta)."""
+    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
+    return dq + _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+
+
+@triton.jit
+def _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE,
+             DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dv += P^T dO and dk += dS^T Q for one query tile (dk times the softmax scale at the end)."""
+    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
+    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+    return dk, dv
 
 
 @triton.jit
@@ -280,11 +299,9 @@ def sparse_attention_backward_dq(
         kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
         if EVEN_N:
-            p = _probabilities(q, kT, lse2, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         else:
-            p = _probabilities(q, kT, lse2, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     block_rows0 = _floordiv(pos, 64)
     global_rows0 = block_rows0 < 1
@@ -306,9 +323,7 @@ def sparse_attention_backward_dq(
             drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
             random0 = random0 | (drawn[:, None] == block_cols0[None, :])
         keep = (((d0 >= -1) & (d0 <= 1)) | (global_rows0[:, None] | global_cols0[None, :]) | (last_rows0[:, None] | last_cols0[None, :]) | random0) & (cols < N_K)[None, :]
-        p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+        dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -364,10 +379,7 @@ def sparse_attention_backward_dkdv(
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
             lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
             delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            p = _probabilities(q, kT, lse2, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
-            ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
         for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
             offs_m = tl.load(PARTIAL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -392,10 +404,7 @@ def sparse_attention_backward_dkdv(
                 drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
                 random0 = random0 | (drawn[:, None] == block_cols0[None, :])
             keep = (((d0 >= -1) & (d0 <= 1)) | (global_rows0[:, None] | global_cols0[None, :]) | (last_rows0[:, None] | last_cols0[None, :]) | random0) & (cols < N_K)[None, :]
-            p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
-            ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     mask = (cols[:, None] < N_K) & in_d[None, :]
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh

@@ -3,7 +3,7 @@
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 0b634ff4634adc9b
+# content hash: 8649a525e499fb51
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -109,6 +109,25 @@ def _probabilities(q, K_tile, lse2, keep, QK_SCALE, DOT_PRECISION: tl.constexpr,
     if keep is not None:
         p = tl.where(keep, p, 0.0)
     return p
+
+
+@triton.jit
+def _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dq += dS K for one key tile (times the softmax scale at the end), dS = P (dO V^T - delta)."""
+    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
+    return dq + _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+
+
+@triton.jit
+def _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE,
+             DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dv += P^T dO and dk += dS^T Q for one query tile (dk times the softmax scale at the end)."""
+    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
+    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+    return dk, dv
 
 
 @triton.jit
@@ -264,11 +283,9 @@ def sparse_attention_backward_dq(
         kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
         if EVEN_N:
-            p = _probabilities(q, kT, lse2, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         else:
-            p = _probabilities(q, kT, lse2, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     document_ids0 = document2_ids + b.to(tl.int64) * document2_stride
     document_rows0 = tl.load(document_ids0 + pos, mask=(pos >= 0) & (pos < N_K), other=-1)
@@ -280,9 +297,7 @@ def sparse_attention_backward_dq(
         d0 = pos[:, None] - cols[None, :]
         document_cols0 = tl.load(document_ids0 + cols, mask=cols < N_K, other=-2)
         keep = (((d0 >= 0) & (d0 <= 512)) & (document_rows0[:, None] == document_cols0[None, :])) & (cols < N_K)[None, :]
-        p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+        dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -336,10 +351,7 @@ def sparse_attention_backward_dkdv(
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
             lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
             delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            p = _probabilities(q, kT, lse2, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
-            ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
         for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
             offs_m = tl.load(PARTIAL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -354,10 +366,7 @@ def sparse_attention_backward_dkdv(
             d0 = pos[:, None] - cols[None, :]
             document_cols0 = tl.load(document_ids0 + cols, mask=cols < N_K, other=-2)
             keep = (((d0 >= 0) & (d0 <= 512)) & (document_rows0[:, None] == document_cols0[None, :])) & (cols < N_K)[None, :]
-            p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
-            ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     mask = (cols[:, None] < N_K) & in_d[None, :]
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh

@@ -3,7 +3,7 @@
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 026801b33808413c
+# content hash: ce78ef56fbd6f647
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -108,6 +108,25 @@ def _probabilities(q, K_tile, lse2, keep, QK_SCALE, DOT_PRECISION: tl.constexpr,
     if keep is not None:
         p = tl.where(keep, p, 0.0)
     return p
+
+
+@triton.jit
+def _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dq += dS K for one key tile (times the softmax scale at the end), dS = P (dO V^T - delta)."""
+    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
+    return dq + _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+
+
+@triton.jit
+def _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE,
+             DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dv += P^T dO and dk += dS^T Q for one query tile (dk times the softmax scale at the end)."""
+    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
+    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+    return dk, dv
 
 
 @triton.jit
@@ -258,11 +277,9 @@ def sparse_attention_backward_dq(
         kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
         if EVEN_N:
-            p = _probabilities(q, kT, lse2, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         else:
-            p = _probabilities(q, kT, lse2, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     global_rows0 = pos < 16
 
@@ -273,9 +290,7 @@ def sparse_attention_backward_dq(
         d0 = pos[:, None] - cols[None, :]
         global_cols0 = cols < 16
         keep = (((d0 >= -256) & (d0 <= 256)) | (global_rows0[:, None] | global_cols0[None, :])) & (cols < N_K)[None, :]
-        p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
+        dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -327,10 +342,7 @@ def sparse_attention_backward_dkdv(
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
             lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
             delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            p = _probabilities(q, kT, lse2, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
-            ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
         for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
             offs_m = tl.load(PARTIAL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -344,10 +356,7 @@ def sparse_attention_backward_dkdv(
             d0 = pos[:, None] - cols[None, :]
             global_cols0 = cols < 16
             keep = (((d0 >= -256) & (d0 <= 256)) | (global_rows0[:, None] | global_cols0[None, :])) & (cols < N_K)[None, :]
-            p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
-            ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
+            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     mask = (cols[:, None] < N_K) & in_d[None, :]
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
