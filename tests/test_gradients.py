@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import sparsec
 
 from conftest import KERNEL_EXAMPLES, patterns
-from test_kernel import DTYPES, compiled, dense_attention, kernel_shapes, runtime_inputs
+from test_kernel import DTYPES, dense_attention, drawn_case, kernel_shapes, runtime_inputs
 
 # max |g - g_ref| / max(1, max |g_ref|): gradients pass through two more roundings of P and dS
 GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
@@ -56,15 +56,9 @@ def check_gradients(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None
 @settings(max_examples=KERNEL_EXAMPLES)
 @given(src=patterns, shape=kernel_shapes)
 def test_random_pattern_gradients_match_dense_autograd(backend, src, shape):
-    kern = compiled(src)
-    if kern is None:
-        return
-    B, (Hq, Hkv), n_q, n_k, D, dtype, q_offset = shape
-    try:
-        kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset)
-    except sparsec.SparsecError:
-        return
-    check_gradients(kern, backend, B, Hq, Hkv, n_q, n_k, D, DTYPES[dtype], q_offset)
+    case = drawn_case(src, shape)
+    if case is not None:
+        check_gradients(case[0], backend, *case[1])
 
 
 @pytest.mark.parametrize("backend", ["interpret", "cpu"])

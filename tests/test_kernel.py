@@ -66,6 +66,20 @@ def compiled(src):
         return None
 
 
+def drawn_case(src, shape):
+    """(kernel, check's arguments after the backend) for a drawn pattern and shape, or None when
+    the pattern is rejected or its arguments only go bad for these lengths (band(n_q - 9))."""
+    kern = compiled(src)
+    if kern is None:
+        return None
+    B, (Hq, Hkv), n_q, n_k, D, dtype, q_offset = shape
+    try:
+        kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset)
+    except sparsec.SparsecError:
+        return None
+    return kern, (B, Hq, Hkv, n_q, n_k, D, DTYPES[dtype], q_offset)
+
+
 kernel_shapes = st.tuples(
     st.integers(1, 2),                     # B
     st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (3, 3)]),  # (Hq, Hkv): MHA, MQA, GQA
@@ -80,15 +94,9 @@ kernel_shapes = st.tuples(
 @settings(max_examples=KERNEL_EXAMPLES)
 @given(src=patterns, shape=kernel_shapes)
 def test_random_patterns_match_dense_attention(backend, src, shape):
-    kern = compiled(src)
-    if kern is None:
-        return
-    B, (Hq, Hkv), n_q, n_k, D, dtype, q_offset = shape
-    try:
-        kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset)
-    except sparsec.SparsecError:
-        return  # arguments that only go bad for these lengths, e.g. band(n_q - 9)
-    check(kern, backend, B, Hq, Hkv, n_q, n_k, D, DTYPES[dtype], q_offset)
+    case = drawn_case(src, shape)
+    if case is not None:
+        check(case[0], backend, *case[1])
 
 
 @pytest.mark.parametrize("backend", ["interpret", "cpu"])
