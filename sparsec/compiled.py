@@ -12,8 +12,8 @@ import torch
 from . import cpu, passes
 from . import runtime as R
 from .autograd import attend
-from .documents import DocumentLayouts, static_part
 from .codegen import Generated, TileConfig, emit_kernels
+from .documents import DocumentLayouts, static_part
 from .elaborate import elaborate, pattern_names
 from .errors import Source
 from .ir import expr as E
@@ -168,7 +168,7 @@ class Kernel:
 
     # ---- kernels ----
     def generated(self, config: TileConfig | None = None) -> Generated:
-        """The generated forward kernel for a tile config (default: the GPU default)."""
+        """The generated kernels (forward and backward) for a tile config (default: the GPU default)."""
         config = config or TileConfig()
         return self._cached(("source", config), lambda: emit_kernels(self.ir, config))
 
