@@ -45,14 +45,14 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 def _load_rows(base, rows, offs_d, in_d, N, stride_n, stride_d):
     """The tile (len(rows), HEAD_DIM_PAD) of a (N, HEAD_DIM) matrix, zero outside it."""
     return tl.load(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
-                   mask=((rows >= 0) & (rows < N))[:, None] & in_d[None, :], other=0.0)
+                   mask=(rows < N)[:, None] & in_d[None, :], other=0.0)
 
 
 @triton.jit
 def _load_cols(base, cols, offs_d, in_d, N, stride_n, stride_d):
     """The same tile transposed, (HEAD_DIM_PAD, len(cols)): K^T and V^T for the dots."""
     return tl.load(base + cols[None, :] * stride_n + offs_d[:, None] * stride_d,
-                   mask=((cols >= 0) & (cols < N))[None, :] & in_d[:, None], other=0.0)
+                   mask=(cols < N)[None, :] & in_d[:, None], other=0.0)
 
 
 @triton.jit
@@ -83,8 +83,7 @@ def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE,
 
 @triton.jit
 def _probabilities(q, K_tile, lse2, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """P of one (query tile, key tile), recomputed from the saved LSE (lse2 = LSE in base 2, and
-    +inf on rows with no allowed key or past n_q, so that their P is exactly 0)."""
+    """P of one (query tile, key tile), recomputed from the saved LSE (lse2: see _row_stats)."""
     s = _dot(q, K_tile, DOT_PRECISION, DOT_IN_FP32) * QK_SCALE
     p = tl.math.exp2(s - lse2[:, None])
     if keep is not None:
@@ -112,9 +111,13 @@ def _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE,
 
 
 @triton.jit
-def _load_lse2(LSE, row_base, offs_m, N_Q):
-    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # natural log -> base 2
+def _row_stats(LSE, DELTA, bh, offs_m, N_Q):
+    """lse2 and delta of query rows offs_m of (batch x head) bh. lse2 is the LSE in base 2, and
+    +inf on rows with no allowed key (LSE = -inf) or past n_q, which makes their P exactly 0."""
+    at = bh.to(tl.int64) * N_Q + offs_m
+    lse = tl.load(LSE + at, mask=offs_m < N_Q, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # natural log -> base 2
+    return lse2, tl.load(DELTA + at, mask=offs_m < N_Q, other=0.0)
 
 '''
 
@@ -256,8 +259,7 @@ def sparse_attention_backward_dq(
                    stride_qm, stride_qd)
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d, in_d, N_Q,
                     stride_dom, stride_dod)
-    lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
-    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
 
@@ -327,8 +329,7 @@ def sparse_attention_backward_dkdv(
             offs_m = tl.load(FULL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
-            lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
-            delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
             dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
         for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
@@ -336,8 +337,7 @@ def sparse_attention_backward_dkdv(
             pos = offs_m + Q_OFFSET
             q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
-            lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
-            delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
             # the predicate; its row-only parts change with every query tile here
 {rowwise}            keep = {pred} & (cols < N_K)[None, :]
             dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)

@@ -3,7 +3,7 @@
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 23b7e7e23ee53788
+# content hash: 1af893095a9f876c
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -66,14 +66,14 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 def _load_rows(base, rows, offs_d, in_d, N, stride_n, stride_d):
     """The tile (len(rows), HEAD_DIM_PAD) of a (N, HEAD_DIM) matrix, zero outside it."""
     return tl.load(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
-                   mask=((rows >= 0) & (rows < N))[:, None] & in_d[None, :], other=0.0)
+                   mask=(rows < N)[:, None] & in_d[None, :], other=0.0)
 
 
 @triton.jit
 def _load_cols(base, cols, offs_d, in_d, N, stride_n, stride_d):
     """The same tile transposed, (HEAD_DIM_PAD, len(cols)): K^T and V^T for the dots."""
     return tl.load(base + cols[None, :] * stride_n + offs_d[:, None] * stride_d,
-                   mask=((cols >= 0) & (cols < N))[None, :] & in_d[:, None], other=0.0)
+                   mask=(cols < N)[None, :] & in_d[:, None], other=0.0)
 
 
 @triton.jit
@@ -104,8 +104,7 @@ def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE,
 
 @triton.jit
 def _probabilities(q, K_tile, lse2, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """P of one (query tile, key tile), recomputed from the saved LSE (lse2 = LSE in base 2, and
-    +inf on rows with no allowed key or past n_q, so that their P is exactly 0)."""
+    """P of one (query tile, key tile), recomputed from the saved LSE (lse2: see _row_stats)."""
     s = _dot(q, K_tile, DOT_PRECISION, DOT_IN_FP32) * QK_SCALE
     p = tl.math.exp2(s - lse2[:, None])
     if keep is not None:
@@ -133,9 +132,13 @@ def _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE,
 
 
 @triton.jit
-def _load_lse2(LSE, row_base, offs_m, N_Q):
-    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # natural log -> base 2
+def _row_stats(LSE, DELTA, bh, offs_m, N_Q):
+    """lse2 and delta of query rows offs_m of (batch x head) bh. lse2 is the LSE in base 2, and
+    +inf on rows with no allowed key (LSE = -inf) or past n_q, which makes their P exactly 0."""
+    at = bh.to(tl.int64) * N_Q + offs_m
+    lse = tl.load(LSE + at, mask=offs_m < N_Q, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # natural log -> base 2
+    return lse2, tl.load(DELTA + at, mask=offs_m < N_Q, other=0.0)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "SPLITS"])
@@ -289,8 +292,7 @@ def sparse_attention_backward_dq(
                    stride_qm, stride_qd)
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d, in_d, N_Q,
                     stride_dom, stride_dod)
-    lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
-    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
 
@@ -377,8 +379,7 @@ def sparse_attention_backward_dkdv(
             offs_m = tl.load(FULL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
-            lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
-            delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
             dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
         for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
@@ -386,8 +387,7 @@ def sparse_attention_backward_dkdv(
             pos = offs_m + Q_OFFSET
             q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
-            lse2 = _load_lse2(LSE, bh.to(tl.int64) * N_Q, offs_m, N_Q)
-            delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
             # the predicate; its row-only parts change with every query tile here
             block_rows0 = _floordiv(pos, 64)
             global_rows0 = block_rows0 < 1
