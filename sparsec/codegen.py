@@ -137,11 +137,10 @@ def emit_kernels(d: Definition, config: TileConfig) -> Generated:
     backward kernels (delta, dQ, dK/dV), all sharing one predicate and one set of tables."""
     pred, out = lower(d.body)
     params = "".join(f"    {t.name},\n" for t in out.tables)
-    hoisted = "\n".join(out.hoisted)
-    rows = textwrap.indent(hoisted, " " * 4) if hoisted else "    # (none)"
+    hoisted = textwrap.indent("\n".join(out.hoisted), " " * 4) if out.hoisted else "    # (none)"
     body = "".join(line + "\n" for line in out.body)
     rowwise = "".join(line + "\n" for line in out.hoisted + out.body)  # dK/dV: rows change per step
-    fill = dict(params=params, hoisted=rows, body=textwrap.indent(body, " " * 8), pred=pred)
+    fill = dict(params=params, hoisted=hoisted, body=textwrap.indent(body, " " * 8), pred=pred)
     kernels = FORWARD.format(**fill) + BACKWARD.format(**fill, rowwise=textwrap.indent(rowwise, " " * 12))
     glossary = "".join(f"#   {t.name:<24} {'pointer' if t.pointer else 'int    '}  from node {t.node}: "
                        f"{t.key}\n" for t in out.tables) or "#   (none)\n"

@@ -119,7 +119,7 @@ def forward(p: Plan, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]
     B, H, n_q, D = q.shape
     _, _, tq, tk = p.layout.shape
     bm, bn = p.layout.block_m, p.layout.block_n
-    qt = _tiles(q * scale if q.dtype == torch.float32 else q.float() * scale, tq, bm)  # scale folded into q
+    qt = _tiles(q.float() * scale, tq, bm)  # scale folded into q (.float() copies only fp16/bf16)
     kt, vt = _tiles(k, tk, bn), _tiles(v, tk, bn)
     o = torch.zeros((B, H * tq, bm, D), dtype=torch.float32)
     lse = torch.full((B, H * tq, bm), float("-inf"), dtype=torch.float32)

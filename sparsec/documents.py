@@ -58,8 +58,8 @@ class DocumentLayouts:
             row = np.repeat(np.arange(lh * tq), np.diff(lists.ptr))   # static layouts have batch 1
             parts.append((row // tq, row % tq, lists.indices.astype(np.int64), np.full(len(row), cls)))
         h, t, kt, cls = (torch.as_tensor(np.concatenate(x), device=device) for x in zip(*parts))
-        longest = int((np.diff(static.full.ptr) + np.diff(static.partial.ptr)).max(initial=0))
-        return DocumentLayouts(n_q, n_k, q_offset, block_m, block_n, lh, (h, t, kt, cls.to(torch.int8)), longest)
+        return DocumentLayouts(n_q, n_k, q_offset, block_m, block_n, lh, (h, t, kt, cls.to(torch.int8)),
+                               static.longest_row())
 
     def build(self, segment_ids: torch.Tensor) -> DeviceLayout:
         """The layout for these segment ids (B, n_k) on their device: one per batch row."""

@@ -63,6 +63,10 @@ class BlockLayout:
             out[owner, lists.indices] = cls
         return out.reshape(b, h, tq, tk)
 
+    def longest_row(self) -> int:
+        """The most key tiles any query tile visits."""
+        return int((np.diff(self.full.ptr) + np.diff(self.partial.ptr)).max(initial=0))
+
     def tiles_visited(self) -> int:
         return len(self.full.indices) + len(self.partial.indices)
 

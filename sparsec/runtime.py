@@ -243,8 +243,7 @@ class DeviceLayout:
             return x if x.numel() else torch.zeros(1, dtype=torch.int32, device=device)
         lists = [(tensor(x.ptr), tensor(x.indices)) for x in
                  (layout.full, layout.partial, layout.full_t, layout.partial_t)]
-        longest = int((np.diff(layout.full.ptr) + np.diff(layout.partial.ptr)).max(initial=0))
-        return DeviceLayout(layout.shape, layout.block_m, layout.block_n, *lists, longest)
+        return DeviceLayout(layout.shape, layout.block_m, layout.block_n, *lists, layout.longest_row())
 
 
 def _sm_count(device: torch.device) -> int:
