@@ -10,7 +10,7 @@ from .ir.pattern import Pattern
 from .ir.program import Definition
 from .templates import BACKWARD, FORWARD, HELPERS
 
-VERSION = 2  # bump when the generated code changes shape: part of the content hash
+VERSION = 3  # bump when the generated code changes shape: part of the content hash
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,12 @@ class Lowering:
     block indices inside blocks(...)) as Triton names, and ways to emit statements.
 
     rows (BLOCK_M,) int  row coordinates of the tile        cols (BLOCK_N,) int  key coordinates
+    (positions: in a share run in a content-sorted order, the permutation's entries)
     n_q, n_k             lengths in these coordinates       head, batch, heads   program scalars
     """
     out: Emitter
     rows: str = "pos"
-    cols: str = "cols"
+    cols: str = "keys"
     n_q: str = "N_Q"
     n_k: str = "N_K"
     head: str = "h"
@@ -127,7 +128,7 @@ class Generated:
 
 def lower(body: Pattern) -> tuple[str, Emitter]:
     """The predicate of `body` over one tile, with the statements it needs."""
-    out = Emitter(names={"pos", "cols", "d"})
+    out = Emitter(names={"pos", "cols", "keys", "d"})
     expr = Lowering(out).sub(body)
     return expr, out
 
@@ -162,7 +163,9 @@ HEADER = '''\
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
-#   cols     (BLOCK_N,) key indices j of the key tile being visited
+#   cols     (BLOCK_N,) key rows of the key tile being visited, in the kernel's order
+#   keys     (BLOCK_N,) their key positions j: cols itself, or the K_ORDER entries when PERMUTED
+#            (a share of a content-based pattern, run with q and k sorted by bucket)
 #   d        p - j over the tile; block_rows / block_cols: coordinates inside blocks(B, ...)
 #   FULL     key tiles where every pair is allowed: no predicate is evaluated
 #   PARTIAL  key tiles where some pairs are allowed: the predicate below decides each pair

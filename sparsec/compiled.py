@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import sympy
 import torch
 
-from . import cpu, passes
+from . import cpu, passes, routing
 from . import runtime as R
 from .autograd import attend
 from .codegen import Generated, TileConfig, emit_kernels
@@ -20,6 +21,8 @@ from .ir import expr as E
 from .ir.program import Binding, Definition
 from .ir.tiles import Grid, TableSpace
 from .layout import BlockLayout, build_layout
+from .shares import Share
+from .shares import split as split_shares
 from .syntax import Module, parse
 
 N = sympy.Symbol("n", positive=True, integer=True)
@@ -167,15 +170,24 @@ class Kernel:
         return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, seg)
 
     # ---- kernels ----
-    def generated(self, config: TileConfig | None = None) -> Generated:
-        """The generated kernels (forward and backward) for a tile config (default: the GPU default)."""
+    @property
+    def shares(self) -> list[Share]:
+        """The disjoint shares the body runs as, each in its own token order (shares.py): one
+        positional share unless lsh or cluster terms ask for sorted orders."""
+        return self._cached(("shares",), lambda: split_shares(self.ir.body))
+
+    def generated(self, config: TileConfig | None = None, share: int = 0) -> Generated:
+        """The generated kernels (forward and backward) of one share for a tile config (default:
+        the GPU default)."""
         config = config or TileConfig()
-        return self._cached(("source", config), lambda: emit_kernels(self.ir, config))
+        body = self.shares[share].body
+        name = self.name if len(self.shares) == 1 else f"{self.name}_share{share}"
+        return self._cached(("source", share, config), lambda: emit_kernels(Definition(name, (), body), config))
 
     @property
     def source(self) -> str:
-        """The generated Triton source (default tile config)."""
-        return self.generated().source
+        """The generated Triton source (default tile config), every share's module in turn."""
+        return "\n\n".join(self.generated(share=i).source for i in range(len(self.shares)))
 
     def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None,
                  return_lse: bool = False, backend: str | None = None, **runtime):
@@ -185,29 +197,55 @@ class Kernel:
         else by device."""
         call = R.check_call(self.name, self.needs, q, k, v, scale, q_offset, runtime)
         backend = R.choose_backend(backend, call.device)
-        body = self._cached(("specialized", call.n_q, call.n_k), lambda: passes.specialize(self.ir, call.n_q, call.n_k))
         inputs = {name: x for name, x in runtime.items() if x is not None}
         if "segment_ids" in inputs:
             inputs["segment_ids"] = inputs["segment_ids"].to(torch.int32).contiguous()
-        if {"q", "k"} & self.needs:
-            inputs.update(q=q, k=k)
+        env = {"n": call.n_k, "n_k": call.n_k, "n_q": call.n_q}
+        bodies = [self._cached(("specialized", i, call.n_q, call.n_k), lambda: s.body.specialize(env))
+                  for i, s in enumerate(self.shares)]
+        if {"q", "k"} & self.needs:   # ids and selections, once per call, on q's device
+            inputs.update(q=q, k=k, content=routing.content_values(
+                [n for body in bodies for n in body.walk()], q, k, call, inputs))
         config = R.default_config(backend, call)
-        shape = (config, call.n_q, call.n_k, call.q_offset, call.heads, call.device)
+        parts = []
+        for i, (share, body) in enumerate(zip(self.shares, bodies)):
+            if share.key is None:
+                parts.append(attend(self._runner(i, body, call, backend, config, inputs), q, k, v))
+                continue
+            order = routing.SortedOrder.of(inputs["content"][share.key.specialize(env)])
+            sorted_call = replace(call, kv_heads=call.heads)   # each query head sorts its own K/V rows
+            runner = self._runner(i, body, sorted_call, backend, config, inputs, order)
+            parts.append(order.scatter(*attend(runner, *order.gather(q, k, v, call))))
+        o, lse = routing.merge_by_lse(parts, q.dtype)
+        return (o, lse) if return_lse else o
+
+    def _runner(self, share: int, body, call: R.Call, backend: str, config: TileConfig, inputs: dict,
+                order: routing.SortedOrder | None = None):
+        """The backend bound to one share of one call: its layout, tables or CPU plan."""
+        needs = body.runtime_needs()
+        shape = (share, config, call.n_q, call.n_k, call.q_offset, call.heads, call.device)
 
         def per_shape(what, make):
-            """Cached by shape when the pattern reads no runtime input; else made per call."""
-            return make() if self.needs else self._cached((what, *shape), make)
+            """Cached by shape when the share reads no runtime input; else made per call."""
+            return make() if needs else self._cached((what, *shape), make)
 
         def layout(part=body, seg=None):
             return build_layout(part, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,
                                 call.heads, seg)
 
         def host_layout():
+            if order is not None:
+                return sorted_layout().to_host(call.n_q, call.n_k, call.q_offset)
             seg = inputs["segment_ids"].cpu().numpy() if "segment_ids" in inputs else None
             return layout(seg=seg)
 
+        def sorted_layout():
+            return order.layout(config.block_m, config.block_n, self.shares[share].full)
+
         def device_layout():
-            static = static_part(body) if self.needs == {"segment_ids"} else None
+            if order is not None:
+                return sorted_layout()
+            static = static_part(body) if needs == {"segment_ids"} else None
             if static is None:   # everything else: built on the host, copied over
                 return per_shape("layout", lambda: R.DeviceLayout.of(host_layout(), call.device))
             documents = self._cached(("documents", *shape), lambda: DocumentLayouts.of(
@@ -217,16 +255,16 @@ class Kernel:
 
         if backend == "cpu":
             space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, inputs)
-            p = per_shape("plan", lambda: cpu.plan(body, host_layout(), space, call.kv_heads, per_batch=bool(self.needs)))
-            runner = cpu.CpuAttention(p, call.scale)
-        else:
-            interpret = backend == "interpret"
-            gen = self.generated(config)
-            module = R.load_kernel(gen, self.name, interpret)
-            tables = per_shape("tables", lambda: R.table_values(gen, body, call, inputs))
-            runner = R.GeneratedAttention(module, device_layout(), tables, call, interpret)
-        o, lse = attend(runner, q, k, v)
-        return (o, lse) if return_lse else o
+            rows = None if order is None else (order.q_pos.numpy(), order.k_pos.numpy())
+            p = per_shape("plan", lambda: cpu.plan(body, host_layout(), space, call.kv_heads,
+                                                   per_batch=bool(needs), order=rows))
+            return cpu.CpuAttention(p, call.scale)
+        interpret = backend == "interpret"
+        gen = self.generated(config, share)
+        module = R.load_kernel(gen, self.name, interpret)
+        tables = per_shape("tables", lambda: R.table_values(gen, body, call, inputs))
+        return R.GeneratedAttention(module, device_layout(), tables, call, interpret,
+                                    None if order is None else (order.q_pos, order.k_pos))
 
 
 CompiledPattern = Kernel  # the name of sparsec 0.1

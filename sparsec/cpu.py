@@ -35,20 +35,31 @@ class Plan:
 
 
 def _row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, runtime, t: int,
-              key_tiles: np.ndarray) -> np.ndarray:
-    """The reference mask over query tile t x the visited key tiles (padding rows/keys False)."""
+              key_tiles: np.ndarray, order) -> np.ndarray:
+    """The reference mask over query tile t x the visited key tiles (padding rows/keys False).
+    order: (q rows, k rows) of a sorted share, the original row of each sorted one."""
     bm, bn = layout.block_m, layout.block_n
-    pos = np.arange(t * bm, min((t + 1) * bm, space.n_q), dtype=np.int64) + space.q_offset
+    rows = np.arange(t * bm, min((t + 1) * bm, space.n_q), dtype=np.int64)
     keys = (key_tiles[:, None] * bn + np.arange(bn)).ravel()
-    valid = keys < space.n_k
+    valid = np.flatnonzero(keys < space.n_k)
     keep = np.zeros((bm, len(keys)), bool)
-    keep[: len(pos), np.flatnonzero(valid)] = body.mask(Grid(pos, keys[valid], space.n_q, space.n_k, head, runtime))
+    if order is None:
+        keep[: len(rows), valid] = body.mask(Grid(rows + space.q_offset, keys[valid], space.n_q, space.n_k, head,
+                                                  runtime))
+        return keep
+    # positions of the sorted rows; the reference reads ascending positions, so sort and map back
+    pos, key_pos = order[0][rows], order[1][keys[valid]]
+    row_rank, key_rank = np.argsort(np.argsort(pos)), np.argsort(np.argsort(key_pos))
+    grid = Grid(np.sort(pos) + space.q_offset, np.sort(key_pos), space.n_q, space.n_k, head, runtime)
+    keep[: len(rows), valid] = body.mask(grid)[row_rank][:, key_rank]
     return keep
 
 
-def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, per_batch: bool) -> Plan:
+def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, per_batch: bool,
+         order=None) -> Plan:
     """Group the query tiles of every head by visit count; evaluate the pattern's reference mask
-    on the visited pairs of PARTIAL rows only (FULL tiles are all True), never n x n."""
+    on the visited pairs of PARTIAL rows only (FULL tiles are all True), never n x n. order:
+    for a share in a sorted order, (q rows, k rows) numpy (B, H, n), the original row of each."""
     lb, lh, tq, tk = layout.shape
     H, group = space.heads, space.heads // kv_heads
     groups: dict[int | None, list[TileGroup]] = {}
@@ -66,7 +77,8 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
                     continue
                 if (lay_h, t) not in masks:
                     past_n_k = (visits[-1] + 1) * layout.block_n > space.n_k
-                    masks[(lay_h, t)] = _row_mask(body, layout, space, h, runtime, t, visits) \
+                    rows_of = None if order is None else (order[0][b or 0, h], order[1][b or 0, h])
+                    masks[(lay_h, t)] = _row_mask(body, layout, space, h, runtime, t, visits, rows_of) \
                         if len(part) or past_n_k else None
                 by_count.setdefault(len(visits), []).append((h * tq + t, (h // group) * tk + visits, (lay_h, t)))
         out = []

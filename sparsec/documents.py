@@ -78,15 +78,9 @@ class DocumentLayouts:
         one = (lo_q == hi_q) & (lo_k == hi_k) & (lo_q == lo_k)
         meet = (lo_q <= hi_k) & (lo_k <= hi_q)
         cls = torch.where(one, cls, torch.where(meet, torch.clamp(cls, max=PARTIAL), 0))
-        lists = []
-        for want in (FULL, PARTIAL):
-            pick = cls == want
-            bh = b[pick] * self.heads + h[pick]
-            lists.append(_csr(bh * tq + t[pick], kt[pick], B * self.heads * tq))
-            lists.append(_csr(bh * tk + kt[pick], t[pick], B * self.heads * tk))
-        full, full_t, partial, partial_t = lists
-        return DeviceLayout((B, self.heads, tq, tk), self.block_m, self.block_n, full, partial, full_t, partial_t,
-                            self.longest_row)
+        pick = cls > 0
+        return DeviceLayout.from_tiles((B, self.heads, tq, tk), self.block_m, self.block_n,
+                                       (b * self.heads + h)[pick], t[pick], kt[pick], cls[pick], self.longest_row)
 
 
 def _extremes(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,12 +110,3 @@ def _document_tiles(seg, q_min, q_max, block_n, tq, tk):
         t = torch.arange(tq, device=device).repeat_interleave(tk).repeat(B)
         kt = torch.arange(tk, device=device).repeat(B * tq)
     return b, torch.zeros_like(b), t, kt, torch.full_like(b, FULL, dtype=torch.int8)
-
-
-def _csr(rows: torch.Tensor, indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ptr, indices) int32, indices ascending within each row."""
-    order = torch.argsort(rows * (1 << 31) + indices)
-    ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=ptr[1:])
-    indices = indices[order].int()
-    return ptr.int(), indices if len(indices) else torch.zeros(1, dtype=torch.int32, device=rows.device)

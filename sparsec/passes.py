@@ -172,16 +172,20 @@ def _rewrite(p: N.Pattern) -> N.Pattern:
     return rule(p) if rule else p
 
 
-def canonicalize(d: Definition) -> Definition:
-    """Flatten unions and intersections, merge bands (band & causal is a one-sided band), drop
-    empty, full and subsumed terms, collapse nested blocks; repeated until nothing changes."""
-    body = d.body
+def simplify(body: N.Pattern) -> N.Pattern:
+    """The rewrite rules above, repeated until nothing changes."""
     for _ in range(32):
         new = _rewrite(body)
         if new == body:
             break
         body = new
-    return replace(d, body=body)
+    return body
+
+
+def canonicalize(d: Definition) -> Definition:
+    """Flatten unions and intersections, merge bands (band & causal is a one-sided band), drop
+    empty, full and subsumed terms, collapse nested blocks; repeated until nothing changes."""
+    return replace(d, body=simplify(d.body))
 
 
 PASSES: list[tuple[str, Callable[[Definition], Definition]]] = [

@@ -15,8 +15,8 @@ import torch
 
 from .codegen import Generated, TileConfig
 from .ir.pattern import Blocks, Pattern, value
-from .ir.tiles import TableSpace
-from .layout import BlockLayout
+from .ir.tiles import FULL, PARTIAL, TableSpace
+from .layout import BlockLayout, TileLists
 
 BACKENDS = ("triton", "interpret", "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -245,6 +245,38 @@ class DeviceLayout:
                  (layout.full, layout.partial, layout.full_t, layout.partial_t)]
         return DeviceLayout(layout.shape, layout.block_m, layout.block_n, *lists, layout.longest_row())
 
+    @staticmethod
+    def from_tiles(shape, block_m: int, block_n: int, bh, t, kt, cls, longest_row: int) -> "DeviceLayout":
+        """From the visited tiles as device tensors: row bh = b * heads + h, query tile t, key
+        tile kt, class FULL or PARTIAL (each tile listed once)."""
+        B, H, tq, tk = shape
+        lists = []
+        for want in (FULL, PARTIAL):
+            pick = cls == want
+            lists.append(_csr(bh[pick] * tq + t[pick], kt[pick], B * H * tq))
+            lists.append(_csr(bh[pick] * tk + kt[pick], t[pick], B * H * tk))
+        full, full_t, partial, partial_t = lists
+        return DeviceLayout(shape, block_m, block_n, full, partial, full_t, partial_t, longest_row)
+
+    def to_host(self, n_q: int, n_k: int, q_offset: int) -> BlockLayout:
+        """The same lists as a host BlockLayout (what the CPU path plans from)."""
+        B, H, tq, tk = self.shape
+
+        def lists(pair, tiles):
+            ptr, indices = (x.cpu().numpy() for x in pair)
+            return TileLists(ptr.astype(np.int64), indices[: ptr[-1]], (B, H, tiles))
+        return BlockLayout(n_q, n_k, self.block_m, self.block_n, q_offset, lists(self.full, tq),
+                           lists(self.partial, tq), lists(self.full_t, tk), lists(self.partial_t, tk))
+
+
+def _csr(rows: torch.Tensor, indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ptr, indices) int32 on the rows' device, indices ascending within each row."""
+    order = torch.argsort(rows * (1 << 31) + indices)
+    ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=ptr[1:])
+    indices = indices[order].int()
+    return ptr.int(), indices if len(indices) else torch.zeros(1, dtype=torch.int32, device=rows.device)
+
 
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -264,20 +296,27 @@ def decode_splits(call: Call, lay: DeviceLayout, interpret: bool) -> int:
 
 @dataclass(frozen=True)
 class GeneratedAttention:
-    """The generated module bound to one call: its layout on the device and its table values."""
+    """The generated module bound to one call: its layout on the device and its table values.
+    order: for a share run in a content-sorted order, the original positions of its query rows
+    (B, H, n_q) and key rows (B, H, n_k), int32; None for the positional order."""
     module: object
     lay: DeviceLayout
     tables: list
     call: Call
     interpret: bool
+    order: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _orders(self, q) -> tuple:
+        if self.order is None:  # never read (PERMUTED is False): any pointer will do
+            return q, q
+        return self.order
     def _common(self, q):
         c = self.call
         precision = "ieee" if self.interpret or (
             q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32) else "tf32"
         return dict(HEAD_DIM=c.dim, HEAD_DIM_PAD=max(16, 1 << (c.dim - 1).bit_length()),
                     BLOCK_M=self.lay.block_m, BLOCK_N=self.lay.block_n, DOT_PRECISION=precision,
-                    DOT_IN_FP32=self.interpret and q.dtype == torch.bfloat16,
+                    DOT_IN_FP32=self.interpret and q.dtype == torch.bfloat16, PERMUTED=self.order is not None,
                     num_warps=self.module.CONFIG["num_warps"], num_stages=self.module.CONFIG["num_stages"])
 
     def _empty(self, shape, dtype, device):
@@ -302,7 +341,7 @@ class GeneratedAttention:
                 q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), *o_part.stride()[-4:],
                 o_part.stride(0) if splits > 1 else 0, lse_part.stride(0) if splits > 1 else 0,
                 c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale * math.log2(math.e), splits,
-                *lay.full, *lay.partial, lb, lh, tq, *self.tables,
+                *lay.full, *lay.partial, lb, lh, tq, *self._orders(q), *self.tables,
                 EVEN_N=c.n_k % lay.block_n == 0, **self._common(q))
         if splits == 1:
             return o, lse
@@ -329,10 +368,10 @@ class GeneratedAttention:
                 HAS_DLSE=dlse is not None)
             self.module.sparse_attention_backward_dq[(tq, c.batch * c.heads)](
                 q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                *scalars, *lay.full, *lay.partial, lb, lh, tq, *self.tables,
+                *scalars, *lay.full, *lay.partial, lb, lh, tq, *self._orders(q), *self.tables,
                 EVEN_N=c.n_k % lay.block_n == 0, **common)
             self.module.sparse_attention_backward_dkdv[(tk, c.batch * c.kv_heads)](
                 q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                *dk.stride(), *dv.stride(), *scalars, *lay.full_t, *lay.partial_t, lb, lh, tk, *self.tables,
-                **common)
+                *dk.stride(), *dv.stride(), *scalars, *lay.full_t, *lay.partial_t, lb, lh, tk, *self._orders(q),
+                *self.tables, **common)
         return dq, dk, dv

@@ -56,6 +56,15 @@ def _load_cols(base, cols, offs_d, in_d, N, stride_n, stride_d):
 
 
 @triton.jit
+def _positions(ORDER, base, idx, N, PERMUTED: tl.constexpr):
+    """The original positions (0-based) of rows idx of the kernel's order: idx itself, or, when a
+    share runs in a content-sorted order, the order's entries (its row `base` of length N)."""
+    if PERMUTED:
+        return tl.load(ORDER + base.to(tl.int64) * N + idx, mask=idx < N, other=0)
+    return idx
+
+
+@triton.jit
 def _share(start, end, split, SPLITS):
     """Split `split` of SPLITS' equal shares of the list [start, end) (split-K decoding)."""
     return start + (end - start) * split // SPLITS, start + (end - start) * (split + 1) // SPLITS
@@ -130,10 +139,10 @@ def sparse_attention_forward(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
     N_Q, N_K, Q_OFFSET, H, G, QK_SCALE, SPLITS,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, Q_ORDER, K_ORDER,
 {params}    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """O and LSE of one query tile. With SPLITS > 1 (decoding: few query rows, long rows of key
     tiles) each of SPLITS programs takes an equal share of the tile's key tiles and writes its own
@@ -149,7 +158,7 @@ def sparse_attention_forward(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    pos = offs_m + Q_OFFSET
+    pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
     in_d = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -184,6 +193,7 @@ def sparse_attention_forward(
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
+        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
 {body}        keep = {pred} & (cols < N_K)[None, :]
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
@@ -237,10 +247,10 @@ def sparse_attention_backward_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, Q_ORDER, K_ORDER,
 {params}    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dQ of one query tile: the forward's walk over FULL and PARTIAL key tiles."""
     tile = tl.program_id(0)
@@ -251,7 +261,7 @@ def sparse_attention_backward_dq(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    pos = offs_m + Q_OFFSET
+    pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
     in_d = offs_d < HEAD_DIM
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -278,6 +288,7 @@ def sparse_attention_backward_dq(
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
+        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
 {body}        keep = {pred} & (cols < N_K)[None, :]
         dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
@@ -296,10 +307,10 @@ def sparse_attention_backward_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, Q_ORDER, K_ORDER,
 {params}    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dK and dV of one key tile of one K/V head: the transposed layout's query tiles, summed
     over the G query heads that share the K/V head (rows past n_q have P = 0 through lse2)."""
@@ -309,6 +320,7 @@ def sparse_attention_backward_dkdv(
     hk = bhk % (H // G)
 
     cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = _positions(K_ORDER, bhk, cols, N_K, PERMUTED)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     in_d = offs_d < HEAD_DIM
     kT = _load_cols(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, cols, offs_d, in_d, N_K,
@@ -334,7 +346,7 @@ def sparse_attention_backward_dkdv(
 
         for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
             offs_m = tl.load(PARTIAL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
-            pos = offs_m + Q_OFFSET
+            pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
             q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
             lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)

@@ -1,4 +1,8 @@
-"""Content-based primitives (lsh, cluster, topk): their reference masks; their layouts are runtime work."""
+"""Content-based primitives (lsh, cluster, topk): their reference masks, predicates and tables.
+
+The reference computes ids and selections here in numpy, float64, from q and k. At call time the
+runtime computes the same on the tensors' device (sparsec/routing.py) and hands them over in
+`Runtime.content` / `TableSpace.inputs["content"]`; the rules below then read those instead."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,11 +27,16 @@ def unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
+def spherical_start(seed: int, clusters: int, dim: int) -> np.ndarray:
+    """k-means' first centroids (clusters, D): unit Gaussian vectors from `seed`."""
+    return unit(np.random.default_rng([seed]).standard_normal((clusters, dim)))
+
+
 def spherical_kmeans(keys: np.ndarray, clusters: int, iters: int, seed: int) -> np.ndarray:
-    """Centroids (clusters, D): unit Gaussian start from `seed`, then `iters` rounds of assigning
-    unit keys to their nearest centroid by cosine and renormalizing each cluster's sum; a cluster
-    that receives no key keeps its centroid."""
-    mu = unit(np.random.default_rng([seed]).standard_normal((clusters, keys.shape[-1])))
+    """Centroids (clusters, D): spherical_start, then `iters` rounds of assigning unit keys to
+    their nearest centroid by cosine and renormalizing each cluster's sum; a cluster that
+    receives no key keeps its centroid."""
+    mu = spherical_start(seed, clusters, keys.shape[-1])
     k = unit(keys.astype(np.float64))
     for _ in range(iters):
         assign = np.argmax(k @ mu.T, axis=1)
@@ -39,8 +48,9 @@ def spherical_kmeans(keys: np.ndarray, clusters: int, iters: int, seed: int) -> 
 
 
 class ContentPattern(Pattern):
-    """The mask depends on q and k of each (batch, head). Until runtime layouts exist every tile
-    is PARTIAL: sound, and the predicate decides pair by pair."""
+    """The mask depends on q and k of each (batch, head). Its tiles here are all PARTIAL (sound:
+    the predicate decides pair by pair); the runtime sorts lsh and cluster shares by bucket and
+    builds their layouts from bucket ranges (sparsec/routing.py)."""
     needs: ClassVar[frozenset[str]] = frozenset({"q", "k"})
     token_level: ClassVar[bool] = True
     head_dependent: ClassVar[bool] = True
@@ -66,7 +76,13 @@ class ContentPattern(Pattern):
         return hit
 
     def ids(self, runtime) -> tuple[np.ndarray, np.ndarray]:
-        """Bucket ids of q and k, (rounds, n_q) and (rounds, n_k), for one (batch, head)."""
+        """Bucket ids of q and k, (rounds, n_q) and (rounds, n_k), for one (batch, head): the
+        runtime's when it computed them, else the reference's."""
+        if runtime.content and self in runtime.content:
+            return runtime.content[self]
+        return self.compute_ids(runtime)
+
+    def compute_ids(self, runtime) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def mask(self, grid):
@@ -75,6 +91,10 @@ class ContentPattern(Pattern):
         return (bq[:, rows, None] == bk[:, None, grid.keys]).any(axis=0)
 
     def tables(self, space):
+        computed = space.inputs.get("content") or {}
+        if self in computed:   # (B, H, rounds, n) on the device already
+            q_ids, k_ids = computed[self]
+            return {"q_ids": q_ids, "k_ids": k_ids, "rounds": q_ids.shape[2]}
         q_ids, k_ids = [], []
         for b in range(space.batch):
             for h in range(space.heads):
@@ -107,7 +127,7 @@ class Lsh(ContentPattern):
         if isinstance(b, E.Const) and b.value % 2:
             raise SparsecError(f"lsh: buckets must be even, got {b.value}", b.span or self.span)
 
-    def ids(self, runtime):
+    def compute_ids(self, runtime):
         q, k = self.arrays(runtime)
         rot = runtime.rotations
         if rot is None:
@@ -121,6 +141,23 @@ class Lsh(ContentPattern):
 
 
 @dataclass(frozen=True)
+class LshRound(Lsh):
+    """Round `round` of an lsh alone: bucket equality in that round only. Compiler-internal, not
+    source syntax: a multi-round lsh runs one share per round, each sorted by its own buckets."""
+    round: int
+
+    def show(self):
+        return f"{super().show()}.round({self.round})"
+
+    def compute_ids(self, runtime):
+        bq, bk = super().compute_ids(runtime)
+        return bq[self.round: self.round + 1], bk[self.round: self.round + 1]
+
+    def cost(self, env):
+        return env["n"] ** 2 / self.sym(self.buckets, env)
+
+
+@dataclass(frozen=True)
 class Cluster(ContentPattern):
     k: E.Expr
     iters: E.Expr
@@ -131,7 +168,7 @@ class Cluster(ContentPattern):
     def show(self):
         return f"cluster({E.show(self.k)}, iters={E.show(self.iters)}, seed={E.show(self.seed)})"
 
-    def ids(self, runtime):
+    def compute_ids(self, runtime):
         q, k = self.arrays(runtime)
         mu = runtime.centroids
         if mu is None:
@@ -157,7 +194,9 @@ class TopK(ContentPattern):
 
     def selection(self, runtime) -> tuple[int, np.ndarray]:
         """(first query block I0, chosen[I - I0, J]) over the query blocks of this call; a block's
-        query mean is over the call's rows in it."""
+        query mean is over the call's rows in it. The runtime's, when it computed them."""
+        if runtime.content and self in runtime.content:
+            return runtime.q_offset // value(self.block), runtime.content[self][0]
         q, k = self.arrays(runtime)
         b, top = value(self.block), value(self.k)
         qb = (np.arange(len(q)) + runtime.q_offset) // b
@@ -195,6 +234,11 @@ class TopK(ContentPattern):
 
     def tables(self, space):
         """chosen[b, h, I - I0, t]: the key blocks query block I keeps, padded with -1."""
+        computed = space.inputs.get("content") or {}
+        if self in computed:   # (B, H, rows, count) on the device already
+            table = computed[self][1]
+            return {"chosen": table, "row0": space.q_offset // value(self.block), "rows": table.shape[2],
+                    "count": table.shape[3]}
         lists, first = [], 0
         for b in range(space.batch):
             for h in range(space.heads):

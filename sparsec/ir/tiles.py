@@ -19,6 +19,7 @@ class Runtime:
     centroids: np.ndarray | None = None      # (clusters, D) of this head
     rotations: np.ndarray | None = None      # (rounds, D, buckets/2)
     q_offset: int = 0                        # position of q's first row
+    content: dict | None = None              # content node -> its ids or selection, computed per call
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class TableSpace:
     """What a node's kernel tables are built for: one call's lengths (tokens), the block scale
     the node sits under (product of enclosing blocks sizes), and every runtime input, whole
     (numpy or torch): segment_ids (B, n_k), q (B, H, n_q, D), k (B, Hkv, n_k, D), centroids
-    (H, clusters, D), rotations (rounds, D, buckets/2)."""
+    (H, clusters, D), rotations (rounds, D, buckets/2); and `content`, when the runtime has
+    computed them: content node -> a tuple of arrays whose leading dims are (B, H)."""
     n_q: int
     n_k: int
     q_offset: int
@@ -52,8 +54,12 @@ class TableSpace:
     @cached_property
     def host(self) -> dict:
         """The runtime inputs as numpy arrays, converted (copied off a device) once."""
-        return {name: x.detach().cpu().numpy() if hasattr(x, "detach") else x
-                for name, x in self.inputs.items() if x is not None}
+        out = {name: x.detach().cpu().numpy() if hasattr(x, "detach") else x
+               for name, x in self.inputs.items() if x is not None and name != "content"}
+        if self.inputs.get("content"):
+            out["content"] = {node: tuple(x.cpu().numpy() if hasattr(x, "cpu") else x for x in arrays)
+                              for node, arrays in self.inputs["content"].items()}
+        return out
 
     def per_head(self, b: int, h: int) -> Runtime:
         """The Runtime (numpy) of query head h of batch row b (k of its group)."""
@@ -63,7 +69,9 @@ class TableSpace:
         return Runtime(segment_ids=None if x.get("segment_ids") is None else x["segment_ids"][b],
                        q=None if q is None else q[b, h], k=None if k is None else k[b, h // group],
                        centroids=None if x.get("centroids") is None else x["centroids"][h],
-                       rotations=x.get("rotations"), q_offset=self.q_offset)
+                       rotations=x.get("rotations"), q_offset=self.q_offset,
+                       content=None if "content" not in x else
+                       {node: tuple(a[b, h] for a in arrays) for node, arrays in x["content"].items()})
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,13 @@
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 1af893095a9f876c
+# content hash: fd55b7c73c9438ed
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
-#   cols     (BLOCK_N,) key indices j of the key tile being visited
+#   cols     (BLOCK_N,) key rows of the key tile being visited, in the kernel's order
+#   keys     (BLOCK_N,) their key positions j: cols itself, or the K_ORDER entries when PERMUTED
+#            (a share of a content-based pattern, run with q and k sorted by bucket)
 #   d        p - j over the tile; block_rows / block_cols: coordinates inside blocks(B, ...)
 #   FULL     key tiles where every pair is allowed: no predicate is evaluated
 #   PARTIAL  key tiles where some pairs are allowed: the predicate below decides each pair
@@ -74,6 +76,15 @@ def _load_cols(base, cols, offs_d, in_d, N, stride_n, stride_d):
     """The same tile transposed, (HEAD_DIM_PAD, len(cols)): K^T and V^T for the dots."""
     return tl.load(base + cols[None, :] * stride_n + offs_d[:, None] * stride_d,
                    mask=(cols < N)[None, :] & in_d[:, None], other=0.0)
+
+
+@triton.jit
+def _positions(ORDER, base, idx, N, PERMUTED: tl.constexpr):
+    """The original positions (0-based) of rows idx of the kernel's order: idx itself, or, when a
+    share runs in a content-sorted order, the order's entries (its row `base` of length N)."""
+    if PERMUTED:
+        return tl.load(ORDER + base.to(tl.int64) * N + idx, mask=idx < N, other=0)
+    return idx
 
 
 @triton.jit
@@ -149,14 +160,14 @@ def sparse_attention_forward(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
     N_Q, N_K, Q_OFFSET, H, G, QK_SCALE, SPLITS,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, Q_ORDER, K_ORDER,
     random5_keys,
     random5_row0,
     random5_rows,
     random5_count,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """O and LSE of one query tile. With SPLITS > 1 (decoding: few query rows, long rows of key
     tiles) each of SPLITS programs takes an equal share of the tile's key tiles and writes its own
@@ -172,7 +183,7 @@ def sparse_attention_forward(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    pos = offs_m + Q_OFFSET
+    pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
     in_d = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -212,7 +223,8 @@ def sparse_attention_forward(
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        block_cols0 = _floordiv(cols, 64)
+        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
+        block_cols0 = _floordiv(keys, 64)
         d0 = block_rows0[:, None] - block_cols0[None, :]
         global_cols0 = block_cols0 < 1
         last_cols0 = block_cols0 >= (-_floordiv(-N_K, 64)) - 1
@@ -266,14 +278,14 @@ def sparse_attention_backward_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, Q_ORDER, K_ORDER,
     random5_keys,
     random5_row0,
     random5_rows,
     random5_count,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dQ of one query tile: the forward's walk over FULL and PARTIAL key tiles."""
     tile = tl.program_id(0)
@@ -284,7 +296,7 @@ def sparse_attention_backward_dq(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    pos = offs_m + Q_OFFSET
+    pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
     in_d = offs_d < HEAD_DIM
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -316,7 +328,8 @@ def sparse_attention_backward_dq(
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        block_cols0 = _floordiv(cols, 64)
+        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
+        block_cols0 = _floordiv(keys, 64)
         d0 = block_rows0[:, None] - block_cols0[None, :]
         global_cols0 = block_cols0 < 1
         last_cols0 = block_cols0 >= (-_floordiv(-N_K, 64)) - 1
@@ -342,14 +355,14 @@ def sparse_attention_backward_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, Q_ORDER, K_ORDER,
     random5_keys,
     random5_row0,
     random5_rows,
     random5_count,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dK and dV of one key tile of one K/V head: the transposed layout's query tiles, summed
     over the G query heads that share the K/V head (rows past n_q have P = 0 through lse2)."""
@@ -359,6 +372,7 @@ def sparse_attention_backward_dkdv(
     hk = bhk % (H // G)
 
     cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = _positions(K_ORDER, bhk, cols, N_K, PERMUTED)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     in_d = offs_d < HEAD_DIM
     kT = _load_cols(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, cols, offs_d, in_d, N_K,
@@ -384,7 +398,7 @@ def sparse_attention_backward_dkdv(
 
         for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
             offs_m = tl.load(PARTIAL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
-            pos = offs_m + Q_OFFSET
+            pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
             q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
             lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
@@ -395,7 +409,7 @@ def sparse_attention_backward_dkdv(
             random_at0 = block_rows0 - random5_row0
             random_ok0 = (random_at0 >= 0) & (random_at0 < random5_rows)
             random_row0 = random5_keys + (h * random5_rows + random_at0) * random5_count
-            block_cols0 = _floordiv(cols, 64)
+            block_cols0 = _floordiv(keys, 64)
             d0 = block_rows0[:, None] - block_cols0[None, :]
             global_cols0 = block_cols0 < 1
             last_cols0 = block_cols0 >= (-_floordiv(-N_K, 64)) - 1

@@ -3,11 +3,13 @@
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: b2497480dd0548a8
+# content hash: 67caf35f7e24d7b4
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
-#   cols     (BLOCK_N,) key indices j of the key tile being visited
+#   cols     (BLOCK_N,) key rows of the key tile being visited, in the kernel's order
+#   keys     (BLOCK_N,) their key positions j: cols itself, or the K_ORDER entries when PERMUTED
+#            (a share of a content-based pattern, run with q and k sorted by bucket)
 #   d        p - j over the tile; block_rows / block_cols: coordinates inside blocks(B, ...)
 #   FULL     key tiles where every pair is allowed: no predicate is evaluated
 #   PARTIAL  key tiles where some pairs are allowed: the predicate below decides each pair
@@ -71,6 +73,15 @@ def _load_cols(base, cols, offs_d, in_d, N, stride_n, stride_d):
     """The same tile transposed, (HEAD_DIM_PAD, len(cols)): K^T and V^T for the dots."""
     return tl.load(base + cols[None, :] * stride_n + offs_d[:, None] * stride_d,
                    mask=(cols < N)[None, :] & in_d[:, None], other=0.0)
+
+
+@triton.jit
+def _positions(ORDER, base, idx, N, PERMUTED: tl.constexpr):
+    """The original positions (0-based) of rows idx of the kernel's order: idx itself, or, when a
+    share runs in a content-sorted order, the order's entries (its row `base` of length N)."""
+    if PERMUTED:
+        return tl.load(ORDER + base.to(tl.int64) * N + idx, mask=idx < N, other=0)
+    return idx
 
 
 @triton.jit
@@ -146,10 +157,10 @@ def sparse_attention_forward(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
     N_Q, N_K, Q_OFFSET, H, G, QK_SCALE, SPLITS,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, Q_ORDER, K_ORDER,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """O and LSE of one query tile. With SPLITS > 1 (decoding: few query rows, long rows of key
     tiles) each of SPLITS programs takes an equal share of the tile's key tiles and writes its own
@@ -165,7 +176,7 @@ def sparse_attention_forward(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    pos = offs_m + Q_OFFSET
+    pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
     in_d = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -200,8 +211,9 @@ def sparse_attention_forward(
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        d0 = pos[:, None] - cols[None, :]
-        global_cols0 = cols < 16
+        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
+        d0 = pos[:, None] - keys[None, :]
+        global_cols0 = keys < 16
         keep = (((d0 >= -256) & (d0 <= 256)) | (global_rows0[:, None] | global_cols0[None, :])) & (cols < N_K)[None, :]
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
@@ -248,10 +260,10 @@ def sparse_attention_backward_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, Q_ORDER, K_ORDER,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dQ of one query tile: the forward's walk over FULL and PARTIAL key tiles."""
     tile = tl.program_id(0)
@@ -262,7 +274,7 @@ def sparse_attention_backward_dq(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    pos = offs_m + Q_OFFSET
+    pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
     in_d = offs_d < HEAD_DIM
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -289,8 +301,9 @@ def sparse_attention_backward_dq(
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        d0 = pos[:, None] - cols[None, :]
-        global_cols0 = cols < 16
+        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
+        d0 = pos[:, None] - keys[None, :]
+        global_cols0 = keys < 16
         keep = (((d0 >= -256) & (d0 <= 256)) | (global_rows0[:, None] | global_cols0[None, :])) & (cols < N_K)[None, :]
         dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
@@ -309,10 +322,10 @@ def sparse_attention_backward_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, Q_ORDER, K_ORDER,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dK and dV of one key tile of one K/V head: the transposed layout's query tiles, summed
     over the G query heads that share the K/V head (rows past n_q have P = 0 through lse2)."""
@@ -322,6 +335,7 @@ def sparse_attention_backward_dkdv(
     hk = bhk % (H // G)
 
     cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = _positions(K_ORDER, bhk, cols, N_K, PERMUTED)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     in_d = offs_d < HEAD_DIM
     kT = _load_cols(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, cols, offs_d, in_d, N_K,
@@ -347,14 +361,14 @@ def sparse_attention_backward_dkdv(
 
         for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
             offs_m = tl.load(PARTIAL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
-            pos = offs_m + Q_OFFSET
+            pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
             q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
             do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
             lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
             # the predicate; its row-only parts change with every query tile here
             global_rows0 = pos < 16
-            d0 = pos[:, None] - cols[None, :]
-            global_cols0 = cols < 16
+            d0 = pos[:, None] - keys[None, :]
+            global_cols0 = keys < 16
             keep = (((d0 >= -256) & (d0 <= 256)) | (global_rows0[:, None] | global_cols0[None, :])) & (cols < N_K)[None, :]
             dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 

@@ -1,0 +1,177 @@
+"""Content-based parts at call time, on the tensors' device: bucket ids, clusters and top-k
+selections in torch; the sorted order of a share and the layout of its bucket ranges; the merge
+of shares by log-sum-exp. Nothing here is n x n: ids are O(n D), layouts O(tiles visited)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ir.content import Cluster, ContentPattern, Lsh, LshRound, TopK, rotations, spherical_start
+from .ir.pattern import Pattern, value
+from .ir.tiles import FULL, PARTIAL
+from .runtime import Call, DeviceLayout
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    norm = x.norm(dim=-1, keepdim=True)
+    return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
+def _lsh(node: Lsh, q, k, given) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket ids (B, H, rounds, n): argmax over [x R_r, -x R_r] per round (ties: the smaller id)."""
+    if given is None:
+        rot = torch.from_numpy(rotations(value(node.seed), value(node.rounds), q.shape[-1], value(node.buckets)))
+    else:
+        rot = given
+    rot = rot.to(device=q.device, dtype=torch.float64)
+
+    def ids(x):
+        out = []
+        for r in rot:
+            xr = x @ r
+            out.append(torch.cat([xr, -xr], -1).argmax(-1))
+        return torch.stack(out, 2).int()
+    return ids(q), ids(k)
+
+
+def _cluster(node: Cluster, q, k, given) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster ids (B, H, 1, n): the nearest centroid by cosine; centroids given (H, C, D), or
+    `iters` rounds of spherical k-means on each (b, h)'s keys from the seeded start."""
+    kn = _unit(k)
+    if given is not None:
+        mu = given.to(device=q.device, dtype=torch.float64)[None].expand(q.shape[0], -1, -1, -1)
+    else:
+        start = torch.from_numpy(spherical_start(value(node.seed), value(node.k), q.shape[-1])).to(q.device)
+        mu = start.expand(q.shape[0], q.shape[1], -1, -1)
+        for _ in range(value(node.iters)):
+            assign = (kn @ mu.transpose(-1, -2)).argmax(-1)
+            sums = torch.zeros_like(mu).scatter_add_(2, assign[..., None].expand_as(kn), kn)
+            norm = sums.norm(dim=-1, keepdim=True)
+            mu = torch.where(norm > 0, sums / torch.where(norm > 0, norm, 1.0), mu)  # empty: stays
+    ids = lambda unit_x: (unit_x @ mu.transpose(-1, -2)).argmax(-1)[:, :, None].int()
+    return ids(_unit(q)), ids(kn)
+
+
+def _topk(node: TopK, q, k, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """chosen (B, H, I, J) bool and its table (B, H, I, t) of key blocks, padded with -1: each
+    query block I of the call keeps the `k` key blocks J with the largest mean(q_I) . mean(k_J)
+    (ties: the smaller J), among J < I with causal=true."""
+    size, top = value(node.block), value(node.k)
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    first = q_offset // size
+    row_of = torch.div(torch.arange(n_q, device=q.device) + q_offset, size, rounding_mode="floor") - first
+    rows = (q_offset + n_q - 1) // size - first + 1
+    q_sum = torch.zeros((B, H, rows, D), dtype=q.dtype, device=q.device).index_add_(2, row_of, q)
+    q_mean = q_sum / torch.bincount(row_of, minlength=rows).to(q.dtype)[:, None]
+    blocks = -(-n_k // size)
+    k_pad = torch.nn.functional.pad(k, (0, 0, 0, blocks * size - n_k))
+    k_count = torch.full((blocks,), float(size), dtype=k.dtype, device=k.device)
+    k_count[-1] = n_k - (blocks - 1) * size
+    k_mean = k_pad.view(B, H, blocks, size, D).sum(3) / k_count[:, None]
+    score = q_mean @ k_mean.transpose(-1, -2)
+    cols = torch.arange(blocks, device=q.device)
+    candidate = (cols[None, :] < (torch.arange(rows, device=q.device) + first)[:, None]) if value(node.causal) \
+        else torch.ones((rows, blocks), dtype=torch.bool, device=q.device)
+    score = torch.where(candidate, score, float("-inf"))
+    order = torch.sort(-score, dim=-1, stable=True).indices[..., :min(top, blocks)]
+    picked = candidate.expand(B, H, -1, -1).gather(-1, order)
+    chosen = torch.zeros(score.shape, dtype=torch.bool, device=q.device).scatter_(-1, order, picked)
+    return chosen, torch.where(picked, order, -1).int().contiguous()
+
+
+def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple[torch.Tensor, ...]]:
+    """Each content node's ids or selection for this call, on q's device, computed in float64
+    from q and k (k of each query head's group), leading dims (B, H)."""
+    q64 = q.detach().double()
+    k64 = k.detach().double().repeat_interleave(call.heads // call.kv_heads, dim=1)
+    out: dict[Pattern, tuple[torch.Tensor, ...]] = {}
+    for node in nodes:
+        if node in out or not isinstance(node, ContentPattern):
+            continue
+        if isinstance(node, LshRound):
+            whole = Lsh(node.buckets, node.rounds, node.seed)
+            if whole not in out:
+                out[whole] = _lsh(whole, q64, k64, inputs.get("rotations"))
+            out[node] = tuple(x[:, :, node.round: node.round + 1].contiguous() for x in out[whole])
+        elif isinstance(node, Lsh):
+            out[node] = _lsh(node, q64, k64, inputs.get("rotations"))
+        elif isinstance(node, Cluster):
+            out[node] = _cluster(node, q64, k64, inputs.get("centroids"))
+        elif isinstance(node, TopK):
+            out[node] = _topk(node, q64, k64, call.q_offset)
+    return out
+
+
+@dataclass(frozen=True)
+class SortedOrder:
+    """q's and k's rows of every (b, h) sorted by one bucketing (stable: by position within a
+    bucket). q_pos, k_pos (B, H, n) int32 are the original row of each sorted row."""
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    q_ids: torch.Tensor     # (B, H, n_q) sorted bucket ids
+    k_ids: torch.Tensor
+
+    @staticmethod
+    def of(ids: tuple[torch.Tensor, torch.Tensor]) -> "SortedOrder":
+        (q_ids, q_pos), (k_ids, k_pos) = (torch.sort(x[:, :, 0], dim=-1, stable=True) for x in ids)
+        return SortedOrder(q_pos.int().contiguous(), k_pos.int().contiguous(), q_ids, k_ids)
+
+    def gather(self, q, k, v, call: Call):
+        """q, k, v in this order; k and v get one copy per query head (each head sorts its own).
+        Differentiable: torch sends the gradients back to the original rows and K/V heads."""
+        group = call.heads // call.kv_heads
+        take = lambda x, pos: x.gather(2, pos.long()[..., None].expand(-1, -1, -1, x.shape[-1]))
+        k, v = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
+        return take(q, self.q_pos), take(k, self.k_pos), take(v, self.k_pos)
+
+    def scatter(self, o, lse):
+        """O and LSE back in the original row order."""
+        pos = self.q_pos.long()
+        o = torch.zeros_like(o).scatter(2, pos[..., None].expand_as(o), o)
+        return o, torch.zeros_like(lse).scatter(2, pos, lse)
+
+    def layout(self, block_m: int, block_n: int, full: bool) -> DeviceLayout:
+        """A query tile visits the key tiles whose bucket range meets its own; with `full`, a tile
+        whose q and k rows all hold one and the same bucket is FULL, every other one PARTIAL."""
+        B, H, n_q = self.q_ids.shape
+        n_k = self.k_ids.shape[2]
+        tq, tk = -(-n_q // block_m), -(-n_k // block_n)
+        q_lo, q_hi = _ends(self.q_ids, block_m)
+        k_lo, k_hi = _ends(self.k_ids, block_n)
+        rows = self.k_ids.reshape(B * H, n_k).contiguous()
+        first = torch.searchsorted(rows, q_lo.reshape(B * H, tq).contiguous(), side="left")
+        last = torch.searchsorted(rows, q_hi.reshape(B * H, tq).contiguous(), side="right")
+        count = torch.where(last > first, (last - 1) // block_n - first // block_n + 1, 0).reshape(-1)
+        owner = torch.repeat_interleave(torch.arange(B * H * tq, device=rows.device), count)
+        start = torch.cumsum(count, 0) - count
+        kt = torch.arange(len(owner), device=rows.device) - start[owner] + (first // block_n).reshape(-1)[owner]
+        bh, t = owner // tq, owner % tq
+        cls = torch.full_like(kt, PARTIAL, dtype=torch.int8)
+        if full:
+            lo, hi = q_lo.reshape(-1)[owner], q_hi.reshape(-1)[owner]
+            klo, khi = k_lo.reshape(B * H, tk)[bh, kt], k_hi.reshape(B * H, tk)[bh, kt]
+            cls = torch.where((lo == hi) & (klo == khi) & (klo == lo), FULL, PARTIAL).to(torch.int8)
+        return DeviceLayout.from_tiles((B, H, tq, tk), block_m, block_n, bh, t, kt, cls, tk)
+
+
+def _ends(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last id of every tile of `size` sorted rows: its bucket range (B, H, tiles)."""
+    n = ids.shape[-1]
+    starts = torch.arange(0, n, size, device=ids.device)
+    return ids[..., starts], ids[..., torch.clamp(starts + size, max=n) - 1]
+
+
+def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a union of disjoint shares from each share's (O, LSE):
+    LSE = log sum_s exp(LSE_s), O = sum_s exp(LSE_s - LSE) O_s. Differentiable; rows no share
+    reaches keep O = 0 and LSE = -inf, with zero gradients rather than NaN."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts])
+    none = torch.isneginf(lses).all(0)
+    lse = torch.where(none, float("-inf"), torch.logsumexp(torch.where(none, 0.0, lses), 0))
+    weights = torch.exp(lses - torch.where(none, 0.0, lse))
+    o = sum(w[..., None] * o_s.float() for w, (o_s, _) in zip(weights, parts))
+    return o.to(dtype), lse

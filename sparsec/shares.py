@@ -1,0 +1,84 @@
+"""A content-based pattern split into disjoint shares, each run in one token order.
+
+lsh and cluster allow a pair when q's and k's buckets agree, so with q and k sorted by bucket
+their pairs gather into tiles near the diagonal, and a layout of bucket ranges skips the rest.
+One order serves one bucketing: a union whose terms bucket differently (cluster + band, or the
+rounds of a multi-round lsh) is cut into shares. Share s computes term s minus the terms before
+it, so the shares are disjoint and cover the union; the runtime merges their outputs by their
+log-sum-exp, which is exactly attention over the union (routing.merge_by_lse)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from . import passes
+from .ir import expr as E
+from .ir.content import Cluster, Lsh, LshRound
+from .ir.pattern import Difference, Intersection, Pattern, Union
+
+
+@dataclass(frozen=True)
+class Share:
+    """One share: `key` is the lsh round or cluster whose buckets order q and k (None: the
+    positional order); `body` is the pairs it computes; with `full`, the body is the key alone,
+    so tiles whose q and k rows all hold one and the same bucket are FULL."""
+    key: Pattern | None
+    body: Pattern
+    full: bool
+
+
+def sort_key(p: Pattern) -> Pattern | None:
+    """p itself when it is one bucketing (cluster, an lsh round, a one-round lsh), else None."""
+    if isinstance(p, (Cluster, LshRound)) or (isinstance(p, Lsh) and p.rounds == E.Const(1)):
+        return p
+    return None
+
+
+def _bucketed(p: Pattern) -> bool:
+    return any(isinstance(n, (Lsh, Cluster)) for n in p.walk())
+
+
+def terms(p: Pattern) -> list[Pattern]:
+    """p as a union of terms, distributing & over + and splitting lsh rounds only where that can
+    bring a bucketing to the top of a term."""
+    if not _bucketed(p):
+        return [p]
+    if isinstance(p, Union):
+        return [t for part in p.parts for t in terms(part)]
+    if isinstance(p, Intersection):
+        return [passes.simplify(Intersection(combo, span=p.span))
+                for combo in itertools.product(*(terms(part) for part in p.parts))]
+    if isinstance(p, Lsh) and not isinstance(p, LshRound) and isinstance(p.rounds, E.Const) \
+            and p.rounds.value > 1:
+        return [LshRound(p.buckets, p.rounds, p.seed, r, span=p.span) for r in range(p.rounds.value)]
+    return [p]
+
+
+def key_of(term: Pattern) -> Pattern | None:
+    """The bucketing a term is an intersection with (the first, if several), else None."""
+    if sort_key(term) is not None:
+        return term
+    if isinstance(term, Intersection):
+        return next((k for k in map(sort_key, term.parts) if k is not None), None)
+    return None
+
+
+def split(body: Pattern) -> list[Share]:
+    """The shares of an optimized body: first the terms in positional order (one share), then one
+    share per bucketing. A body with no bucketing at the top of a term is one positional share
+    (its content parts are then PARTIAL tiles everywhere: exact, at dense cost)."""
+    groups: dict[Pattern | None, list[Pattern]] = {None: []}
+    for t in terms(body):
+        groups.setdefault(key_of(t), []).append(t)
+    if list(groups) == [None]:
+        return [Share(None, body, False)]
+    shares, before = [], []
+    for key, group in groups.items():
+        if not group:
+            continue
+        part = group[0] if len(group) == 1 else Union(tuple(group), span=body.span)
+        earlier = before[0] if len(before) == 1 else Union(tuple(before), span=body.span)
+        shares.append(Share(key, Difference(part, earlier, span=body.span) if before else part,
+                            key is not None and part == key and not before))
+        before.extend(group)
+    return shares
