@@ -68,7 +68,8 @@ def _numpy(name: str, x, ndim: int):
     if x is None:
         return None
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.double() if x.is_floating_point() else x).numpy()   # numpy has no bfloat16
     x = np.asarray(x)
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")

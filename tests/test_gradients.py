@@ -17,16 +17,20 @@ GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2
 
 
 def check_gradients(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None, seed=None, segment_ids=None,
-                    lse_weight=True):
-    """Loss = <O, dO> + <LSE, dLSE> over rows with an allowed key; its gradients in q, k, v."""
+                    lse_weight=True, inputs=None, runtime=None):
+    """Loss = <O, dO> + <LSE, dLSE> over rows with an allowed key; its gradients in q, k, v (on
+    fresh Gaussian inputs, or `inputs`; `runtime`: the call's runtime inputs)."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     q = torch.randn(B, Hq, n_q, D, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, n_k, D, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, n_k, D, generator=gen).to(dtype)
+    if inputs is not None:
+        q, k, v = inputs
     do = torch.randn(B, Hq, n_q, D, generator=gen)
     dlse = torch.randn(B, Hq, n_q, generator=gen) if lse_weight else torch.zeros(B, Hq, n_q)
-    runtime = runtime_inputs(kern, B, n_k, rng) if segment_ids is None else {"segment_ids": segment_ids}
+    if runtime is None:
+        runtime = runtime_inputs(kern, B, n_k, rng) if segment_ids is None else {"segment_ids": segment_ids}
     content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
     mask = kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset, **content, **runtime)
 

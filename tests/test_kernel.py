@@ -36,13 +36,17 @@ def runtime_inputs(kern, batch, n_k, rng):
     return {"segment_ids": torch.as_tensor(np.sort(rng.integers(0, 4, (batch, n_k)), axis=1))}
 
 
-def check(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None, scale=None, seed=None):
+def check(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None, scale=None, seed=None, inputs=None,
+          runtime=None):
+    """O and LSE against dense attention under kern.mask, on fresh Gaussian q, k, v (or `inputs`)."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     q = torch.randn(B, Hq, n_q, D, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, n_k, D, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, n_k, D, generator=gen).to(dtype)
-    runtime = runtime_inputs(kern, B, n_k, rng)
+    if inputs is not None:
+        q, k, v = inputs
+    runtime = runtime_inputs(kern, B, n_k, rng) if runtime is None else runtime
     content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
     mask = kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset, **content, **runtime)
     want_o, want_lse = dense_attention(mask, q, k, v, scale or 1 / math.sqrt(D))

@@ -54,11 +54,9 @@ class TableSpace:
     @cached_property
     def host(self) -> dict:
         """The runtime inputs as numpy arrays, converted (copied off a device) once."""
-        out = {name: x.detach().cpu().numpy() if hasattr(x, "detach") else x
-               for name, x in self.inputs.items() if x is not None and name != "content"}
+        out = {name: _host(x) for name, x in self.inputs.items() if x is not None and name != "content"}
         if self.inputs.get("content"):
-            out["content"] = {node: tuple(x.cpu().numpy() if hasattr(x, "cpu") else x for x in arrays)
-                              for node, arrays in self.inputs["content"].items()}
+            out["content"] = {node: tuple(map(_host, arrays)) for node, arrays in self.inputs["content"].items()}
         return out
 
     def per_head(self, b: int, h: int) -> Runtime:
@@ -72,6 +70,14 @@ class TableSpace:
                        rotations=x.get("rotations"), q_offset=self.q_offset,
                        content=None if "content" not in x else
                        {node: tuple(a[b, h] for a in arrays) for node, arrays in x["content"].items()})
+
+
+def _host(x):
+    """A torch tensor as a numpy array (floats as float64: numpy has no bfloat16); else x."""
+    if not hasattr(x, "detach"):
+        return x
+    x = x.detach().cpu()
+    return (x.double() if x.is_floating_point() else x).numpy()
 
 
 @dataclass(frozen=True)
