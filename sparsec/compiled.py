@@ -19,6 +19,7 @@ from .elaborate import elaborate, pattern_names
 from .errors import Source
 from .ir import expr as E
 from .ir.program import Binding, Definition
+from .ir.content import TopK
 from .ir.tiles import Grid, TableSpace
 from .layout import BlockLayout, build_layout
 from .shares import Share
@@ -237,6 +238,11 @@ class Kernel:
         def host_layout():
             if order is not None:
                 return sorted_layout().to_host(call.n_q, call.n_k, call.q_offset)
+            if any(isinstance(node, TopK) for node in body.walk()):   # tiles from its selection
+                selected = {name: inputs[name] for name in ("segment_ids", "content") if name in inputs}
+                return build_layout(body, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,
+                                    call.heads, space=TableSpace(call.n_q, call.n_k, call.q_offset, call.heads,
+                                                                 call.batch, 1, selected))
             seg = inputs["segment_ids"].cpu().numpy() if "segment_ids" in inputs else None
             return layout(seg=seg)
 

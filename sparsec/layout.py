@@ -86,14 +86,18 @@ class BlockLayout:
 
 
 def build_layout(body: Pattern, n_q: int, n_k: int, block_m: int, block_n: int, q_offset: int,
-                 heads: int = 1, segment_ids: np.ndarray | None = None) -> BlockLayout:
-    """Analytic layout of a specialized pattern body, one TileSet per (batch, head) that differs."""
+                 heads: int = 1, segment_ids: np.ndarray | None = None, space=None) -> BlockLayout:
+    """Analytic layout of a specialized pattern body, one TileSet per (batch, head) that differs.
+    space: a TableSpace whose runtime inputs (content selections, segment ids) vary per batch row."""
     n_heads = heads if body.varies_with_head() else 1
     batches = [None] if segment_ids is None else list(segment_ids)
+    if space is not None:
+        batches = [[space.per_head(b, h) for h in range(n_heads)] for b in range(space.batch)]
     sets: list[TileSet] = []
     for seg in batches:
         for h in range(n_heads):
-            t = Tiling.regular(n_q, n_k, block_m, block_n, q_offset, head=h, runtime=Runtime(segment_ids=seg))
+            runtime = seg[h] if space is not None else Runtime(segment_ids=seg)
+            t = Tiling.regular(n_q, n_k, block_m, block_n, q_offset, head=h, runtime=runtime)
             sets.append(body.tiles(t))
     tq, tk = -(-n_q // block_m), -(-n_k // block_n)
     rows_shape, cols_shape = (len(batches), n_heads, tq), (len(batches), n_heads, tk)

@@ -10,7 +10,7 @@ import sparsec
 from sparsec import routing
 from sparsec.ir.content import Cluster, Lsh, LshRound, TopK
 from sparsec.ir.tiles import FULL, EMPTY, Grid, TableSpace
-from sparsec.layout import tile_classes
+from sparsec.layout import build_layout, tile_classes
 from sparsec.runtime import check_call
 
 from conftest import KERNEL_EXAMPLES, LEAVES
@@ -237,3 +237,24 @@ def test_sorted_shares_visit_about_their_density():
     lay = order.layout(16, 16, True).to_host(512, 512, 0)
     assert lay.tile_density() < 0.2, lay
     assert lay.tiles_visited() >= kern.mask(512, q=q, k=k).float().mean() * 32 * 32
+
+
+@pytest.mark.parametrize("src", ["topk(2, block=8)", "causal & (topk(2, block=16, causal=true) + chunk(16))",
+                                 "topk(1, block=4) & band(9) + global(2)", "topk(3, block=12) - causal"])
+@pytest.mark.parametrize("kind", ["gaussian", "ties"])
+def test_topk_layouts_from_the_selection_are_sound(src, kind):
+    """Layouts built from the runtime's top-k selection visit every tile with an allowed pair and
+    mark FULL only tiles whose pairs are all allowed; they skip most of the rest."""
+    kern = sparsec.compile(f"pattern p = {src}")
+    n_q, n_k, q_offset = 50, 70, 20
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    q, k, _ = draw_inputs(kind, 2, 2, 1, n_q, n_k, 16, torch.float32, gen)
+    call = check_call("p", kern.needs, q, k, k, None, q_offset, {})
+    body = sparsec.passes.specialize(kern.ir, n_q, n_k)
+    space = TableSpace(n_q, n_k, q_offset, 2, 2, inputs={"content": routing.content_values(body.walk(), q, k, call, {})})
+    for bm, bn in ((8, 8), (16, 4)):
+        got = build_layout(body, n_q, n_k, bm, bn, q_offset, 2, space=space).classes()
+        want = tile_classes(kern.mask(n_q, n_k, heads=2, q_offset=q_offset, q=q, k=k).numpy(), bm, bn)
+        assert not ((want > EMPTY) & (got == EMPTY)).any(), "a tile with allowed pairs is skipped"
+        assert not ((got == FULL) & (want != FULL)).any(), "a FULL tile has a pair that is not allowed"
+        assert (got > EMPTY).sum() < got.size

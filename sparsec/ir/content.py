@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import SparsecError
 from . import expr as E
 from .pattern import Pattern, value
-from .tiles import PARTIAL, TileSet, all_tiles, runtime_value
+from .tiles import FULL, PARTIAL, TileSet, all_tiles, expand_ranges, runtime_value
 
 
 def rotations(seed: int, rounds: int, dim: int, buckets: int) -> np.ndarray:
@@ -216,6 +216,33 @@ class TopK(ContentPattern):
         first, chosen = self.selection(grid.runtime)
         b = value(self.block)
         return chosen[grid.pos // b - first][:, grid.keys // b]
+
+    def tiles(self, t):
+        """With the runtime's selection: the tiles of the chosen (I, J) block pairs, FULL where a
+        tile lies inside one such pair. Without it (the reference's layouts): every tile PARTIAL."""
+        if not (t.runtime.content and self in t.runtime.content):
+            return super().tiles(t)
+        b = value(self.block)
+        first, chosen = self.selection(t.runtime)
+        i, j = np.nonzero(chosen)
+        block_i, block_j = (i + first) * b, j * b
+        qf, ql = t.query_tiles(block_i, block_i + b - 1)
+        kf, kl = t.key_tiles(block_j, block_j + b - 1)
+        width = kl - kf
+        owner, at = expand_ranges(np.zeros(len(i), np.int64), (ql - qf) * width)
+        qt = qf[owner] + at // np.maximum(width[owner], 1)
+        kt = kf[owner] + at % np.maximum(width[owner], 1)
+        inside = (t.q_lo[qt] >= block_i[owner]) & (t.q_hi[qt] < block_i[owner] + b) \
+            & (t.k_lo[kt] >= block_j[owner]) & (t.k_hi[kt] < block_j[owner] + b)
+        return TileSet.build(t, qt, kt, np.where(inside, FULL, PARTIAL))
+
+    def classify(self, t, qt, kt):
+        return self.tiles(t).lookup(t, qt, kt)
+
+    def estimate(self, t):
+        if not (t.runtime.content and self in t.runtime.content):
+            return super().estimate(t)
+        return len(self.tiles(t))
 
     def lower(self, cx):
         chosen, row0 = cx.table(self, "chosen"), cx.table(self, "row0", pointer=False)
