@@ -48,8 +48,8 @@ def emit(args) -> None:
         print(dump(parse(source.text, source.filename)))
         return
     kern = _compile(args)
-    if args.stage == "triton":
-        print(kern.generated(TileConfig(*args.block)).source, end="")
+    if args.stage == "triton":   # one module per share (content-based patterns may have several)
+        print("\n\n".join(kern.generated(TileConfig(*args.block), i).source for i in range(len(kern.shares))), end="")
         return
     if args.stage == "ir":
         d = kern.source_ir
@@ -57,6 +57,10 @@ def emit(args) -> None:
         for name, run in passes.PASSES:
             d = run(d)
             print(f"# after {name}\n{d.show()}")
+        if len(kern.shares) > 1 or kern.shares[0].key is not None:
+            for i, share in enumerate(kern.shares):
+                order = f"sorted by {share.key.show()}" if share.key is not None else "positional order"
+                print(f"# share {i} ({order})\n{share.body.show()}")
         print(f"# cost (allowed pairs at n_q = n_k = n): {kern.symbolic_cost()}")
         if kern.source_ir.bindings:
             print(f"#   with the params and lets folded: {kern.cost}")
@@ -83,16 +87,29 @@ def check(args) -> int:
     if inputs:
         print(f"using synthetic inputs: {', '.join(inputs)} (seeded)")
     mask = kern.mask(n, heads=args.heads, **inputs).numpy()
-    lay = kern.layout(n, n, args.block[0], args.block[1], heads=args.heads, segment_ids=inputs.get("segment_ids"))
-    truth = tile_classes(mask, *args.block)
-    got = np.broadcast_to(lay.classes(), truth.shape)
-    missed = int(((truth > EMPTY) & (got == EMPTY)).sum())
-    false_full = int(((got == FULL) & (truth != FULL)).sum())
-    loose = int(((got == PARTIAL) & (truth != PARTIAL)).sum())
-    tiles = truth.size
     print(f"pattern {kern.name}: {kern.ir.body.show()}")
     print(f"n = {n}, heads = {args.heads}, tile {args.block[0]}x{args.block[1]}")
     print(f"density: {mask.mean():.6f} of pairs allowed")
+    pairs = []   # (true tile classes, listed tile classes), per share
+    if "q" in inputs:   # content-based: the layouts a call builds, each share in its own order
+        q, k = (torch.as_tensor(inputs[x], dtype=torch.float32) for x in ("q", "k"))
+        seg = {"segment_ids": torch.as_tensor(inputs["segment_ids"])} if "segment_ids" in inputs else {}
+        for i, (share, lay, order) in enumerate(kern.share_layouts(q, k, *args.block, **seg)):
+            part = kern.mask(n, heads=args.heads, share=i, **inputs).numpy()
+            if order is not None:   # the share's pairs in its sorted order, where its tiles are
+                part = np.take_along_axis(np.take_along_axis(part, order[0][..., None], 2), order[1][:, :, None, :], 3)
+            pairs.append((tile_classes(part, *args.block), lay.classes()))
+            print(f"share {i} ({'positional order' if order is None else 'sorted by ' + share.key.show()}): "
+                  f"{share.body.show()}")
+    else:
+        lay = kern.layout(n, n, args.block[0], args.block[1], heads=args.heads, segment_ids=inputs.get("segment_ids"))
+        pairs.append((tile_classes(mask, *args.block), lay.classes()))
+    truth = np.concatenate([t.ravel() for t, _ in pairs])
+    got = np.concatenate([np.broadcast_to(g, t.shape).ravel() for t, g in pairs])
+    missed = int(((truth > EMPTY) & (got == EMPTY)).sum())
+    false_full = int(((got == FULL) & (truth != FULL)).sum())
+    loose = int(((got == PARTIAL) & (truth != PARTIAL)).sum())
+    tiles = pairs[0][0].size
     print(f"tiles visited: {int((got > EMPTY).sum())} of {tiles} ({(got > EMPTY).sum() / tiles:.2%}), "
           f"{int((got == FULL).sum())} FULL, {int((got == PARTIAL).sum())} PARTIAL")
     print(f"layout vs dense reference: {missed} allowed tiles missed, {false_full} tiles wrongly FULL, "

@@ -132,8 +132,9 @@ class Kernel:
         return seg
 
     def mask(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
-             q=None, k=None, segment_ids=None, centroids=None, rotations=None):
-        """The dense reference mask, bool (B or 1, heads, n_q, n_k), as a torch tensor."""
+             q=None, k=None, segment_ids=None, centroids=None, rotations=None, share: int | None = None):
+        """The dense reference mask, bool (B or 1, heads, n_q, n_k), as a torch tensor; with
+        share=i, the mask of the pairs share i computes (see `shares`)."""
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         heads = _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
@@ -147,7 +148,8 @@ class Kernel:
                 raise ValueError(f"q must be (B, heads={heads}, n_q={n_q}, D) and k (B, Hkv, n_k={n_k}, D) with "
                                  f"heads % Hkv == 0; got q {q.shape}, k {k.shape}")
         batch = seg.shape[0] if seg is not None else q.shape[0] if {"q", "k"} & self.needs else 1
-        body = passes.specialize(self.ir, n_q, n_k)
+        body = passes.specialize(self.ir, n_q, n_k) if share is None else \
+            self.shares[share].body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q})
         per_head = heads if body.varies_with_head() else 1
         out = np.zeros((batch, heads, n_q, n_k), bool)
         pos, keys = np.arange(n_q, dtype=np.int64) + q_offset, np.arange(n_k, dtype=np.int64)
@@ -199,27 +201,58 @@ class Kernel:
         else by device."""
         call = R.check_call(self.name, self.needs, q, k, v, scale, q_offset, runtime)
         backend = R.choose_backend(backend, call.device)
-        inputs = {name: x for name, x in runtime.items() if x is not None}
-        if "segment_ids" in inputs:
-            inputs["segment_ids"] = inputs["segment_ids"].to(torch.int32).contiguous()
-        env = {"n": call.n_k, "n_k": call.n_k, "n_q": call.n_q}
-        bodies = [self._cached(("specialized", i, call.n_q, call.n_k), lambda: s.body.specialize(env))
-                  for i, s in enumerate(self.shares)]
-        if {"q", "k"} & self.needs:   # ids and selections, once per call, on q's device
-            inputs.update(q=q, k=k, content=routing.content_values(
-                [n for body in bodies for n in body.walk()], q, k, call, inputs))
+        inputs, bodies = self._prepare(call, q, k, runtime)
         config = R.default_config(backend, call)
         parts = []
         for i, (share, body) in enumerate(zip(self.shares, bodies)):
             if share.key is None:
                 parts.append(attend(self._runner(i, body, call, backend, config, inputs), q, k, v))
                 continue
-            order = routing.SortedOrder.of(inputs["content"][share.key.specialize(env)])
+            order = self._order(share, call, inputs)
             sorted_call = replace(call, kv_heads=call.heads)   # each query head sorts its own K/V rows
             runner = self._runner(i, body, sorted_call, backend, config, inputs, order)
             parts.append(order.scatter(*attend(runner, *order.gather(q, k, v, call))))
         o, lse = routing.merge_by_lse(parts, q.dtype)
         return (o, lse) if return_lse else o
+
+    def _prepare(self, call: R.Call, q, k, runtime: dict) -> tuple[dict, list]:
+        """The call's runtime inputs (with content ids and selections, computed once per call on
+        q's device) and each share's body specialized for its lengths."""
+        inputs = {name: x for name, x in runtime.items() if x is not None}
+        if "segment_ids" in inputs:
+            inputs["segment_ids"] = inputs["segment_ids"].to(torch.int32).contiguous()
+        env = {"n": call.n_k, "n_k": call.n_k, "n_q": call.n_q}
+        bodies = [self._cached(("specialized", i, call.n_q, call.n_k), lambda: s.body.specialize(env))
+                  for i, s in enumerate(self.shares)]
+        if {"q", "k"} & self.needs:
+            inputs.update(q=q, k=k, content=routing.content_values(
+                [n for body in bodies for n in body.walk()], q, k, call, inputs))
+        return inputs, bodies
+
+    def _order(self, share: Share, call: R.Call, inputs: dict) -> routing.SortedOrder:
+        key = share.key.specialize({"n": call.n_k, "n_k": call.n_k, "n_q": call.n_q})
+        return routing.SortedOrder.of(inputs["content"][key])
+
+    def share_layouts(self, q, k, block_m: int = 64, block_n: int = 64, q_offset: int | None = None,
+                      **runtime) -> list[tuple[Share, BlockLayout, tuple | None]]:
+        """The layouts a call on q, k builds, one per share: (share, layout, order), where order
+        is None for the positional order, else (q rows, k rows), numpy (B, H, n): the original row
+        of each sorted row, which is what the layout's tiles are made of."""
+        call = R.check_call(self.name, self.needs, q, k, k, None, q_offset, runtime)
+        block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
+        inputs, bodies = self._prepare(call, q, k, runtime)
+        out = []
+        for share, body in zip(self.shares, bodies):
+            if share.key is None:
+                space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1,
+                                   {name: x for name, x in inputs.items() if name not in ("q", "k")})
+                lay = build_layout(body, call.n_q, call.n_k, block_m, block_n, call.q_offset, call.heads, space=space)
+                out.append((share, lay, None))
+                continue
+            order = self._order(share, call, inputs)
+            lay = order.layout(block_m, block_n, share.full).to_host(call.n_q, call.n_k, call.q_offset)
+            out.append((share, lay, (order.q_pos.cpu().numpy(), order.k_pos.cpu().numpy())))
+        return out
 
     def _runner(self, share: int, body, call: R.Call, backend: str, config: TileConfig, inputs: dict,
                 order: routing.SortedOrder | None = None):

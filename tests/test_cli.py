@@ -42,6 +42,18 @@ def test_check_passes_on_bigbird(sa, capsys):
     assert out.count(" (relative) against dense attention and autograd") == 2   # gradients checked too
 
 
+def test_check_reports_the_call_time_layouts_of_content_patterns(capsys):
+    """routing: a positional share and a share sorted by cluster, each checked against its own
+    reference mask in its own order; the sorted layout skips most tiles."""
+    assert main(["check", "patterns/routing.sa", "--n", "512", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "share 0 (positional order): band(256, 0)" in out
+    assert "share 1 (sorted by cluster(isqrt(n), iters=10, seed=0)): causal & cluster" in out
+    assert "0 allowed tiles missed, 0 tiles wrongly FULL" in out and "OK: " in out
+    assert main(["emit", "ir", "patterns/routing.sa"]) == 0
+    assert "# share 1 (sorted by cluster(isqrt(n), iters=10, seed=0))\ncausal & cluster(" in capsys.readouterr().out
+
+
 def test_emit_triton_prints_the_generated_kernel(sa, capsys):
     assert main(["emit", "triton", sa(BIGBIRD), "--block", "32", "64"]) == 0
     out = capsys.readouterr().out
