@@ -3,6 +3,7 @@ selections in torch; the sorted order of a share and the layout of its bucket ra
 of shares by log-sum-exp. Nothing here is n x n: ids are O(n D), layouts O(tiles visited)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +19,17 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1.0), 0.0)
 
 
+@functools.lru_cache(maxsize=64)
+def _seeded(draw, *args) -> torch.Tensor:
+    """A seeded draw of the reference (numpy, on the host: the same numbers on every device), kept."""
+    return torch.from_numpy(draw(*args))
+
+
 def _lsh(node: Lsh, q, k, given) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucket ids (B, H, rounds, n): argmax over [x R_r, -x R_r] per round (ties: the smaller id)."""
     if given is None:
-        rot = torch.from_numpy(rotations(value(node.seed), value(node.rounds), q.shape[-1], value(node.buckets)))
-    else:
-        rot = given
-    rot = rot.to(device=q.device, dtype=torch.float64)
+        given = _seeded(rotations, value(node.seed), value(node.rounds), q.shape[-1], value(node.buckets))
+    rot = given.to(device=q.device, dtype=torch.float64)
 
     def ids(x):
         out = []
@@ -42,7 +47,7 @@ def _cluster(node: Cluster, q, k, given) -> tuple[torch.Tensor, torch.Tensor]:
     if given is not None:
         mu = given.to(device=q.device, dtype=torch.float64)[None].expand(q.shape[0], -1, -1, -1)
     else:
-        start = torch.from_numpy(spherical_start(value(node.seed), value(node.k), q.shape[-1])).to(q.device)
+        start = _seeded(spherical_start, value(node.seed), value(node.k), q.shape[-1]).to(q.device)
         mu = start.expand(q.shape[0], q.shape[1], -1, -1)
         for _ in range(value(node.iters)):
             assign = (kn @ mu.transpose(-1, -2)).argmax(-1)

@@ -258,3 +258,15 @@ def test_topk_layouts_from_the_selection_are_sound(src, kind):
         assert not ((want > EMPTY) & (got == EMPTY)).any(), "a tile with allowed pairs is skipped"
         assert not ((got == FULL) & (want != FULL)).any(), "a FULL tile has a pair that is not allowed"
         assert (got > EMPTY).sum() < got.size
+
+
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+@pytest.mark.parametrize("src", ["document & lsh(4) & causal", "document & (cluster(3) + band(2)) + topk(1, block=8)"])
+def test_documents_inside_sorted_shares(backend, src):
+    """The document predicate reads segment ids at the original positions of sorted rows."""
+    kern = sparsec.compile(f"pattern p = {src}")
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    q, k, v = draw_inputs("gaussian", 2, 2, 1, 45, 45, 16, torch.float32, gen)
+    seg = {"segment_ids": torch.sort(torch.randint(0, 4, (2, 45), generator=gen), dim=1).values}
+    check(kern, backend, 2, 2, 1, 45, 45, 16, torch.float32, inputs=(q, k, v), runtime=seg)
+    check_gradients(kern, backend, 2, 2, 1, 45, 45, 16, torch.float32, inputs=(q, k, v), runtime=seg)
