@@ -270,3 +270,31 @@ def test_documents_inside_sorted_shares(backend, src):
     seg = {"segment_ids": torch.sort(torch.randint(0, 4, (2, 45), generator=gen), dim=1).values}
     check(kern, backend, 2, 2, 1, 45, 45, 16, torch.float32, inputs=(q, k, v), runtime=seg)
     check_gradients(kern, backend, 2, 2, 1, 45, 45, 16, torch.float32, inputs=(q, k, v), runtime=seg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("src", ["lsh(16) & causal", "lsh(8, rounds=2)", "causal & (cluster(8) + band(64, 0))",
+                                 "causal & (topk(3, block=64, causal=true) + chunk(64))"])
+def test_gpu_content_patterns_match_dense(src, dtype):
+    """The sorted shares and topk layouts through the generated kernels on a GPU, GQA and odd
+    lengths: O and the gradients against float64 dense attention under the reference mask."""
+    import math
+    from test_kernel import TOLERANCE, dense_attention
+    from test_gradients import GRAD_TOLERANCE
+    kern = sparsec.compile(f"pattern p = {src}")
+    for n_q, n_k, D in ((1000, 1000, 64), (777, 2049, 128)):
+        q = torch.randn(2, 4, n_q, D, device="cuda").to(dtype)
+        k, v = (torch.randn(2, 2, n_k, D, device="cuda").to(dtype) for _ in range(2))
+        do = torch.randn(2, 4, n_q, D, device="cuda", dtype=torch.float64)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = kern(*leaves)
+        got = torch.autograd.grad(o, leaves, do.to(dtype))
+        ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        want, _ = dense_attention(kern.mask(n_q, n_k, heads=4, q=q, k=k).cuda(), *ref, 1 / math.sqrt(D))
+        wanted = torch.autograd.grad(want, ref, do)
+        for name, g, w in (("o", o, want), *zip(("dq", "dk", "dv"), got, wanted)):
+            err = (g.double() - w).abs().max().item() / max(1.0, w.abs().max().item())
+            tol = TOLERANCE[dtype] if name == "o" else GRAD_TOLERANCE[dtype]
+            assert not g.isnan().any() and err < tol, f"{name}: relative error {err:.2e}"
