@@ -39,7 +39,7 @@ def _consts(p: N.Pattern):
     return None
 
 
-def _offsets(p: N.Pattern):
+def offset_range(p: N.Pattern):
     """[lo, hi] of p - j allowed by a band or causal with constant arguments, else None."""
     if isinstance(p, N.Causal):
         return (0, math.inf)
@@ -57,7 +57,7 @@ def subsumes(big: N.Pattern, small: N.Pattern) -> bool:
     """A sufficient test that every pair of `small` is a pair of `big`."""
     if big == small or isinstance(big, N.Full) or isinstance(small, N.Empty):
         return True
-    a, b = _offsets(big), _offsets(small)
+    a, b = offset_range(big), offset_range(small)
     if a and b:
         return a[0] <= b[0] and b[1] <= a[1]
     vb, vs = _consts(big), _consts(small)
@@ -104,7 +104,7 @@ def _rebuild(kind, parts, span, none):
 def _merge_bands(parts: list) -> list:
     """Bands (and causal) of a union whose offset ranges overlap or touch are one band."""
     for x, y in itertools.combinations(range(len(parts)), 2):
-        a, b = _offsets(parts[x]), _offsets(parts[y])
+        a, b = offset_range(parts[x]), offset_range(parts[y])
         if a and b and a[0] <= b[1] + 1 and b[0] <= a[1] + 1:
             band = _band(min(a[0], b[0]), max(a[1], b[1]), parts[x])
             if band is not None:
@@ -125,7 +125,7 @@ def _intersection(x: N.Intersection) -> N.Pattern:
     parts = _flatten(x, N.Intersection, N.Full)
     if any(isinstance(p, N.Empty) for p in parts):
         return N.Empty(span=x.span)
-    ranges = [(_offsets(p), p) for p in parts]
+    ranges = [(offset_range(p), p) for p in parts]
     bands = [(r, p) for r, p in ranges if r]
     if len(bands) > 1:  # bands and causal meet in one offset range
         lo = max(r[0] for r, _ in bands)

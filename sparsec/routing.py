@@ -69,13 +69,11 @@ def _topk(node: TopK, q, k, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     row_of = torch.div(torch.arange(n_q, device=q.device) + q_offset, size, rounding_mode="floor") - first
     rows = (q_offset + n_q - 1) // size - first + 1
     q_sum = torch.zeros((B, H, rows, D), dtype=q.dtype, device=q.device).index_add_(2, row_of, q)
-    q_mean = q_sum / torch.bincount(row_of, minlength=rows).to(q.dtype)[:, None]
     blocks = -(-n_k // size)
-    k_pad = torch.nn.functional.pad(k, (0, 0, 0, blocks * size - n_k))
+    k_sum = torch.nn.functional.pad(k, (0, 0, 0, blocks * size - n_k)).view(B, H, blocks, size, D).sum(3)
     k_count = torch.full((blocks,), float(size), dtype=k.dtype, device=k.device)
     k_count[-1] = n_k - (blocks - 1) * size
-    k_mean = k_pad.view(B, H, blocks, size, D).sum(3) / k_count[:, None]
-    score = q_mean @ k_mean.transpose(-1, -2)
+    score = (q_sum @ k_sum.transpose(-1, -2)) / k_count   # ranks J as mean . mean does (see TopK.selection)
     cols = torch.arange(blocks, device=q.device)
     candidate = (cols[None, :] < (torch.arange(rows, device=q.device) + first)[:, None]) if value(node.causal) \
         else torch.ones((rows, blocks), dtype=torch.bool, device=q.device)
@@ -137,9 +135,11 @@ class SortedOrder:
         o = torch.zeros_like(o).scatter(2, pos[..., None].expand_as(o), o)
         return o, torch.zeros_like(lse).scatter(2, pos, lse)
 
-    def layout(self, block_m: int, block_n: int, full: bool) -> DeviceLayout:
+    def layout(self, block_m: int, block_n: int, full: bool, offsets=None, q_offset: int = 0) -> DeviceLayout:
         """A query tile visits the key tiles whose bucket range meets its own; with `full`, a tile
-        whose q and k rows all hold one and the same bucket is FULL, every other one PARTIAL."""
+        whose q and k rows all hold one and the same bucket is FULL, every other one PARTIAL.
+        offsets: [lo, hi] that p - j must lie in (shares.offset_bounds), or None; a tile whose
+        positions (p = row + q_offset, j) cannot meet it is skipped."""
         B, H, n_q = self.q_ids.shape
         n_k = self.k_ids.shape[2]
         tq, tk = -(-n_q // block_m), -(-n_k // block_n)
@@ -158,7 +158,20 @@ class SortedOrder:
             lo, hi = q_lo.reshape(-1)[owner], q_hi.reshape(-1)[owner]
             klo, khi = k_lo.reshape(B * H, tk)[bh, kt], k_hi.reshape(B * H, tk)[bh, kt]
             cls = torch.where((lo == hi) & (klo == khi) & (klo == lo), FULL, PARTIAL).to(torch.int8)
+        if offsets is not None:   # the tile's offsets p - j span [min p - max j, max p - min j]
+            p_min, p_max = (x.reshape(B * H, tq) + q_offset for x in _extremes(self.q_pos, block_m))
+            j_min, j_max = (x.reshape(B * H, tk) for x in _extremes(self.k_pos, block_n))
+            meet = (p_max[bh, t] - j_min[bh, kt] >= offsets[0]) & (p_min[bh, t] - j_max[bh, kt] <= offsets[1])
+            bh, t, kt, cls = bh[meet], t[meet], kt[meet], cls[meet]
         return DeviceLayout.from_tiles((B, H, tq, tk), block_m, block_n, bh, t, kt, cls, tk)
+
+
+def _extremes(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min and max of every tile of `size` rows (B, H, tiles); the last tile repeats its edge."""
+    n = x.shape[-1]
+    tiles = -(-n // size)
+    x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], tiles * size - n)], -1).view(*x.shape[:-1], tiles, size)
+    return x.amin(-1).long(), x.amax(-1).long()
 
 
 def _ends(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

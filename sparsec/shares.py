@@ -63,6 +63,18 @@ def key_of(term: Pattern) -> Pattern | None:
     return None
 
 
+def offset_bounds(body: Pattern) -> tuple[float, float] | None:
+    """[lo, hi] that p - j lies in for every pair of a (specialized) share body, from the bands
+    and causal it is an intersection with; None when it has none. A sorted share's tiles hold
+    scattered positions, but a tile whose position ranges miss [lo, hi] holds no pair."""
+    if isinstance(body, Difference):
+        return offset_bounds(body.left)
+    ranges = [r for r in map(passes.offset_range, body.parts if isinstance(body, Intersection) else (body,)) if r]
+    if not ranges:
+        return None
+    return max(lo for lo, _ in ranges), min(hi for _, hi in ranges)
+
+
 def split(body: Pattern) -> list[Share]:
     """The shares of an optimized body: first the terms in positional order (one share), then one
     share per bucketing. A body with no bucketing at the top of a term is one positional share

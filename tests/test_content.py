@@ -12,6 +12,7 @@ from sparsec.ir.content import Cluster, Lsh, LshRound, TopK
 from sparsec.ir.tiles import FULL, EMPTY, Grid, TableSpace
 from sparsec.layout import build_layout, tile_classes
 from sparsec.runtime import check_call
+from sparsec.shares import offset_bounds
 
 from conftest import KERNEL_EXAMPLES, LEAVES
 from test_gradients import check_gradients
@@ -150,7 +151,7 @@ def test_device_ids_equal_the_reference(node, given, kind):
         assert np.array_equal(got[1].numpy(), want[1])
 
 
-@pytest.mark.parametrize("src", ["lsh(4)", "lsh(4) & causal", "lsh(8, rounds=3) & band(20)",
+@pytest.mark.parametrize("src", ["lsh(4)", "lsh(4) & causal", "lsh(8, rounds=3) & band(20)", "lsh(2) & band(9, -4)",
                                  "cluster(3) + band(2)", "cluster(5, iters=1) & chunk(16) + lsh(2)"])
 @pytest.mark.parametrize("kind", ["gaussian", "heavy", "ties"])
 def test_sorted_layouts_are_sound(src, kind):
@@ -172,7 +173,9 @@ def test_sorted_layouts_are_sound(src, kind):
         qp, kp = order.q_pos.long().numpy(), order.k_pos.long().numpy()
         in_order = np.take_along_axis(np.take_along_axis(mask, qp[..., None], 2), kp[:, :, None, :], 3)
         want = tile_classes(in_order, bm, bn)
-        got = order.layout(bm, bn, share.full).to_host(n_q, n_k, call.q_offset).classes()
+        body = share.body.specialize(env)
+        got = order.layout(bm, bn, share.full, offset_bounds(body), call.q_offset).to_host(n_q, n_k, call.q_offset)
+        got = got.classes()
         assert not ((want > EMPTY) & (got == EMPTY)).any(), "a tile with allowed pairs is skipped"
         assert not ((got == FULL) & (want != FULL)).any(), "a FULL tile has a pair that is not allowed"
         if share.full:

@@ -201,10 +201,14 @@ class TopK(ContentPattern):
         b, top = value(self.block), value(self.k)
         qb = (np.arange(len(q)) + runtime.q_offset) // b
         rows, row_of = np.unique(qb, return_inverse=True)
-        q_mean = np.stack([q[row_of == r].mean(axis=0) for r in range(len(rows))]) if len(rows) else q[:0]
+        # sum(q_I) . sum(k_J) / |J| ranks the J of one I as mean(q_I) . mean(k_J) does (|I| is
+        # fixed), and is exact for small-integer inputs whatever the order of summation, so
+        # exact ties stay ties on every device
+        q_sum = np.stack([q[row_of == r].sum(axis=0) for r in range(len(rows))]) if len(rows) else q[:0]
         n_blocks = -(-len(k) // b)
-        k_mean = np.stack([k[c * b:(c + 1) * b].mean(axis=0) for c in range(n_blocks)])
-        score = q_mean @ k_mean.T
+        k_sum = np.stack([k[c * b:(c + 1) * b].sum(axis=0) for c in range(n_blocks)])
+        k_count = np.minimum(len(k) - np.arange(n_blocks) * b, b)
+        score = (q_sum @ k_sum.T) / k_count
         cols = np.arange(n_blocks)
         candidate = cols[None, :] < rows[:, None] if value(self.causal) else np.ones(score.shape, bool)
         score = np.where(candidate, score, -np.inf)
