@@ -295,8 +295,9 @@ class Kernel:
                 config.block_m, config.block_n, call.device))
             return documents.build(inputs["segment_ids"])
 
-        if backend == "cpu":
-            space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, inputs)
+        if backend == "cpu":   # masks read content ids once computed, never q and k themselves
+            known = {name: x for name, x in inputs.items() if "content" not in inputs or name not in ("q", "k")}
+            space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, known)
             rows = None if order is None else (order.q_pos.numpy(), order.k_pos.numpy())
             p = per_shape("plan", lambda: cpu.plan(body, host_layout(), space, call.kv_heads,
                                                    per_batch=bool(needs), order=rows))

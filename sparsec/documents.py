@@ -18,7 +18,7 @@ from .ir.pattern import Intersection, Pattern
 from .ir.sampled import Document
 from .ir.tiles import FULL, PARTIAL
 from .layout import BlockLayout
-from .runtime import DeviceLayout
+from .runtime import DeviceLayout, tile_extremes
 
 
 def static_part(body: Pattern) -> tuple[Pattern | None] | None:
@@ -66,8 +66,8 @@ class DocumentLayouts:
         seg = segment_ids.long()
         B = seg.shape[0]
         tq, tk = -(-self.n_q // self.block_m), -(-self.n_k // self.block_n)
-        q_min, q_max = _extremes(seg[:, self.q_offset: self.q_offset + self.n_q], self.block_m)
-        k_min, k_max = _extremes(seg, self.block_n)
+        q_min, q_max = tile_extremes(seg[:, self.q_offset: self.q_offset + self.n_q], self.block_m)
+        k_min, k_max = tile_extremes(seg, self.block_n)
         if self.candidates is None:
             b, h, t, kt, cls = _document_tiles(seg, q_min, q_max, self.block_n, tq, tk)
         else:
@@ -81,16 +81,6 @@ class DocumentLayouts:
         pick = cls > 0
         return DeviceLayout.from_tiles((B, self.heads, tq, tk), self.block_m, self.block_n,
                                        (b * self.heads + h)[pick], t[pick], kt[pick], cls[pick], self.longest_row)
-
-
-def _extremes(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tile of `size` columns, the min and max id (B, tiles); the last tile repeats its edge."""
-    B, n = ids.shape
-    tiles = -(-n // size)
-    if tiles * size > n:
-        ids = torch.cat([ids, ids[:, -1:].expand(B, tiles * size - n)], 1)
-    ids = ids.view(B, tiles, size)
-    return ids.amin(-1), ids.amax(-1)
 
 
 def _document_tiles(seg, q_min, q_max, block_n, tq, tk):

@@ -11,7 +11,7 @@ import torch
 from .ir.content import Cluster, ContentPattern, Lsh, LshRound, TopK, rotations, spherical_start
 from .ir.pattern import Pattern, value
 from .ir.tiles import FULL, PARTIAL
-from .runtime import Call, DeviceLayout
+from .runtime import Call, DeviceLayout, tile_extremes
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,11 @@ def _lsh(node: Lsh, q, k, given) -> tuple[torch.Tensor, torch.Tensor]:
 
     def ids(x):
         out = []
-        for r in rot:
+        for r in rot:   # argmax of [xR, -xR] without building it: the first max, or the first min
             xr = x @ r
-            out.append(torch.cat([xr, -xr], -1).argmax(-1))
+            high, low = xr.argmax(-1, keepdim=True), xr.argmin(-1, keepdim=True)
+            first = xr.gather(-1, high) >= -xr.gather(-1, low)    # a tie goes to the first half
+            out.append(torch.where(first, high, low + xr.shape[-1])[..., 0])
         return torch.stack(out, 2).int()
     return ids(q), ids(k)
 
@@ -159,19 +161,12 @@ class SortedOrder:
             klo, khi = k_lo.reshape(B * H, tk)[bh, kt], k_hi.reshape(B * H, tk)[bh, kt]
             cls = torch.where((lo == hi) & (klo == khi) & (klo == lo), FULL, PARTIAL).to(torch.int8)
         if offsets is not None:   # the tile's offsets p - j span [min p - max j, max p - min j]
-            p_min, p_max = (x.reshape(B * H, tq) + q_offset for x in _extremes(self.q_pos, block_m))
-            j_min, j_max = (x.reshape(B * H, tk) for x in _extremes(self.k_pos, block_n))
+            p_min, p_max = (x.reshape(B * H, tq).long() + q_offset
+                            for x in tile_extremes(self.q_pos, block_m))
+            j_min, j_max = (x.reshape(B * H, tk).long() for x in tile_extremes(self.k_pos, block_n))
             meet = (p_max[bh, t] - j_min[bh, kt] >= offsets[0]) & (p_min[bh, t] - j_max[bh, kt] <= offsets[1])
             bh, t, kt, cls = bh[meet], t[meet], kt[meet], cls[meet]
         return DeviceLayout.from_tiles((B, H, tq, tk), block_m, block_n, bh, t, kt, cls, tk)
-
-
-def _extremes(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The min and max of every tile of `size` rows (B, H, tiles); the last tile repeats its edge."""
-    n = x.shape[-1]
-    tiles = -(-n // size)
-    x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], tiles * size - n)], -1).view(*x.shape[:-1], tiles, size)
-    return x.amin(-1).long(), x.amax(-1).long()
 
 
 def _ends(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -269,6 +269,17 @@ class DeviceLayout:
                            lists(self.partial, tq), lists(self.full_t, tk), lists(self.partial_t, tk))
 
 
+def tile_extremes(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min and max of every tile of `size` entries along the last dim, (..., tiles); the last
+    tile repeats its edge entry."""
+    n = x.shape[-1]
+    tiles = -(-n // size)
+    if tiles * size > n:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], tiles * size - n)], -1)
+    x = x.view(*x.shape[:-1], tiles, size)
+    return x.amin(-1), x.amax(-1)
+
+
 def _csr(rows: torch.Tensor, indices: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ptr, indices) int32 on the rows' device, indices ascending within each row."""
     order = torch.argsort(rows * (1 << 31) + indices)
