@@ -22,7 +22,7 @@ from .ir.program import Binding, Definition
 from .ir.content import TopK
 from .ir.tiles import Grid, TableSpace
 from .layout import BlockLayout, build_layout
-from .shares import Share, offset_bounds
+from .shares import Share, active_heads, offset_bounds
 from .shares import split as split_shares
 from .syntax import Module, parse
 
@@ -250,7 +250,8 @@ class Kernel:
                 out.append((share, lay, None))
                 continue
             order = self._order(share, call, inputs)
-            lay = order.layout(block_m, block_n, share.full, offset_bounds(body), call.q_offset)
+            lay = order.layout(block_m, block_n, share.full, offset_bounds(body), call.q_offset,
+                               active_heads(body, call.heads))
             lay = lay.to_host(call.n_q, call.n_k, call.q_offset)
             out.append((share, lay, (order.q_pos.cpu().numpy(), order.k_pos.cpu().numpy())))
         return out
@@ -282,7 +283,7 @@ class Kernel:
 
         def sorted_layout():
             return order.layout(config.block_m, config.block_n, self.shares[share].full, offset_bounds(body),
-                                call.q_offset)
+                                call.q_offset, active_heads(body, call.heads))
 
         def device_layout():
             if order is not None:

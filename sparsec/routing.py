@@ -137,11 +137,13 @@ class SortedOrder:
         o = torch.zeros_like(o).scatter(2, pos[..., None].expand_as(o), o)
         return o, torch.zeros_like(lse).scatter(2, pos, lse)
 
-    def layout(self, block_m: int, block_n: int, full: bool, offsets=None, q_offset: int = 0) -> DeviceLayout:
+    def layout(self, block_m: int, block_n: int, full: bool, offsets=None, q_offset: int = 0,
+               heads: list[bool] | None = None) -> DeviceLayout:
         """A query tile visits the key tiles whose bucket range meets its own; with `full`, a tile
         whose q and k rows all hold one and the same bucket is FULL, every other one PARTIAL.
         offsets: [lo, hi] that p - j must lie in (shares.offset_bounds), or None; a tile whose
-        positions (p = row + q_offset, j) cannot meet it is skipped."""
+        positions (p = row + q_offset, j) cannot meet it is skipped. heads: the heads the share
+        can allow pairs in (shares.active_heads), or None for all; the others get no tiles."""
         B, H, n_q = self.q_ids.shape
         n_k = self.k_ids.shape[2]
         tq, tk = -(-n_q // block_m), -(-n_k // block_n)
@@ -166,6 +168,9 @@ class SortedOrder:
             j_min, j_max = (x.reshape(B * H, tk).long() for x in tile_extremes(self.k_pos, block_n))
             meet = (p_max[bh, t] - j_min[bh, kt] >= offsets[0]) & (p_min[bh, t] - j_max[bh, kt] <= offsets[1])
             bh, t, kt, cls = bh[meet], t[meet], kt[meet], cls[meet]
+        if heads is not None and not all(heads):
+            keep = torch.as_tensor(heads, device=bh.device)[bh % H]
+            bh, t, kt, cls = bh[keep], t[keep], kt[keep], cls[keep]
         return DeviceLayout.from_tiles((B, H, tq, tk), block_m, block_n, bh, t, kt, cls, tk)
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from . import passes
 from .ir import expr as E
 from .ir.content import Cluster, Lsh, LshRound
-from .ir.pattern import Difference, Intersection, Pattern, Union
+from .ir.pattern import Difference, Heads, Intersection, Pattern, Union
+from .ir.positional import Empty
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ def _bucketed(p: Pattern) -> bool:
 
 
 def terms(p: Pattern) -> list[Pattern]:
-    """p as a union of terms, distributing & over + and splitting lsh rounds only where that can
-    bring a bucketing to the top of a term."""
+    """p as a union of terms, distributing & (and the left of -) over +, heads(...) over its
+    slots and splitting lsh rounds, only where that can bring a bucketing to the top of a term."""
     if not _bucketed(p):
         return [p]
     if isinstance(p, Union):
@@ -48,6 +49,11 @@ def terms(p: Pattern) -> list[Pattern]:
     if isinstance(p, Intersection):
         return [passes.simplify(Intersection(combo, span=p.span))
                 for combo in itertools.product(*(terms(part) for part in p.parts))]
+    if isinstance(p, Difference):
+        return [Difference(t, p.right, span=p.span) for t in terms(p.left)]
+    if isinstance(p, Heads):   # one term per (slot, term of its part), the other slots empty
+        return [Heads(tuple(t if j == i else Empty(span=p.span) for j in range(len(p.parts))), span=p.span)
+                for i, part in enumerate(p.parts) for t in terms(part)]
     if isinstance(p, Lsh) and not isinstance(p, LshRound) and isinstance(p.rounds, E.Const) \
             and p.rounds.value > 1:
         return [LshRound(p.buckets, p.rounds, p.seed, r, span=p.span) for r in range(p.rounds.value)]
@@ -55,12 +61,27 @@ def terms(p: Pattern) -> list[Pattern]:
 
 
 def key_of(term: Pattern) -> Pattern | None:
-    """The bucketing a term is an intersection with (the first, if several), else None."""
+    """The bucketing a term is an intersection with (the first, if several); for `a - b`, a's;
+    for heads(...) with one slot in use, its slot's; else None."""
     if sort_key(term) is not None:
         return term
+    if isinstance(term, Difference):
+        return key_of(term.left)
+    if isinstance(term, Heads):
+        used = [p for p in term.parts if not isinstance(p, Empty)]
+        return key_of(used[0]) if len(used) == 1 else None
     if isinstance(term, Intersection):
-        return next((k for k in map(sort_key, term.parts) if k is not None), None)
+        return next((k for k in map(key_of, term.parts) if k is not None), None)
     return None
+
+
+def active_heads(body: Pattern, heads: int) -> list[bool] | None:
+    """Which heads a (specialized) share body can allow a pair in: False where every heads(...)
+    slot it reaches for that head makes it empty; None when it has no heads(...)."""
+    if not any(isinstance(n, Heads) for n in body.walk()):
+        return None
+    pick = lambda p, h: pick(p.pick(h), h) if isinstance(p, Heads) else p.map_children(lambda c: pick(c, h))
+    return [not isinstance(passes.simplify(pick(body, h)), Empty) for h in range(heads)]
 
 
 def offset_bounds(body: Pattern) -> tuple[float, float] | None:

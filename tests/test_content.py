@@ -12,7 +12,7 @@ from sparsec.ir.content import Cluster, Lsh, LshRound, TopK
 from sparsec.ir.tiles import FULL, EMPTY, Grid, TableSpace
 from sparsec.layout import build_layout, tile_classes
 from sparsec.runtime import check_call
-from sparsec.shares import offset_bounds
+from sparsec.shares import active_heads, offset_bounds
 
 from conftest import KERNEL_EXAMPLES, LEAVES
 from test_gradients import check_gradients
@@ -33,6 +33,7 @@ content_patterns = st.one_of(
     st.builds("{} & ({} + {})".format, positional, content, positional),
     st.builds("({} + {}) - {}".format, content, content, positional),
     st.builds("{} & {} + {}".format, content, positional, content),
+    st.builds("{} & heads({}, {})".format, positional, positional, content),
 )
 
 
@@ -105,7 +106,10 @@ def test_shares_of_the_library_shapes():
         (None, "band(16, 0)", False), (c, f"causal & {c} - band(16, 0)", False)]
     moba = "causal & (topk(2, block=16, causal=true) + chunk(16))"   # one order: positions
     assert split(moba) == [(None, moba, False)]
-    assert len(split("heads(band(3), cluster(4))")) == 1   # under heads(): positional, PARTIAL tiles
+    assert split("heads(band(3), cluster(4))") == [   # the Routing Transformer's local / routing heads
+        (None, "heads(band(3), empty)", False), (c, f"heads(empty, {c}) - heads(band(3), empty)", False)]
+    assert split("(lsh(4) + band(2)) - causal")[1][1] == "lsh(4, rounds=1, seed=0) - causal - (band(2) - causal)"
+    assert len(split("band(3) - cluster(2)")) == 1   # a bucketing on the right of - stays positional
 
 
 def reference_ids(node, q, k, **inputs):
@@ -152,7 +156,8 @@ def test_device_ids_equal_the_reference(node, given, kind):
 
 
 @pytest.mark.parametrize("src", ["lsh(4)", "lsh(4) & causal", "lsh(8, rounds=3) & band(20)", "lsh(2) & band(9, -4)",
-                                 "cluster(3) + band(2)", "cluster(5, iters=1) & chunk(16) + lsh(2)"])
+                                 "cluster(3) + band(2)", "cluster(5, iters=1) & chunk(16) + lsh(2)",
+                                 "causal & heads(band(4, 0), cluster(3))"])
 @pytest.mark.parametrize("kind", ["gaussian", "heavy", "ties"])
 def test_sorted_layouts_are_sound(src, kind):
     """In its sorted order, a share's layout visits every tile holding one of its pairs, and its
@@ -174,12 +179,15 @@ def test_sorted_layouts_are_sound(src, kind):
         in_order = np.take_along_axis(np.take_along_axis(mask, qp[..., None], 2), kp[:, :, None, :], 3)
         want = tile_classes(in_order, bm, bn)
         body = share.body.specialize(env)
-        got = order.layout(bm, bn, share.full, offset_bounds(body), call.q_offset).to_host(n_q, n_k, call.q_offset)
+        got = order.layout(bm, bn, share.full, offset_bounds(body), call.q_offset, active_heads(body, 2))
+        got = got.to_host(n_q, n_k, call.q_offset)
         got = got.classes()
         assert not ((want > EMPTY) & (got == EMPTY)).any(), "a tile with allowed pairs is skipped"
         assert not ((got == FULL) & (want != FULL)).any(), "a FULL tile has a pair that is not allowed"
         if share.full:
             assert (got == FULL).any() or not (want == FULL).any()
+        if "heads" in src:   # heads whose slot is empty in this share get no tiles at all
+            assert (got[:, 0::2] == EMPTY).all() and (got[:, 1::2] > EMPTY).any()
 
 
 @pytest.mark.parametrize("backend", ["interpret", "cpu"])
