@@ -321,6 +321,7 @@ class GeneratedAttention:
         if self.order is None:  # never read (PERMUTED is False): any pointer will do
             return q, q
         return self.order
+
     def _common(self, q):
         c = self.call
         precision = "ieee" if self.interpret or (

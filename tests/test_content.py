@@ -72,7 +72,7 @@ def reference_masks(kern, share_bodies, n_q, n_k, q_offset, q, k):
     return out[:-1], out[-1]
 
 
-@settings(max_examples=60)
+@settings(max_examples=max(60, 3 * KERNEL_EXAMPLES))
 @given(src=content_patterns, n_q=st.integers(1, 30), n_k=st.integers(1, 30), offset=st.integers(0, 10),
        seed=st.integers(0, 1 << 30))
 def test_shares_are_disjoint_and_cover_the_pattern(src, n_q, n_k, offset, seed):
