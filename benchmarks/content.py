@@ -41,7 +41,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -341,11 +340,7 @@ def bench(args, device, dtype) -> dict:
     print(f"setup done: sparsec first call {first:.2f} s, dense mask {mask_s:.1f} s "
           f"({info['dense_mask_mb']:.0f} MB); timing {', '.join(impls)}", flush=True)
     times, foreign = cf.round_robin(impls, device, args.warmup, args.repeats)
-    quiet = [i for i, f in enumerate(foreign) if f < args.quiet]
-    if len(quiet) < 3:  # too few rounds free of other load: use them all, and say so
-        print(f"warning: only {len(quiet)} of {len(foreign)} rounds had other processes below {args.quiet} cores "
-              f"busy; medians over all rounds", file=sys.stderr)
-        quiet = list(range(len(foreign)))
+    quiet = cf.quiet_rounds(foreign, args.quiet, args.pattern)
     info.update(foreign_cores_busy_per_round=foreign, rounds_used=quiet)
     log = staged.log[-args.repeats:]  # the warmup calls come first
 
@@ -496,9 +491,7 @@ def parse_args() -> argparse.Namespace:
     args.flex_block = args.flex_block or defaults["flex_block"]
     args.pattern = f"pattern p = lsh({args.buckets})"
     if args.out is None:
-        slug = "content_cpu" if args.device == "cpu" else \
-            "gpu_content_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-        args.out = str(ROOT / f"benchmarks/results/{slug}.json")
+        args.out = cf.result_path("content_cpu", "gpu_content", args.device)
     return args
 
 

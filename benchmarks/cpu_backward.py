@@ -34,7 +34,6 @@ import datetime
 import gc
 import json
 import os
-import re
 import resource
 import shlex
 import statistics
@@ -227,11 +226,7 @@ def bench_pattern(name: str, args, device, dtype) -> dict:
         impls[(label, "fwd_bwd")] = lambda fwd=fwd: fwd_bwd(fwd, q, k, v, do)
         impls[(label, "fwd")] = fwd
     times, foreign = cf.round_robin(impls, device, args.warmup, args.repeats)
-    quiet = [i for i, f in enumerate(foreign) if f < args.quiet]
-    if len(quiet) < 3:  # too few rounds free of other load: use them all, and say so
-        print(f"warning: {name}: only {len(quiet)} of {len(foreign)} rounds had other processes below "
-              f"{args.quiet} cores busy; medians over all rounds", file=sys.stderr)
-        quiet = list(range(len(foreign)))
+    quiet = cf.quiet_rounds(foreign, args.quiet, name)
     info.update(foreign_cores_busy_per_round=foreign, rounds_used=quiet)
 
     for label, fwd in fwds.items():
@@ -340,9 +335,7 @@ def parse_args() -> argparse.Namespace:
     args.backend, args.dtype = defaults["backend"], args.dtype or defaults["dtype"]
     args.flex_block = args.flex_block or ([128, 64] if args.device == "cuda" else [None])
     if args.out is None:
-        slug = "cpu_backward" if args.device == "cpu" else \
-            "gpu_backward_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-        args.out = str(ROOT / f"benchmarks/results/{slug}.json")
+        args.out = cf.result_path("cpu_backward", "gpu_backward", args.device)
     return args
 
 

@@ -126,6 +126,24 @@ def cpu_seconds() -> tuple[float, float]:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
+def quiet_rounds(foreign: list[float], threshold: float, label: str) -> list[int]:
+    """The rounds in which other processes kept fewer than `threshold` cores busy; all rounds,
+    with a warning, when fewer than 3 were that quiet."""
+    quiet = [i for i, f in enumerate(foreign) if f < threshold]
+    if len(quiet) < 3:
+        print(f"warning: {label}: only {len(quiet)} of {len(foreign)} rounds had other processes below "
+              f"{threshold} cores busy; medians over all rounds", file=sys.stderr)
+        quiet = list(range(len(foreign)))
+    return quiet
+
+
+def result_path(cpu_stem: str, gpu_stem: str, device: str) -> str:
+    """benchmarks/results/<cpu_stem>.json, or <gpu_stem>_<gpu name>.json on CUDA."""
+    slug = cpu_stem if device == "cpu" else \
+        gpu_stem + "_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return str(ROOT / f"benchmarks/results/{slug}.json")
+
+
 def round_robin(impls: dict, device, warmup: int, repeats: int) -> tuple[dict[str, list[float]], list[float]]:
     """Per implementation, `repeats` call times (s) after `warmup` calls, interleaved; and per
     round, the cores other processes kept busy meanwhile (their load skews the times)."""
@@ -224,11 +242,7 @@ def bench_pattern(name: str, args, device, dtype, flex) -> dict:
         setup["sdpa dense mask"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
     times, foreign = round_robin(impls, device, args.warmup, args.repeats)
-    quiet = [i for i, f in enumerate(foreign) if f < args.quiet]
-    if len(quiet) < 3:  # too few rounds free of other load: use them all, and say so
-        print(f"warning: {name}: only {len(quiet)} of {len(foreign)} rounds had other processes below "
-              f"{args.quiet} cores busy; medians over all rounds", file=sys.stderr)
-        quiet = list(range(len(foreign)))
+    quiet = quiet_rounds(foreign, args.quiet, name)
     info.update(foreign_cores_busy_per_round=foreign, rounds_used=quiet)
     info["results"] = summarize(impls, setup, times, quiet, ref, device)
     return info
@@ -285,9 +299,7 @@ def parse_args() -> argparse.Namespace:
     args.n, args.dim = args.n or defaults["n"], args.dim or defaults["dim"]
     args.backend, args.dtype = defaults["backend"], args.dtype or defaults["dtype"]
     if args.out is None:
-        slug = "cpu_forward" if args.device == "cpu" else \
-            "gpu_forward_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-        args.out = str(ROOT / f"benchmarks/results/{slug}.json")
+        args.out = result_path("cpu_forward", "gpu_forward", args.device)
     return args
 
 
