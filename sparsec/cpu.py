@@ -47,11 +47,9 @@ def _row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, 
         keep[: len(rows), valid] = body.mask(Grid(rows + space.q_offset, keys[valid], space.n_q, space.n_k, head,
                                                   runtime))
         return keep
-    # positions of the sorted rows; the reference reads ascending positions, so sort and map back
-    pos, key_pos = order[0][rows], order[1][keys[valid]]
-    row_rank, key_rank = np.argsort(np.argsort(pos)), np.argsort(np.argsort(key_pos))
-    grid = Grid(np.sort(pos) + space.q_offset, np.sort(key_pos), space.n_q, space.n_k, head, runtime)
-    keep[: len(rows), valid] = body.mask(grid)[row_rank][:, key_rank]
+    # the reference evaluated on the original positions of the sorted rows
+    grid = Grid(order[0][rows] + space.q_offset, order[1][keys[valid]], space.n_q, space.n_k, head, runtime)
+    keep[: len(rows), valid] = body.mask(grid)
     return keep
 
 

@@ -127,15 +127,17 @@ class SortedOrder:
         """q, k, v in this order; k and v get one copy per query head (each head sorts its own).
         Differentiable: torch sends the gradients back to the original rows and K/V heads."""
         group = call.heads // call.kv_heads
-        take = lambda x, pos: x.gather(2, pos.long()[..., None].expand(-1, -1, -1, x.shape[-1]))
         k, v = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
-        return take(q, self.q_pos), take(k, self.k_pos), take(v, self.k_pos)
+        q_rows, k_rows = _flat(self.q_pos), _flat(self.k_pos)
+        return tuple(x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape)
+                for x, rows in ((q, q_rows), (k, k_rows), (v, k_rows)))
 
     def scatter(self, o, lse):
         """O and LSE back in the original row order."""
-        pos = self.q_pos.long()
-        o = torch.zeros_like(o).scatter(2, pos[..., None].expand_as(o), o)
-        return o, torch.zeros_like(lse).scatter(2, pos, lse)
+        rows = _flat(self.q_pos)
+        o = torch.zeros_like(o).view(-1, o.shape[-1]).index_copy(0, rows, o.reshape(-1, o.shape[-1]))
+        return o.view(self.q_pos.shape + o.shape[-1:]), torch.zeros_like(lse).view(-1).index_copy(
+            0, rows, lse.reshape(-1)).view(lse.shape)
 
     def layout(self, block_m: int, block_n: int, full: bool, offsets=None, q_offset: int = 0,
                heads: list[bool] | None = None) -> DeviceLayout:
@@ -172,6 +174,14 @@ class SortedOrder:
             keep = torch.as_tensor(heads, device=bh.device)[bh % H]
             bh, t, kt, cls = bh[keep], t[keep], kt[keep], cls[keep]
         return DeviceLayout.from_tiles((B, H, tq, tk), block_m, block_n, bh, t, kt, cls, tk)
+
+
+def _flat(pos: torch.Tensor) -> torch.Tensor:
+    """Rows (B, H, n) of each (b, h) as rows of the (B * H * n)-row flattening: one index_select
+    moves whole rows (a gather with an expanded index would read one index per element)."""
+    B, H, n = pos.shape
+    base = torch.arange(B * H, device=pos.device, dtype=torch.long).view(B, H, 1) * n
+    return (pos.long() + base).reshape(-1)
 
 
 def _ends(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,9 @@ from hypothesis import given, strategies as st
 
 import sparsec
 from sparsec.ir.sampled import random_keys
+from sparsec.ir.tiles import Grid
+
+from conftest import patterns
 
 
 def spec_allows(prim: str, a: tuple, p: int, j: int, n_k: int) -> bool:
@@ -170,3 +173,22 @@ def test_empty_rows_exist_and_are_all_false():
     m = sparsec.compile("pattern p = band(2, -1)").mask(5).numpy()[0, 0]
     assert m.sum(axis=1).tolist() == [0, 1, 2, 2, 2]  # strictly-before window: row 0 sees nothing
     assert not sparsec.compile("pattern p = sink(3) - full").mask(5).numpy().any()
+
+
+@given(src=patterns, n_q=st.integers(1, 30), n_k=st.integers(1, 30), offset=st.integers(0, 20),
+       seed=st.integers(0, 1 << 30))
+def test_masks_read_positions_in_any_order(src, n_q, n_k, offset, seed):
+    """A sorted share evaluates the reference on its tiles' scattered positions: every rule must
+    give the same pairs whatever the order of the grid's positions and keys."""
+    try:
+        kern = sparsec.compile(f"pattern p = {src}")
+        body = sparsec.passes.specialize(kern.ir, n_q, n_k)
+    except sparsec.SparsecError:
+        return
+    rng = np.random.default_rng(seed)
+    pos, keys = np.arange(n_q) + offset, np.arange(n_k)
+    rows, cols = rng.permutation(n_q), rng.permutation(n_k)
+    for head in range(2):
+        want = body.mask(Grid(pos, keys, n_q, n_k, head))
+        got = body.mask(Grid(pos[rows], keys[cols], n_q, n_k, head))
+        assert np.array_equal(got, want[rows][:, cols])

@@ -55,10 +55,12 @@ class Random(Pattern):
     def mask(self, grid):
         picks = random_keys(value(self.seed), grid.head, grid.pos, value(self.r), grid.n_k)
         out = np.zeros((len(grid.pos), len(grid.keys)), bool)
-        at = np.searchsorted(grid.keys, picks)            # grid.keys is sorted and unique
-        hit = (at < len(grid.keys)) & (grid.keys[np.minimum(at, len(grid.keys) - 1)] == picks)
+        order = np.argsort(grid.keys, kind="stable")     # grid.keys are distinct, in any order
+        keys = grid.keys[order]
+        at = np.searchsorted(keys, picks)
+        hit = (at < len(keys)) & (keys[np.minimum(at, len(keys) - 1)] == picks)
         rows = np.broadcast_to(np.arange(len(grid.pos))[:, None], picks.shape)
-        out[rows[hit], at[hit]] = True
+        out[rows[hit], order[at[hit]]] = True
         return out
 
     def tiles(self, t):

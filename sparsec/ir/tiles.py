@@ -82,7 +82,8 @@ def _host(x):
 
 @dataclass(frozen=True)
 class Grid:
-    """Token pairs pos x keys: query positions (i + q_offset) and key indices, both 1-D int64."""
+    """Token pairs pos x keys: query positions (i + q_offset) and key indices, both 1-D int64,
+    distinct, in any order (a share sorted by bucket reads its tiles' scattered positions)."""
     pos: np.ndarray
     keys: np.ndarray
     n_q: int
