@@ -89,8 +89,9 @@ def _topk(node: TopK, q, k, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
 def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple[torch.Tensor, ...]]:
     """Each content node's ids or selection for this call, on q's device, computed in float64
     from q and k (k of each query head's group), leading dims (B, H)."""
-    q64 = q.detach().double()
-    k64 = k.detach().double().repeat_interleave(call.heads // call.kv_heads, dim=1)
+    group = call.heads // call.kv_heads
+    q64, k64 = q.detach().double(), k.detach().double()
+    k64 = k64.repeat_interleave(group, dim=1) if group > 1 else k64
     out: dict[Pattern, tuple[torch.Tensor, ...]] = {}
     for node in nodes:
         if node in out or not isinstance(node, ContentPattern):
