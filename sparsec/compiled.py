@@ -148,6 +148,9 @@ class Kernel:
                 raise ValueError(f"q must be (B, heads={heads}, n_q={n_q}, D) and k (B, Hkv, n_k={n_k}, D) with "
                                  f"heads % Hkv == 0; got q {q.shape}, k {k.shape}")
         batch = seg.shape[0] if seg is not None else q.shape[0] if {"q", "k"} & self.needs else 1
+        if share is not None and _int_arg("share", share, 0) >= len(self.shares):
+            raise ValueError(f"share must be below {len(self.shares)} (pattern {self.name} runs as "
+                             f"{len(self.shares)} shares), got {share}")
         body = passes.specialize(self.ir, n_q, n_k) if share is None else \
             self.shares[share].body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q})
         per_head = heads if body.varies_with_head() else 1
@@ -233,6 +236,14 @@ class Kernel:
         key = share.key.specialize({"n": call.n_k, "n_k": call.n_k, "n_q": call.n_q})
         return routing.SortedOrder.of(inputs["content"][key])
 
+    def _sorted_layout(self, share: int, body, order: routing.SortedOrder, call: R.Call, block_m: int,
+                       block_n: int) -> R.DeviceLayout:
+        """A sorted share's layout: tiles whose bucket ranges meet, less those its bands, causal
+        or heads(...) slots rule out (worked out once per share and shape)."""
+        offsets, heads = self._cached(("sorted", share, call.n_q, call.n_k, call.heads),
+                                      lambda: (offset_bounds(body), active_heads(body, call.heads)))
+        return order.layout(block_m, block_n, self.shares[share].full, offsets, call.q_offset, heads)
+
     def share_layouts(self, q, k, block_m: int = 64, block_n: int = 64, q_offset: int | None = None,
                       **runtime) -> list[tuple[Share, BlockLayout, tuple | None]]:
         """The layouts a call on q, k builds, one per share: (share, layout, order), where order
@@ -242,7 +253,7 @@ class Kernel:
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         inputs, bodies = self._prepare(call, q, k, runtime)
         out = []
-        for share, body in zip(self.shares, bodies):
+        for i, (share, body) in enumerate(zip(self.shares, bodies)):
             if share.key is None:
                 space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1,
                                    {name: x for name, x in inputs.items() if name not in ("q", "k")})
@@ -250,9 +261,7 @@ class Kernel:
                 out.append((share, lay, None))
                 continue
             order = self._order(share, call, inputs)
-            lay = order.layout(block_m, block_n, share.full, offset_bounds(body), call.q_offset,
-                               active_heads(body, call.heads))
-            lay = lay.to_host(call.n_q, call.n_k, call.q_offset)
+            lay = self._sorted_layout(i, body, order, call, block_m, block_n).to_host(call.n_q, call.n_k, call.q_offset)
             out.append((share, lay, (order.q_pos.cpu().numpy(), order.k_pos.cpu().numpy())))
         return out
 
@@ -282,8 +291,7 @@ class Kernel:
             return layout(seg=seg)
 
         def sorted_layout():
-            return order.layout(config.block_m, config.block_n, self.shares[share].full, offset_bounds(body),
-                                call.q_offset, active_heads(body, call.heads))
+            return self._sorted_layout(share, body, order, call, config.block_m, config.block_n)
 
         def device_layout():
             if order is not None:

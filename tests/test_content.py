@@ -112,6 +112,16 @@ def test_shares_of_the_library_shapes():
     assert len(split("band(3) - cluster(2)")) == 1   # a bucketing on the right of - stays positional
 
 
+def test_share_masks_and_their_errors():
+    """kern.mask(share=i) is share i's pairs: together the shares' masks are the pattern's."""
+    kern = sparsec.compile("pattern p = causal & (cluster(3) + band(4, 0))")
+    q, k = torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
+    masks = [kern.mask(30, heads=2, q=q, k=k, share=i) for i in range(len(kern.shares))]
+    assert len(masks) == 2 and torch.equal(sum(m.int() for m in masks), kern.mask(30, heads=2, q=q, k=k).int())
+    with pytest.raises(ValueError, match=r"share must be below 2 \(pattern p runs as 2 shares\), got 2"):
+        kern.mask(30, heads=2, q=q, k=k, share=2)
+
+
 def reference_ids(node, q, k, **inputs):
     """The reference's (numpy) q ids and k ids, or top-k choices, of every (b, h), stacked as the
     runtime's: (B, H, ...)."""
