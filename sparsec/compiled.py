@@ -10,7 +10,7 @@ import numpy as np
 import sympy
 import torch
 
-from . import cpu, passes, routing
+from . import cpu, passes, routing, selections
 from . import runtime as R
 from .autograd import attend
 from .codegen import Generated, TileConfig, emit_kernels
@@ -19,7 +19,6 @@ from .elaborate import elaborate, pattern_names
 from .errors import Source
 from .ir import expr as E
 from .ir.program import Binding, Definition
-from .ir.content import TopK
 from .ir.tiles import Grid, TableSpace
 from .layout import BlockLayout, build_layout
 from .shares import Share, active_heads, offset_bounds
@@ -254,15 +253,9 @@ class Kernel:
         inputs, bodies = self._prepare(call, q, k, runtime)
         out = []
         for i, (share, body) in enumerate(zip(self.shares, bodies)):
-            if share.key is None:
-                space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1,
-                                   {name: x for name, x in inputs.items() if name not in ("q", "k")})
-                lay = build_layout(body, call.n_q, call.n_k, block_m, block_n, call.q_offset, call.heads, space=space)
-                out.append((share, lay, None))
-                continue
-            order = self._order(share, call, inputs)
-            lay = self._sorted_layout(i, body, order, call, block_m, block_n).to_host(call.n_q, call.n_k, call.q_offset)
-            out.append((share, lay, (order.q_pos.cpu().numpy(), order.k_pos.cpu().numpy())))
+            order = None if share.key is None else self._order(share, call, inputs)
+            lay = self._host_layout(i, body, call, block_m, block_n, inputs, order)
+            out.append((share, lay, None if order is None else (order.q_pos.cpu().numpy(), order.k_pos.cpu().numpy())))
         return out
 
     def _runner(self, share: int, body, call: R.Call, backend: str, config: TileConfig, inputs: dict,
@@ -275,48 +268,59 @@ class Kernel:
             """Cached by shape when the share reads no runtime input; else made per call."""
             return make() if needs else self._cached((what, *shape), make)
 
-        def layout(part=body, seg=None):
-            return build_layout(part, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,
-                                call.heads, seg)
-
-        def host_layout():
-            if order is not None:
-                return sorted_layout().to_host(call.n_q, call.n_k, call.q_offset)
-            if any(isinstance(node, TopK) for node in body.walk()):   # tiles from its selection
-                selected = {name: inputs[name] for name in ("segment_ids", "content") if name in inputs}
-                return build_layout(body, call.n_q, call.n_k, config.block_m, config.block_n, call.q_offset,
-                                    call.heads, space=TableSpace(call.n_q, call.n_k, call.q_offset, call.heads,
-                                                                 call.batch, 1, selected))
-            seg = inputs["segment_ids"].cpu().numpy() if "segment_ids" in inputs else None
-            return layout(seg=seg)
-
-        def sorted_layout():
-            return self._sorted_layout(share, body, order, call, config.block_m, config.block_n)
-
-        def device_layout():
-            if order is not None:
-                return sorted_layout()
-            static = static_part(body) if needs == {"segment_ids"} else None
-            if static is None:   # everything else: built on the host, copied over
-                return per_shape("layout", lambda: R.DeviceLayout.of(host_layout(), call.device))
-            documents = self._cached(("documents", *shape), lambda: DocumentLayouts.of(
-                None if static[0] is None else layout(static[0]), call.n_q, call.n_k, call.q_offset,
-                config.block_m, config.block_n, call.device))
-            return documents.build(inputs["segment_ids"])
-
         if backend == "cpu":   # masks read content ids once computed, never q and k themselves
             known = {name: x for name, x in inputs.items() if "content" not in inputs or name not in ("q", "k")}
             space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, known)
             rows = None if order is None else (order.q_pos.numpy(), order.k_pos.numpy())
-            p = per_shape("plan", lambda: cpu.plan(body, host_layout(), space, call.kv_heads,
-                                                   per_batch=bool(needs), order=rows))
+            p = per_shape("plan", lambda: cpu.plan(
+                body, self._host_layout(share, body, call, config.block_m, config.block_n, inputs, order), space,
+                call.kv_heads, per_batch=bool(needs), order=rows))
             return cpu.CpuAttention(p, call.scale)
         interpret = backend == "interpret"
         gen = self.generated(config, share)
         module = R.load_kernel(gen, self.name, interpret)
         tables = per_shape("tables", lambda: R.table_values(gen, body, call, inputs))
-        return R.GeneratedAttention(module, device_layout(), tables, call, interpret,
+        lay = self._device_layout(share, body, call, config.block_m, config.block_n, inputs, order)
+        return R.GeneratedAttention(module, lay, tables, call, interpret,
                                     None if order is None else (order.q_pos, order.k_pos))
+
+    def _device_layout(self, share: int, body, call: R.Call, block_m: int, block_n: int, inputs: dict,
+                       order: routing.SortedOrder | None) -> R.DeviceLayout:
+        """One share's layout for one call, on the call's device: from bucket ranges (sorted
+        shares), from the top-k selection, from segment ids (document & static), or from the host
+        build (cached by shape when the share reads no runtime input)."""
+        shape = (share, block_m, block_n, call.n_q, call.n_k, call.q_offset, call.heads, call.device)
+        if order is not None:
+            return self._sorted_layout(share, body, order, call, block_m, block_n)
+        if selections.supported(body):
+            static = self._cached(("selections", *shape), lambda: selections.SelectionLayouts.of(
+                body, call.n_q, call.n_k, call.q_offset, block_m, block_n, call.heads, call.device))
+            return static.build(inputs["content"], call.batch)
+        needs = body.runtime_needs()
+        static = static_part(body) if needs == {"segment_ids"} else None
+        if static is None:   # everything else: built on the host, copied over
+            host = lambda: R.DeviceLayout.of(
+                self._host_layout(share, body, call, block_m, block_n, inputs, None), call.device)
+            return host() if needs else self._cached(("layout", *shape), host)
+        documents = self._cached(("documents", *shape), lambda: DocumentLayouts.of(
+            None if static[0] is None else build_layout(static[0], call.n_q, call.n_k, block_m, block_n,
+                                                        call.q_offset, call.heads),
+            call.n_q, call.n_k, call.q_offset, block_m, block_n, call.device))
+        return documents.build(inputs["segment_ids"])
+
+    def _host_layout(self, share: int, body, call: R.Call, block_m: int, block_n: int, inputs: dict,
+                     order: routing.SortedOrder | None) -> BlockLayout:
+        """One share's layout as a host BlockLayout (the CPU path plans from it)."""
+        if order is not None or selections.supported(body):   # built with torch (on the CPU here)
+            lay = self._device_layout(share, body, call, block_m, block_n, inputs, order)
+            return lay.to_host(call.n_q, call.n_k, call.q_offset)
+        seg = inputs.get("segment_ids")
+        if {"q", "k"} & body.runtime_needs():   # content beside a document: per batch row, on the host
+            space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1,
+                               {name: inputs[name] for name in ("segment_ids", "content") if name in inputs})
+            return build_layout(body, call.n_q, call.n_k, block_m, block_n, call.q_offset, call.heads, space=space)
+        return build_layout(body, call.n_q, call.n_k, block_m, block_n, call.q_offset, call.heads,
+                            None if seg is None else seg.cpu().numpy())
 
 
 CompiledPattern = Kernel  # the name of sparsec 0.1

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import sparsec
-from sparsec import routing
+from sparsec import routing, selections
 from sparsec.ir.content import Cluster, Lsh, LshRound, TopK
 from sparsec.ir.tiles import FULL, EMPTY, Grid, TableSpace
 from sparsec.layout import build_layout, tile_classes
@@ -261,7 +261,8 @@ def test_sorted_shares_visit_about_their_density():
 
 
 @pytest.mark.parametrize("src", ["topk(2, block=8)", "causal & (topk(2, block=16, causal=true) + chunk(16))",
-                                 "topk(1, block=4) & band(9) + global(2)", "topk(3, block=12) - causal"])
+                                 "topk(1, block=4) & band(9) + global(2)", "topk(3, block=12) - causal",
+                                 "heads(band(3), stride(2)) - topk(1, block=8) + topk(2, block=4, causal=true)"])
 @pytest.mark.parametrize("kind", ["gaussian", "ties"])
 def test_topk_layouts_from_the_selection_are_sound(src, kind):
     """Layouts built from the runtime's top-k selection visit every tile with an allowed pair and
@@ -274,11 +275,15 @@ def test_topk_layouts_from_the_selection_are_sound(src, kind):
     body = sparsec.passes.specialize(kern.ir, n_q, n_k)
     space = TableSpace(n_q, n_k, q_offset, 2, 2, inputs={"content": routing.content_values(body.walk(), q, k, call, {})})
     for bm, bn in ((8, 8), (16, 4)):
-        got = build_layout(body, n_q, n_k, bm, bn, q_offset, 2, space=space).classes()
+        host = build_layout(body, n_q, n_k, bm, bn, q_offset, 2, space=space).classes()
+        device = selections.SelectionLayouts.of(body, n_q, n_k, q_offset, bm, bn, 2, torch.device("cpu"))
+        device = device.build(space.inputs["content"], 2).to_host(n_q, n_k, q_offset).classes()
         want = tile_classes(kern.mask(n_q, n_k, heads=2, q_offset=q_offset, q=q, k=k).numpy(), bm, bn)
-        assert not ((want > EMPTY) & (got == EMPTY)).any(), "a tile with allowed pairs is skipped"
-        assert not ((got == FULL) & (want != FULL)).any(), "a FULL tile has a pair that is not allowed"
-        assert (got > EMPTY).sum() < got.size
+        for got in (host, device):   # on the host through the IR's rules, and in torch (what calls use)
+            assert not ((want > EMPTY) & (got == EMPTY)).any(), "a tile with allowed pairs is skipped"
+            assert not ((got == FULL) & (want != FULL)).any(), "a FULL tile has a pair that is not allowed"
+            assert (got > EMPTY).sum() < got.size
+        assert np.array_equal(device, host)
 
 
 @pytest.mark.parametrize("backend", ["interpret", "cpu"])

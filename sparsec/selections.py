@@ -1,0 +1,151 @@
+"""Layouts of patterns with topk parts, built per call on the tensors' device from the selection.
+
+topk's chosen (I, J) block pairs change with every call; the rest of the pattern does not. The
+static parts get their layouts once per shape (host, analytic) and are kept on the device as
+class grids; a call expands the selection into tiles and combines them with those by the layout
+algebra of ir/pattern.py (union: max, intersection: min, difference: "right FULL empties, right
+EMPTY keeps, else PARTIAL") on sorted int64 tile keys. Nothing is n x n and nothing is copied to
+the host but the sizes torch needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ir.content import TopK
+from .ir.pattern import Difference, Intersection, Pattern, Union, value
+from .ir.tiles import EMPTY, FULL, PARTIAL
+from .layout import build_layout
+from .runtime import DeviceLayout
+
+
+def supported(body: Pattern) -> bool:
+    """True when body has a topk and every part reading a runtime input is a topk, or a union,
+    intersection or difference of such parts and static ones."""
+    def ok(p: Pattern) -> bool:
+        if not p.runtime_needs() or isinstance(p, TopK):
+            return True
+        return isinstance(p, (Union, Intersection, Difference)) and all(map(ok, p.children()))
+    return any(isinstance(n, TopK) for n in body.walk()) and ok(body)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tiles over (B, H): key = ((b * H + h) * tq + t) * tk + kt, sorted and unique, with classes."""
+    key: torch.Tensor
+    cls: torch.Tensor
+
+
+@dataclass
+class SelectionLayouts:
+    """One shape's static parts (class grids (heads, tq, tk) on the device), and the build."""
+    body: Pattern
+    n_q: int
+    n_k: int
+    q_offset: int
+    block_m: int
+    block_n: int
+    heads: int
+    grids: dict
+
+    @staticmethod
+    def of(body: Pattern, n_q: int, n_k: int, q_offset: int, block_m: int, block_n: int, heads: int,
+           device: torch.device) -> "SelectionLayouts":
+        grids = {}
+        for node in body.walk():
+            if not node.runtime_needs() and node not in grids:
+                lay = build_layout(node, n_q, n_k, block_m, block_n, q_offset, heads)
+                grids[node] = torch.as_tensor(lay.classes()[0], device=device)   # static: batch dim 1
+        return SelectionLayouts(body, n_q, n_k, q_offset, block_m, block_n, heads, grids)
+
+    def build(self, content: dict, batch: int) -> DeviceLayout:
+        tq, tk = -(-self.n_q // self.block_m), -(-self.n_k // self.block_n)
+        tiles = self._tiles(self.body, content, batch)
+        bh, t, kt = tiles.key // (tq * tk), tiles.key // tk % tq, tiles.key % tk
+        return DeviceLayout.from_tiles((batch, self.heads, tq, tk), self.block_m, self.block_n, bh, t, kt,
+                                       tiles.cls, tk)
+
+    # ---- the algebra ----
+    def _tiles(self, p: Pattern, content: dict, batch: int) -> Tiles:
+        if p in self.grids:
+            return self._enumerate(self.grids[p], batch)
+        if isinstance(p, TopK):
+            return self._topk(p, content[p][0])
+        if isinstance(p, Union):
+            parts = [self._tiles(c, content, batch) for c in p.parts]
+            return _merge(torch.cat([x.key for x in parts]), torch.cat([x.cls for x in parts]))
+        if isinstance(p, Intersection):   # enumerate a part that reads the selection, classify by the rest
+            first = next(c for c in p.parts if c not in self.grids)
+            base = self._tiles(first, content, batch)
+            cls = base.cls
+            for c in p.parts:
+                if c is not first:
+                    cls = torch.minimum(cls, self._classify(c, base.key, content, batch))
+            return _keep(base.key, cls)
+        if isinstance(p, Difference):
+            base = self._tiles(p.left, content, batch)
+            right = self._classify(p.right, base.key, content, batch)
+            cls = torch.where(right == FULL, EMPTY, torch.where(right == EMPTY, base.cls,
+                                                               torch.clamp(base.cls, max=PARTIAL)))
+            return _keep(base.key, cls.to(torch.int8))
+        raise AssertionError(f"not a selection layout: {type(p).__name__}")   # supported() said otherwise
+
+    def _classify(self, p: Pattern, key: torch.Tensor, content: dict, batch: int) -> torch.Tensor:
+        """The class p gives each tile key: a static part's grid, else a lookup in p's own tiles."""
+        tq, tk = -(-self.n_q // self.block_m), -(-self.n_k // self.block_n)
+        if p in self.grids:
+            grid = self.grids[p]
+            h = key // (tq * tk) % self.heads % grid.shape[0]
+            return grid[h, key // tk % tq, key % tk]
+        own = self._tiles(p, content, batch)
+        at = torch.searchsorted(own.key, key).clamp(max=max(len(own.key) - 1, 0))
+        if not len(own.key):
+            return torch.zeros_like(key, dtype=torch.int8)
+        return torch.where(own.key[at] == key, own.cls[at], EMPTY).to(torch.int8)
+
+    def _enumerate(self, grid: torch.Tensor, batch: int) -> Tiles:
+        """A static part's tiles in every (b, h): its grid has 1 head (shared) or `heads`."""
+        lh, tq, tk = grid.shape
+        h, t, kt = torch.nonzero(grid, as_tuple=True)     # ascending (h, t, kt)
+        cls = grid[h, t, kt].to(torch.int8)
+        rows = torch.arange(batch * self.heads, device=grid.device)
+        if lh > 1:   # each (b, h) takes its own head's tiles
+            rows = rows.view(batch, self.heads)[:, h].reshape(-1)
+            t, kt, cls = t.repeat(batch), kt.repeat(batch), cls.repeat(batch)
+            return Tiles((rows * tq + t) * tk + kt, cls)
+        key = (rows[:, None] * tq + t[None, :]) * tk + kt[None, :]
+        return Tiles(key.reshape(-1), cls.repeat(batch * self.heads))
+
+    def _topk(self, p: TopK, chosen: torch.Tensor) -> Tiles:
+        """The tiles of the chosen (I, J) block pairs: FULL when inside one pair (TopK.tiles)."""
+        size, bm, bn = value(p.block), self.block_m, self.block_n
+        tq, tk = -(-self.n_q // bm), -(-self.n_k // bn)
+        b, h, i, j = torch.nonzero(chosen).unbind(1)
+        rows_lo = (i + self.q_offset // size) * size - self.q_offset          # block I in call rows
+        rows_hi = torch.clamp(rows_lo + size - 1, max=self.n_q - 1)
+        rows_lo = torch.clamp(rows_lo, min=0)
+        qf, ql = torch.div(rows_lo, bm, rounding_mode="floor"), torch.div(rows_hi, bm, rounding_mode="floor") + 1
+        cols_lo, cols_hi = j * size, torch.clamp(j * size + size - 1, max=self.n_k - 1)
+        kf, kl = cols_lo // bn, cols_hi // bn + 1
+        width = kl - kf
+        count = (ql - qf) * width
+        owner = torch.repeat_interleave(torch.arange(len(count), device=chosen.device), count)
+        at = torch.arange(len(owner), device=chosen.device) - (torch.cumsum(count, 0) - count)[owner]
+        qt, kt = qf[owner] + at // width[owner], kf[owner] + at % width[owner]
+        inside = (qt * bm >= rows_lo[owner]) & (torch.clamp(qt * bm + bm - 1, max=self.n_q - 1) <= rows_hi[owner]) \
+            & (kt * bn >= cols_lo[owner]) & (torch.clamp(kt * bn + bn - 1, max=self.n_k - 1) <= cols_hi[owner])
+        key = ((b[owner] * self.heads + h[owner]) * tq + qt) * tk + kt
+        return _merge(key, torch.where(inside, FULL, PARTIAL).to(torch.int8))
+
+
+def _merge(key: torch.Tensor, cls: torch.Tensor) -> Tiles:
+    """Sorted unique keys, each with the largest class it was listed with (a union)."""
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    best = torch.zeros(len(uniq), dtype=torch.int8, device=key.device).scatter_reduce(
+        0, inverse, cls.to(torch.int8), reduce="amax")
+    return _keep(uniq, best)
+
+
+def _keep(key: torch.Tensor, cls: torch.Tensor) -> Tiles:
+    pick = cls > EMPTY
+    return Tiles(key[pick], cls[pick].to(torch.int8))
