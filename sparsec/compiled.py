@@ -150,8 +150,7 @@ class Kernel:
         if share is not None and _int_arg("share", share, 0) >= len(self.shares):
             raise ValueError(f"share must be below {len(self.shares)} (pattern {self.name} runs as "
                              f"{len(self.shares)} shares), got {share}")
-        body = passes.specialize(self.ir, n_q, n_k) if share is None else \
-            self.shares[share].body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q})
+        body = passes.specialize(self.ir if share is None else self.shares[share].body, n_q, n_k)
         per_head = heads if body.varies_with_head() else 1
         out = np.zeros((batch, heads, n_q, n_k), bool)
         pos, keys = np.arange(n_q, dtype=np.int64) + q_offset, np.arange(n_k, dtype=np.int64)
@@ -223,8 +222,8 @@ class Kernel:
         inputs = {name: x for name, x in runtime.items() if x is not None}
         if "segment_ids" in inputs:
             inputs["segment_ids"] = inputs["segment_ids"].to(torch.int32).contiguous()
-        env = {"n": call.n_k, "n_k": call.n_k, "n_q": call.n_q}
-        bodies = [self._cached(("specialized", i, call.n_q, call.n_k), lambda: s.body.specialize(env))
+        bodies = [self._cached(("specialized", i, call.n_q, call.n_k),
+                               lambda: passes.specialize(s.body, call.n_q, call.n_k))
                   for i, s in enumerate(self.shares)]
         if {"q", "k"} & self.needs:
             inputs.update(q=q, k=k, content=routing.content_values(
@@ -232,7 +231,7 @@ class Kernel:
         return inputs, bodies
 
     def _order(self, share: Share, call: R.Call, inputs: dict) -> routing.SortedOrder:
-        key = share.key.specialize({"n": call.n_k, "n_k": call.n_k, "n_q": call.n_q})
+        key = passes.specialize(share.key, call.n_q, call.n_k)
         return routing.SortedOrder.of(inputs["content"][key])
 
     def _sorted_layout(self, share: int, body, order: routing.SortedOrder, call: R.Call, block_m: int,

@@ -67,6 +67,7 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
         for h in range(H):
             lay_h = h if lh > 1 else 0
             runtime = space.per_head(b or 0, h)
+            rows_of = None if order is None else (order[0][b or 0, h], order[1][b or 0, h])
             for t in range(tq):
                 full = layout.full.row(b if lb > 1 else 0, lay_h, t)
                 part = layout.partial.row(b if lb > 1 else 0, lay_h, t)
@@ -75,7 +76,6 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
                     continue
                 if (lay_h, t) not in masks:
                     past_n_k = (visits[-1] + 1) * layout.block_n > space.n_k
-                    rows_of = None if order is None else (order[0][b or 0, h], order[1][b or 0, h])
                     masks[(lay_h, t)] = _row_mask(body, layout, space, h, runtime, t, visits, rows_of) \
                         if len(part) or past_n_k else None
                 by_count.setdefault(len(visits), []).append((h * tq + t, (h // group) * tk + visits, (lay_h, t)))

@@ -203,6 +203,8 @@ def optimize(d: Definition) -> Definition:
     return d
 
 
-def specialize(d: Definition, n_q: int, n_k: int) -> N.Pattern:
-    """The body with every argument evaluated for these lengths and checked."""
-    return d.body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q})
+def specialize(d: Definition | N.Pattern, n_q: int, n_k: int) -> N.Pattern:
+    """The body (of a definition, or a pattern itself) with every argument evaluated for these
+    lengths and checked."""
+    body = d.body if isinstance(d, Definition) else d
+    return body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q})

@@ -52,14 +52,25 @@ class SelectionLayouts:
     def of(body: Pattern, n_q: int, n_k: int, q_offset: int, block_m: int, block_n: int, heads: int,
            device: torch.device) -> "SelectionLayouts":
         grids = {}
-        for node in body.walk():
-            if not node.runtime_needs() and node not in grids:
-                lay = build_layout(node, n_q, n_k, block_m, block_n, q_offset, heads)
-                grids[node] = torch.as_tensor(lay.classes()[0], device=device)   # static: batch dim 1
+
+        def collect(p: Pattern) -> None:   # the largest parts that read no runtime input
+            if not p.runtime_needs():
+                if p not in grids:
+                    lay = build_layout(p, n_q, n_k, block_m, block_n, q_offset, heads)
+                    grids[p] = torch.as_tensor(lay.classes()[0], device=device)   # static: batch dim 1
+            else:
+                for c in p.children():
+                    collect(c)
+        collect(body)
         return SelectionLayouts(body, n_q, n_k, q_offset, block_m, block_n, heads, grids)
 
+    @property
+    def tile_counts(self) -> tuple[int, int]:
+        """(query tiles, key tiles)."""
+        return -(-self.n_q // self.block_m), -(-self.n_k // self.block_n)
+
     def build(self, content: dict, batch: int) -> DeviceLayout:
-        tq, tk = -(-self.n_q // self.block_m), -(-self.n_k // self.block_n)
+        tq, tk = self.tile_counts
         tiles = self._tiles(self.body, content, batch)
         bh, t, kt = tiles.key // (tq * tk), tiles.key // tk % tq, tiles.key % tk
         return DeviceLayout.from_tiles((batch, self.heads, tq, tk), self.block_m, self.block_n, bh, t, kt,
@@ -92,15 +103,15 @@ class SelectionLayouts:
 
     def _classify(self, p: Pattern, key: torch.Tensor, content: dict, batch: int) -> torch.Tensor:
         """The class p gives each tile key: a static part's grid, else a lookup in p's own tiles."""
-        tq, tk = -(-self.n_q // self.block_m), -(-self.n_k // self.block_n)
+        tq, tk = self.tile_counts
         if p in self.grids:
             grid = self.grids[p]
             h = key // (tq * tk) % self.heads % grid.shape[0]
             return grid[h, key // tk % tq, key % tk]
         own = self._tiles(p, content, batch)
-        at = torch.searchsorted(own.key, key).clamp(max=max(len(own.key) - 1, 0))
         if not len(own.key):
             return torch.zeros_like(key, dtype=torch.int8)
+        at = torch.searchsorted(own.key, key).clamp(max=len(own.key) - 1)
         return torch.where(own.key[at] == key, own.cls[at], EMPTY).to(torch.int8)
 
     def _enumerate(self, grid: torch.Tensor, batch: int) -> Tiles:
@@ -119,7 +130,7 @@ class SelectionLayouts:
     def _topk(self, p: TopK, chosen: torch.Tensor) -> Tiles:
         """The tiles of the chosen (I, J) block pairs: FULL when inside one pair (TopK.tiles)."""
         size, bm, bn = value(p.block), self.block_m, self.block_n
-        tq, tk = -(-self.n_q // bm), -(-self.n_k // bn)
+        tq, tk = self.tile_counts
         b, h, i, j = torch.nonzero(chosen).unbind(1)
         rows_lo = (i + self.q_offset // size) * size - self.q_offset          # block I in call rows
         rows_hi = torch.clamp(rows_lo + size - 1, max=self.n_q - 1)

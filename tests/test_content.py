@@ -12,7 +12,6 @@ from sparsec.ir.content import Cluster, Lsh, LshRound, TopK
 from sparsec.ir.tiles import FULL, EMPTY, Grid, TableSpace
 from sparsec.layout import build_layout, tile_classes
 from sparsec.runtime import check_call
-from sparsec.shares import active_heads, offset_bounds
 
 from conftest import KERNEL_EXAMPLES, LEAVES
 from test_gradients import check_gradients
@@ -79,8 +78,7 @@ def test_shares_are_disjoint_and_cover_the_pattern(src, n_q, n_k, offset, seed):
     """Every allowed pair is in exactly one share, and no share has a pair the pattern lacks."""
     try:
         kern = sparsec.compile(f"pattern p = {src}")
-        env = {"n": n_k, "n_k": n_k, "n_q": n_q}
-        bodies = [s.body.specialize(env) for s in kern.shares]
+        bodies = [sparsec.passes.specialize(s.body, n_q, n_k) for s in kern.shares]
     except sparsec.SparsecError:
         return
     gen = torch.Generator().manual_seed(seed)
@@ -89,7 +87,7 @@ def test_shares_are_disjoint_and_cover_the_pattern(src, n_q, n_k, offset, seed):
     assert np.array_equal(shares.sum(0), whole.astype(int))
     for share, s in zip(kern.shares, shares):
         if share.key is not None:    # a sorted share only has pairs its buckets agree on
-            key = reference_masks(kern, [share.key.specialize(env)], n_q, n_k, offset, q.numpy(), k.numpy())[0][0]
+            key = reference_masks(kern, [sparsec.passes.specialize(share.key, n_q, n_k)], n_q, n_k, offset, q.numpy(), k.numpy())[0][0]
             assert not (s & ~key).any()
 
 
@@ -176,22 +174,13 @@ def test_sorted_layouts_are_sound(src, kind):
     n_q, n_k, bm, bn = 53, 61, 8, 16
     gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
     q, k, _ = draw_inputs(kind, 2, 2, 1, n_q, n_k, 16, torch.float32, gen)
-    env = {"n": n_k, "n_k": n_k, "n_q": n_q}
-    call = check_call("p", kern.needs, q, k, k, None, None, {})
-    bodies = [s.body.specialize(env) for s in kern.shares]
-    values = routing.content_values([n for b in bodies for n in b.walk()], q, k, call, {})
-    masks, _ = reference_masks(kern, bodies, n_q, n_k, call.q_offset, q.numpy(), k.numpy())
-    for share, mask in zip(kern.shares, masks):
-        if share.key is None:
+    bodies = [sparsec.passes.specialize(s.body, n_q, n_k) for s in kern.shares]
+    masks, _ = reference_masks(kern, bodies, n_q, n_k, n_k - n_q, q.numpy(), k.numpy())
+    for (share, lay, order), mask in zip(kern.share_layouts(q, k, bm, bn), masks):   # what a call builds
+        if order is None:
             continue
-        order = routing.SortedOrder.of(values[share.key.specialize(env)])
-        qp, kp = order.q_pos.long().numpy(), order.k_pos.long().numpy()
-        in_order = np.take_along_axis(np.take_along_axis(mask, qp[..., None], 2), kp[:, :, None, :], 3)
-        want = tile_classes(in_order, bm, bn)
-        body = share.body.specialize(env)
-        got = order.layout(bm, bn, share.full, offset_bounds(body), call.q_offset, active_heads(body, 2))
-        got = got.to_host(n_q, n_k, call.q_offset)
-        got = got.classes()
+        in_order = np.take_along_axis(np.take_along_axis(mask, order[0][..., None], 2), order[1][:, :, None, :], 3)
+        want, got = tile_classes(in_order, bm, bn), lay.classes()
         assert not ((want > EMPTY) & (got == EMPTY)).any(), "a tile with allowed pairs is skipped"
         assert not ((got == FULL) & (want != FULL)).any(), "a FULL tile has a pair that is not allowed"
         if share.full:
