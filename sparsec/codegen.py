@@ -10,7 +10,7 @@ from .ir.pattern import Pattern
 from .ir.program import Definition
 from .templates import BACKWARD, FORWARD, HELPERS
 
-VERSION = 3  # bump when the generated code changes shape: part of the content hash
+VERSION = 4  # bump when the generated code changes shape: part of the content hash
 
 
 @dataclass(frozen=True)

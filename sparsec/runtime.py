@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from .codegen import Generated, TileConfig
 from .ir.pattern import Blocks, Pattern, value
 from .ir.tiles import FULL, PARTIAL, TableSpace
 from .layout import BlockLayout, TileLists
+from .schedule import heaviest_first
 
 BACKENDS = ("triton", "interpret", "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -233,6 +234,20 @@ class DeviceLayout:
     full_t: tuple[torch.Tensor, torch.Tensor]      # per key tile: the backward's dK/dV walk
     partial_t: tuple[torch.Tensor, torch.Tensor]
     longest_row: int                               # most key tiles any query tile visits
+    schedules: dict = field(default_factory=dict, compare=False, repr=False)   # launch orders, by call shape
+
+    def schedule(self, batch: int, heads: int, group: int = 0) -> torch.Tensor:
+        """The launch order of this layout's programs for a call with (batch, heads) query heads
+        (schedule.py): over query tiles, or with group = G > 0 over key tiles of the batch x heads/G
+        K/V heads. Kept with the layout, so a layout cached by shape sorts once."""
+        key = (batch, heads, group)
+        if key not in self.schedules:
+            lb, lh, tq, tk = self.shape
+            if group:
+                self.schedules[key] = heaviest_first(self.full_t[0], self.partial_t[0], (lb, lh, tk), batch, heads, group)
+            else:
+                self.schedules[key] = heaviest_first(self.full[0], self.partial[0], (lb, lh, tq), batch, heads)
+        return self.schedules[key]
 
     @staticmethod
     def of(layout: BlockLayout, device: torch.device) -> "DeviceLayout":
@@ -338,7 +353,8 @@ class GeneratedAttention:
         return torch.empty(shape, dtype=dtype, device=device)
 
     def forward(self, q, k, v):
-        """O and LSE: one program per (query tile, split, batch x head), splits merged by LSE."""
+        """O and LSE: one program per (batch x head, query tile, split), launched heaviest first
+        (schedule.py); splits merged by LSE."""
         c, lay = self.call, self.lay
         lb, lh, tq, _ = lay.shape
         splits = decode_splits(c, lay, self.interpret)
@@ -349,11 +365,11 @@ class GeneratedAttention:
             o_part = self._empty((splits, *q.shape), torch.float32, q.device)
             lse_part = self._empty((splits, c.batch, c.heads, c.n_q), torch.float32, q.device)
         with _interpreting(self.interpret):
-            self.module.sparse_attention_forward[(tq * splits, c.batch * c.heads)](
+            self.module.sparse_attention_forward[(tq * splits * c.batch * c.heads,)](
                 q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), *o_part.stride()[-4:],
                 o_part.stride(0) if splits > 1 else 0, lse_part.stride(0) if splits > 1 else 0,
                 c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale * math.log2(math.e), splits,
-                *lay.full, *lay.partial, lb, lh, tq, *self._orders(q), *self.tables,
+                *lay.full, *lay.partial, lb, lh, tq, lay.schedule(c.batch, c.heads), *self._orders(q), *self.tables,
                 EVEN_N=c.n_k % lay.block_n == 0, **self._common(q))
         if splits == 1:
             return o, lse
@@ -378,12 +394,14 @@ class GeneratedAttention:
                 o, do, dlse if dlse is not None else delta, delta, *o.stride(), *do.stride(), c.n_q, c.heads,
                 HEAD_DIM=common["HEAD_DIM"], HEAD_DIM_PAD=common["HEAD_DIM_PAD"], BLOCK_M=lay.block_m,
                 HAS_DLSE=dlse is not None)
-            self.module.sparse_attention_backward_dq[(tq, c.batch * c.heads)](
+            self.module.sparse_attention_backward_dq[(tq * c.batch * c.heads,)](
                 q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                *scalars, *lay.full, *lay.partial, lb, lh, tq, *self._orders(q), *self.tables,
+                *scalars, *lay.full, *lay.partial, lb, lh, tq, lay.schedule(c.batch, c.heads), *self._orders(q),
+                *self.tables,
                 EVEN_N=c.n_k % lay.block_n == 0, **common)
-            self.module.sparse_attention_backward_dkdv[(tk, c.batch * c.kv_heads)](
+            self.module.sparse_attention_backward_dkdv[(tk * c.batch * c.kv_heads,)](
                 q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                *dk.stride(), *dv.stride(), *scalars, *lay.full_t, *lay.partial_t, lb, lh, tk, *self._orders(q),
+                *dk.stride(), *dv.stride(), *scalars, *lay.full_t, *lay.partial_t, lb, lh, tk,
+                lay.schedule(c.batch, c.heads, c.heads // c.kv_heads), *self._orders(q),
                 *self.tables, **common)
         return dq, dk, dv

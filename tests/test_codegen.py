@@ -92,7 +92,7 @@ def _compile_for_sm90(src: str, dtype: str, dim: int) -> dict[str, int]:
         gen = kern.generated(TileConfig(64, 32 if wide else 64, 4, 2 if wide else 3), share)
         module = load_kernel(gen, kern.name, interpret=False)
         pointers = {t.name for t in gen.tables if t.pointer} | {
-            "FULL_PTR", "FULL_IDX", "PARTIAL_PTR", "PARTIAL_IDX", "Q_ORDER", "K_ORDER"}
+            "FULL_PTR", "FULL_IDX", "PARTIAL_PTR", "PARTIAL_IDX", "SCHEDULE", "Q_ORDER", "K_ORDER"}
         constants = dict(HEAD_DIM=dim, HEAD_DIM_PAD=1 << (dim - 1).bit_length(), BLOCK_M=64,
                          BLOCK_N=32 if wide else 64, EVEN_N=False, DOT_PRECISION="tf32", DOT_IN_FP32=False,
                          HAS_DLSE=True, PERMUTED=kern.shares[share].key is not None)

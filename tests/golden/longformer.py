@@ -3,7 +3,7 @@
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 67caf35f7e24d7b4
+# content hash: defc456354509c86
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -157,7 +157,7 @@ def sparse_attention_forward(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
     N_Q, N_K, Q_OFFSET, H, G, QK_SCALE, SPLITS,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, Q_ORDER, K_ORDER,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -167,9 +167,11 @@ def sparse_attention_forward(
     partial O and LSE (strides stride_os, stride_ls); the runtime merges them by their LSE."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PAD, "the head dim is padded up to a power of two")
-    tile = tl.program_id(0) // SPLITS
+    # the launch order (schedule.py): job bh * QUERY_TILES + tile, heaviest rows first
+    job = tl.load(SCHEDULE + tl.program_id(0) // SPLITS)
     split = tl.program_id(0) % SPLITS
-    bh = tl.program_id(1)
+    bh = job // QUERY_TILES
+    tile = job % QUERY_TILES
     b = bh // H
     h = bh % H
     hk = h // G  # grouped-query attention: G query heads share one K/V head
@@ -260,14 +262,15 @@ def sparse_attention_backward_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, Q_ORDER, K_ORDER,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dQ of one query tile: the forward's walk over FULL and PARTIAL key tiles."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    job = tl.load(SCHEDULE + tl.program_id(0))   # the forward's launch order
+    bh = job // QUERY_TILES
+    tile = job % QUERY_TILES
     b = bh // H
     h = bh % H
     hk = h // G
@@ -322,15 +325,16 @@ def sparse_attention_backward_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, Q_ORDER, K_ORDER,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dK and dV of one key tile of one K/V head: the transposed layout's query tiles, summed
     over the G query heads that share the K/V head (rows past n_q have P = 0 through lse2)."""
-    ktile = tl.program_id(0)
-    bhk = tl.program_id(1)
+    job = tl.load(SCHEDULE + tl.program_id(0))   # key tiles read by the most query tiles first
+    bhk = job // KEY_TILES
+    ktile = job % KEY_TILES
     b = bhk // (H // G)
     hk = bhk % (H // G)
 
