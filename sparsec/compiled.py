@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import sympy
 import torch
 
-from . import cpu, passes, routing, selections
+from . import cpu, passes, routing, selections, tuning
 from . import runtime as R
 from .autograd import attend
 from .codegen import Generated, TileConfig, emit_kernels
@@ -85,7 +86,11 @@ class Kernel:
     """What `sparsec.compile` returns: callable attention for the pattern, with its IR, cost,
     dense reference mask, block layouts and generated source."""
 
-    def __init__(self, path_or_source, pattern: str | None = None, **params):
+    def __init__(self, path_or_source, pattern: str | None = None, autotune: bool = True,
+                 config: TileConfig | None = None, **params):
+        if not isinstance(autotune, bool):
+            raise TypeError(f"autotune must be True or False, got {autotune!r}")
+        self.autotune, self.config = autotune, tuning.check_config(config)
         self.program = read_source(path_or_source)
         module = parse(self.program.text, self.program.filename)
         self.patterns = pattern_names(module)
@@ -203,18 +208,70 @@ class Kernel:
         call = R.check_call(self.name, self.needs, q, k, v, scale, q_offset, runtime)
         backend = R.choose_backend(backend, call.device)
         inputs, bodies = self._prepare(call, q, k, runtime)
-        config = R.default_config(backend, call)
         parts = []
         for i, (share, body) in enumerate(zip(self.shares, bodies)):
-            if share.key is None:
-                parts.append(attend(self._runner(i, body, call, backend, config, inputs), q, k, v))
-                continue
-            order = self._order(share, call, inputs)
-            sorted_call = replace(call, kv_heads=call.heads)   # each query head sorts its own K/V rows
-            runner = self._runner(i, body, sorted_call, backend, config, inputs, order)
-            parts.append(order.scatter(*attend(runner, *order.gather(q, k, v, call))))
+            order = None if share.key is None else self._order(share, call, inputs)
+            # a sorted share: each query head sorts its own K/V rows
+            c, args = (call, (q, k, v)) if order is None else (replace(call, kv_heads=call.heads),
+                                                               order.gather(q, k, v, call))
+            config = self._config(i, body, c, backend, inputs, order, args)
+            out = attend(self._runner(i, body, c, backend, config, inputs, order), *args)
+            parts.append(out if order is None else order.scatter(*out))
         o, lse = routing.merge_by_lse(parts, q.dtype)
         return (o, lse) if return_lse else o
+
+    def _config(self, share: int, body, call: R.Call, backend: str, inputs: dict,
+                order: routing.SortedOrder | None, args: tuple, retune: bool = False) -> TileConfig:
+        """Share `share`'s tiles for this call: the user's config=; else, on a GPU with autotune
+        on, the tuned config for its key (from the tuning cache, or tuned now on this call's own
+        layout and inputs); else the backend's default. Resolved once per kernel and shape."""
+        if self.config is not None:
+            return self.config
+        if backend != "triton" or not self.autotune:
+            return R.default_config(backend, call)
+        dtype = str(args[0].dtype).removeprefix("torch.")
+        training = torch.is_grad_enabled() and any(x.requires_grad for x in args)
+        memo = ("config", share, call.n_q, call.n_k, call.dim, dtype, call.heads // call.kv_heads, call.device,
+                training)
+        if retune:
+            self._cache.pop(memo, None)
+        return self._cached(memo, lambda: self._tuned(share, body, call, backend, inputs, order, args, training,
+                                                      retune))
+
+    def _tuned(self, share, body, call, backend, inputs, order, args, training: bool, retune: bool) -> TileConfig:
+        import triton   # only on the GPU path
+        key = tuning.make_key(body.show(), call.n_q, call.n_k, call.dim, str(args[0].dtype).removeprefix("torch."),
+                              call.heads // call.kv_heads, torch.cuda.get_device_name(call.device),
+                              triton.__version__, "training" if training else "forward")
+        props = torch.cuda.get_device_properties(call.device)
+        configs = lambda: tuning.candidates(call.dim, args[0].element_size(), call.n_q, call.n_k,
+                                            props.shared_memory_per_multiprocessor - 1024)
+        timer = tuning.kernel_timer(lambda config: self._runner(share, body, call, backend, config, inputs, order),
+                               args, training)
+        label = f"sparsec: tuning {self.name}" + (f" share {share}" if len(self.shares) > 1 else "")
+        found = tuning.tuned(key, tuning.cache_at(R.cache_dir() / "tuning.json"), configs, timer,
+                             tuning.Progress(label), retune)
+        return found or R.default_config(backend, call)
+
+    def tune(self, q, k, v, scale: float | None = None, q_offset: int | None = None, retune: bool = False,
+             **runtime) -> list[TileConfig]:
+        """Tune every share for this call's shapes now (a GPU call does so itself the first time a
+        key is seen): the chosen config per share. retune=True times again even when cached."""
+        call = R.check_call(self.name, self.needs, q, k, v, scale, q_offset, runtime)
+        backend = R.choose_backend(None, call.device)
+        if backend != "triton":
+            default = self.config or R.default_config(backend, call)
+            print(f"sparsec: no CUDA tensors ({call.device}): the autotuner is skipped; tiles stay "
+                  f"{default.show()}", file=sys.stderr)
+            return [default] * len(self.shares)
+        inputs, bodies = self._prepare(call, q, k, runtime)
+        out = []
+        for i, (share, body) in enumerate(zip(self.shares, bodies)):
+            order = None if share.key is None else self._order(share, call, inputs)
+            c, args = (call, (q, k, v)) if order is None else (replace(call, kv_heads=call.heads),
+                                                               order.gather(q, k, v, call))
+            out.append(self._config(i, body, c, backend, inputs, order, args, retune))
+        return out
 
     def _prepare(self, call: R.Call, q, k, runtime: dict) -> tuple[dict, list]:
         """The call's runtime inputs (with content ids and selections, computed once per call on
@@ -325,7 +382,10 @@ class Kernel:
 CompiledPattern = Kernel  # the name of sparsec 0.1
 
 
-def compile(path_or_source: str | os.PathLike, pattern: str | None = None, **params) -> Kernel:
+def compile(path_or_source: str | os.PathLike, pattern: str | None = None, autotune: bool = True,
+            config: TileConfig | None = None, **params) -> Kernel:
     """Compile a .sa program (a path or its text); `pattern` picks one by name (default: the last);
-    keyword arguments override its params."""
-    return Kernel(path_or_source, pattern, **params)
+    keyword arguments override its params. On a GPU the tiles are autotuned per share and shape
+    bucket (the first call of a new key times the candidates; the winner is cached on disk);
+    autotune=False keeps the defaults, and config= fixes the tiles on every backend."""
+    return Kernel(path_or_source, pattern, autotune, config, **params)

@@ -1,0 +1,274 @@
+"""Autotuning: candidate tile configs, timed on the call's own layout, the winner kept in a JSON cache."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .codegen import VERSION, TileConfig
+
+BLOCKS = (16, 32, 64, 128)
+WARPS = (1, 2, 4, 8)
+STAGES = (1, 2, 3, 4)
+FIRST_ROUND_STAGES = 3    # round 1 times each tile shape at this pipeline depth (or the deepest that fits)
+FINALISTS = 3             # round 2 tries every depth for this many of round 1's best
+FORMAT = 1                # of the cache file
+
+
+# ---- the candidates ------------------------------------------------------------------------------------
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def shared_memory_bytes(c: TileConfig, dim: int, element_bytes: int) -> int:
+    """What the forward keeps in shared memory: the Q tile, and K and V tiles `num_stages` deep
+    (the software pipeline prefetches the next key tiles while the current ones are used)."""
+    pad = max(16, _pow2_at_least(dim))
+    return (c.block_m + 2 * c.block_n * c.num_stages) * pad * element_bytes
+
+
+def runnable(c: TileConfig, dim: int, element_bytes: int, n_q: int, n_k: int, shared_memory: int) -> bool:
+    """The named filter: the config fits the device's shared memory for this head dim and dtype;
+    no tile is longer than its sequence (rounded up to a power of two, at least 16); and each warp
+    gets between 512 and 4096 entries of the BLOCK_M x BLOCK_N score tile (fewer leaves threads
+    idle, more spills registers)."""
+    return (shared_memory_bytes(c, dim, element_bytes) <= shared_memory
+            and c.block_m <= max(16, _pow2_at_least(n_q)) and c.block_n <= max(16, _pow2_at_least(n_k))
+            and 512 * c.num_warps <= c.block_m * c.block_n <= 4096 * c.num_warps)
+
+
+def candidates(dim: int, element_bytes: int, n_q: int, n_k: int, shared_memory: int) -> list[TileConfig]:
+    """Every runnable config: BLOCK_M, BLOCK_N in 16..128, num_warps 1..8, num_stages 1..4."""
+    space = [TileConfig(m, n, w, s) for m in BLOCKS for n in BLOCKS for w in WARPS for s in STAGES]
+    return [c for c in space if runnable(c, dim, element_bytes, n_q, n_k, shared_memory)]
+
+
+# ---- the user's choice -------------------------------------------------------------------------------
+
+def check_config(config) -> TileConfig | None:
+    """config= as given, checked: a TileConfig (or a dict of its fields) with power-of-two tiles
+    16..256, num_warps 1..16 (a power of two) and num_stages 1..8."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        fields = {"block_m", "block_n", "num_warps", "num_stages"}
+        if set(config) - fields:
+            raise TypeError(f"config= has unknown keys {sorted(set(config) - fields)}; it takes {sorted(fields)}")
+        config = TileConfig(**config)
+    if not isinstance(config, TileConfig):
+        raise TypeError(f"config must be a sparsec.TileConfig or a dict of its fields, got {type(config).__name__}")
+    if not _valid(config):
+        raise ValueError(f"config must have block_m and block_n powers of two in 16..256, num_warps a power of two "
+                         f"in 1..16 and num_stages in 1..8, got {config}")
+    return config
+
+
+def _valid(c: TileConfig) -> bool:
+    def pow2(x, lo, hi):
+        return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi and x & (x - 1) == 0
+    return pow2(c.block_m, 16, 256) and pow2(c.block_n, 16, 256) and pow2(c.num_warps, 1, 16) \
+        and isinstance(c.num_stages, int) and not isinstance(c.num_stages, bool) and 1 <= c.num_stages <= 8
+
+
+# ---- the search ------------------------------------------------------------------------------------------
+
+Timer = Callable[[TileConfig], "float | None"]   # median ms of one call with this config; None: it failed
+
+
+@dataclass(frozen=True)
+class Timing:
+    config: TileConfig
+    ms: float | None
+
+
+def search(configs: list[TileConfig], timer: Timer, progress: "Progress | None" = None
+           ) -> tuple[TileConfig | None, list[Timing]]:
+    """The fastest config and every timing taken, in two rounds: each tile shape (BLOCK_M, BLOCK_N,
+    num_warps) at one pipeline depth, then every depth for the FINALISTS best shapes. Timing all of
+    `configs` would cost about three times as long for the same winner whenever the best depth
+    does not depend much on the shape. Ties go to the earlier timing."""
+    shapes: dict[tuple, list[TileConfig]] = {}
+    for c in configs:
+        shapes.setdefault((c.block_m, c.block_n, c.num_warps), []).append(c)
+    first = [min(group, key=lambda c: (abs(c.num_stages - FIRST_ROUND_STAGES), -c.num_stages))
+             for group in shapes.values()]
+    timings: list[Timing] = []
+    if progress:
+        progress.start(len(first))
+
+    def take(c: TileConfig) -> None:
+        timings.append(Timing(c, timer(c)))
+        if progress:
+            progress.step(timings)
+
+    for c in first:
+        take(c)
+    ranked = sorted((t for t in timings if t.ms is not None), key=lambda t: t.ms)
+    second = [c for t in ranked[:FINALISTS] for c in shapes[(t.config.block_m, t.config.block_n, t.config.num_warps)]
+              if c != t.config]
+    if progress:
+        progress.extend(len(second))
+    for c in second:
+        take(c)
+    if progress:
+        progress.finish(timings)
+    done = [t for t in timings if t.ms is not None]
+    return (min(done, key=lambda t: t.ms).config if done else None), timings
+
+
+class Progress:
+    """A one-line progress bar on stderr: candidates timed, the latest and the best so far."""
+
+    def __init__(self, label: str, stream=None, width: int = 24):
+        self.label, self.stream, self.width, self.total = label, stream or sys.stderr, width, 0
+
+    def start(self, total: int) -> None:
+        self.total = total
+
+    def extend(self, more: int) -> None:
+        self.total += more
+
+    def step(self, timings: list[Timing]) -> None:
+        done = len(timings)
+        filled = self.width * done // max(1, self.total)
+        last = timings[-1]
+        best = min((t for t in timings if t.ms is not None), key=lambda t: t.ms, default=None)
+        text = (f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
+                f"{_short(last.config)} {'failed' if last.ms is None else f'{last.ms:.3f} ms'}"
+                f"{'' if best is None else f'; best {_short(best.config)} {best.ms:.3f} ms'}")
+        self.stream.write(text)
+        self.stream.flush()
+
+    def finish(self, timings: list[Timing]) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _short(c: TileConfig) -> str:
+    return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+
+
+# ---- the cache ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TuneKey:
+    """What a tuned config is valid for. n_q and n_k are rounded up to powers of two (a shape
+    bucket); mode is 'forward', or 'training' when the timing included the backward."""
+    pattern: str
+    n_q: int
+    n_k: int
+    head_dim: int
+    dtype: str
+    group: int
+    device: str
+    triton: str
+    mode: str
+
+    def text(self) -> str:
+        return "|".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+def pattern_hash(canonical_ir: str) -> str:
+    """The share's canonical IR and the generated code's version: a new codegen tunes afresh."""
+    return hashlib.sha256(f"{VERSION}\n{canonical_ir}".encode()).hexdigest()[:16]
+
+
+def make_key(canonical_ir: str, n_q: int, n_k: int, head_dim: int, dtype: str, group: int, device: str,
+             triton: str, mode: str) -> TuneKey:
+    return TuneKey(pattern_hash(canonical_ir), _pow2_at_least(n_q), _pow2_at_least(n_k), head_dim, dtype, group,
+                   device, triton, mode)
+
+
+class TuningCache:
+    """Tuned configs by key, in memory and in a JSON file: read once per process, and on write
+    merged with what other processes wrote meanwhile, then replaced atomically."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: dict[str, dict] | None = None
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+            return {}
+        return data["entries"]
+
+    def get(self, key: TuneKey) -> TileConfig | None:
+        if self.entries is None:
+            self.entries = self._read()
+        found = self.entries.get(key.text())
+        try:
+            return TileConfig(**found["config"]) if found else None
+        except (TypeError, KeyError):   # an entry this version cannot read: tune again
+            return None
+
+    def put(self, key: TuneKey, config: TileConfig, ms: float, timings: Iterable[Timing]) -> None:
+        entry = {"config": asdict(config), "ms": ms, "key": asdict(key),
+                 "timed": [[_short(t.config), t.ms] for t in timings],
+                 "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        entries = self._read()
+        entries[key.text()] = entry
+        self.entries = entries
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+_CACHES: dict[Path, TuningCache] = {}
+
+
+def cache_at(path: Path) -> TuningCache:
+    """One TuningCache per file per process, so lookups after the first are dict hits."""
+    path = Path(path)
+    if path not in _CACHES:
+        _CACHES[path] = TuningCache(path)
+    return _CACHES[path]
+
+
+def tuned(key: TuneKey, cache: TuningCache, configs: Callable[[], list[TileConfig]], timer: Timer,
+          progress: Progress | None = None, retune: bool = False) -> TileConfig | None:
+    """The cached config for key (unless retune), else the winner of a search, stored; None when
+    every candidate failed (the caller falls back to its default)."""
+    found = None if retune else cache.get(key)
+    if found is not None:
+        return found
+    winner, timings = search(configs(), timer, progress)
+    if winner is not None:
+        cache.put(key, winner, min(t.ms for t in timings if t.ms is not None), timings)
+    return winner
+
+
+def kernel_timer(runner_for, args: tuple, training: bool):
+    """A tuning.Timer for one share of one call: the median ms (triton.testing.do_bench) of its
+    forward, or forward + backward when training, with the runner runner_for(config) builds (its
+    own layout for the config's tiles); None when the config does not compile or fit here."""
+    import torch
+    import triton
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    def timer(config: TileConfig) -> float | None:
+        try:
+            with torch.no_grad():
+                runner = runner_for(config)
+                if training:
+                    do = torch.randn_like(args[0])
+                    run = lambda: runner.backward(*args, *runner.forward(*args), do, None)
+                else:
+                    run = lambda: runner.forward(*args)
+                return float(triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median"))
+        except (CompilationError, OutOfResources):
+            return None
+    return timer

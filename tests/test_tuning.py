@@ -1,0 +1,204 @@
+"""The autotuner without a GPU: candidates, the two-round search and the JSON cache, with fake timers."""
+from __future__ import annotations
+
+import io
+import json
+import types
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import sparsec
+from sparsec import runtime as R
+from sparsec import tuning
+from sparsec.codegen import TileConfig
+
+H100_SHARED = 233472 - 1024
+
+
+def brute_force_space():
+    return [TileConfig(m, n, w, s) for m in (16, 32, 64, 128) for n in (16, 32, 64, 128)
+            for w in (1, 2, 4, 8) for s in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("dim, size, n_q, n_k", [(128, 2, 16384, 16384), (256, 4, 4096, 4096), (64, 2, 20, 3000),
+                                                 (16, 4, 70, 17)])
+def test_candidates_are_the_runnable_configs(dim, size, n_q, n_k):
+    got = tuning.candidates(dim, size, n_q, n_k, H100_SHARED)
+    want = []
+    for c in brute_force_space():   # the rules written out again, one by one
+        pad = max(16, 1 << (dim - 1).bit_length())
+        smem = (c.block_m + 2 * c.block_n * c.num_stages) * pad * size
+        seq_q, seq_k = max(16, 1 << (n_q - 1).bit_length()), max(16, 1 << (n_k - 1).bit_length())
+        per_warp = c.block_m * c.block_n / c.num_warps
+        if smem <= H100_SHARED and c.block_m <= seq_q and c.block_n <= seq_k and 512 <= per_warp <= 4096:
+            want.append(c)
+    assert got == want and len(got) > 0
+
+
+def test_candidates_examples():
+    bf16 = tuning.candidates(128, 2, 16384, 16384, H100_SHARED)
+    assert TileConfig(64, 64, 4, 3) in bf16            # (64 + 384) x 128 x 2 = 112 KiB
+    assert TileConfig(128, 128, 8, 4) not in bf16      # (128 + 1024) x 128 x 2 = 288 KiB: too much
+    assert TileConfig(16, 16, 1, 1) not in bf16        # 256 entries: under 512 per warp
+    assert all(c.block_m <= 32 for c in tuning.candidates(64, 2, 20, 3000, H100_SHARED))
+
+
+def separable_timer(rng, configs):
+    """A fake device: time = cost of the tile shape + cost of the pipeline depth (drawn fresh)."""
+    shape_cost = {(c.block_m, c.block_n, c.num_warps): rng.uniform(1, 2) for c in configs}
+    depth_cost = {s: rng.uniform(0, 0.5) for s in (1, 2, 3, 4)}
+    calls = []
+    cost = lambda c: shape_cost[(c.block_m, c.block_n, c.num_warps)] + depth_cost[c.num_stages]
+    return lambda c: calls.append(c) or cost(c), calls, cost
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_search_finds_the_best_config_of_a_separable_device(seed):
+    rng = np.random.default_rng()
+    configs = tuning.candidates(64, 2, 8192, 8192, H100_SHARED)
+    timer, calls, cost = separable_timer(rng, configs)
+    winner, timings = tuning.search(configs, timer)
+    assert winner == min(configs, key=cost)      # brute force over every candidate
+    shapes = {(c.block_m, c.block_n, c.num_warps) for c in configs}
+    assert len(calls) < len(configs) / 2 and len(calls) <= len(shapes) + tuning.FINALISTS * 3
+    assert [t.config for t in timings] == calls and len(set(calls)) == len(calls)
+    assert set(calls) <= set(configs)
+
+
+def test_search_skips_failures_and_breaks_ties_by_order():
+    configs = tuning.candidates(64, 2, 4096, 4096, H100_SHARED)
+    big = lambda c: c.block_m * c.block_n >= 8192
+    winner, timings = tuning.search(configs, lambda c: None if big(c) else 1.0)
+    assert winner == timings[0].config and not big(winner)
+    assert any(t.ms is None for t in timings)
+    assert tuning.search(configs, lambda c: None) == (None, tuning.search(configs, lambda c: None)[1])
+    assert tuning.search(configs, lambda c: None)[0] is None
+
+
+def key(**changes):
+    base = dict(canonical_ir="band(4)", n_q=1000, n_k=1000, head_dim=128, dtype="bfloat16", group=1,
+                device="NVIDIA H100 80GB HBM3", triton="3.9.0", mode="forward")
+    return tuning.make_key(**{**base, **changes})
+
+
+def test_keys_bucket_lengths_and_separate_everything_else():
+    assert key() == key(n_q=1024, n_k=513 + 511) and key().n_q == 1024
+    assert key(n_q=1025) != key()
+    variants = [key(canonical_ir="band(5)"), key(head_dim=64), key(dtype="float16"), key(group=4),
+                key(device="NVIDIA H200"), key(triton="3.8.0"), key(mode="training"), key(n_k=4096)]
+    assert len({v.text() for v in variants + [key()]}) == len(variants) + 1
+
+
+def test_cache_is_reused_by_another_process_without_timing(tmp_path):
+    path = tmp_path / "tuning.json"
+    configs = lambda: tuning.candidates(64, 2, 4096, 4096, H100_SHARED)
+    timer, calls, _ = separable_timer(np.random.default_rng(), configs())
+    first = tuning.tuned(key(), tuning.TuningCache(path), configs, timer)
+    assert first is not None and calls
+
+    def never(c):
+        raise AssertionError("a cached key was timed again")
+    assert tuning.tuned(key(), tuning.TuningCache(path), configs, never) == first     # a fresh reader
+    assert tuning.tuned(key(n_q=900), tuning.TuningCache(path), configs, never) == first   # same bucket
+    stored = json.loads(path.read_text())["entries"][key().text()]
+    assert TileConfig(**stored["config"]) == first and stored["ms"] == min(t for _, t in stored["timed"])
+    again = tuning.tuned(key(), tuning.TuningCache(path), configs, lambda c: 1.0, retune=True)
+    assert again == tuning.search(configs(), lambda c: 1.0)[0]   # retune times again: first candidate
+
+
+def test_cache_merges_writers_and_survives_a_bad_file(tmp_path):
+    path = tmp_path / "tuning.json"
+    path.write_text("{not json")
+    a, b = tuning.TuningCache(path), tuning.TuningCache(path)
+    assert a.get(key()) is None
+    a.put(key(), TileConfig(32, 32, 2, 2), 1.0, [])
+    b.put(key(dtype="float16"), TileConfig(64, 32, 4, 3), 2.0, [])   # b read before a wrote: merged on write
+    fresh = tuning.TuningCache(path)
+    assert fresh.get(key()) == TileConfig(32, 32, 2, 2) and fresh.get(key(dtype="float16")) == TileConfig(64, 32, 4, 3)
+    assert tuning.cache_at(path) is tuning.cache_at(path)
+
+
+def test_progress_bar():
+    out = io.StringIO()
+    configs = tuning.candidates(64, 2, 4096, 4096, H100_SHARED)
+    winner, timings = tuning.search(configs, lambda c: c.block_m / 100, tuning.Progress("tuning p", out))
+    text = out.getvalue()
+    assert text.startswith("\rtuning p [") and text.endswith("\n")
+    assert f"{len(timings)}/{len(timings)}" in text and f"best {winner.block_m}x{winner.block_n}" in text
+
+
+def test_check_config():
+    assert tuning.check_config(None) is None
+    assert tuning.check_config({"block_m": 32}) == TileConfig(32, 64, 4, 3)
+    with pytest.raises(ValueError, match="powers of two"):
+        tuning.check_config(TileConfig(48, 64))
+    with pytest.raises(TypeError, match="unknown keys"):
+        tuning.check_config({"block_k": 32})
+    with pytest.raises(TypeError, match="config must be"):
+        sparsec.compile("pattern p = causal", config=(64, 64))
+    with pytest.raises(TypeError, match="autotune"):
+        sparsec.compile("pattern p = causal", autotune="yes")
+
+
+def test_given_config_is_what_runs(monkeypatch):
+    """config= picks the generated module's tiles (interpreter) and the CPU path's tiles."""
+    loaded = []
+    real = R.load_kernel
+    monkeypatch.setattr(R, "load_kernel", lambda gen, *a: loaded.append(gen.source) or real(gen, *a))
+    kern = sparsec.compile("pattern p = band(20) + global(3)", config=TileConfig(32, 16, 2, 2))
+    q, k, v = (torch.randn(1, 2, 90, 32, dtype=torch.float64).float() for _ in range(3))
+    mask = kern.mask(90, heads=2)
+    ref = torch.softmax((q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, -torch.inf), -1) \
+        @ v.double()
+    for backend in ("interpret", "cpu"):
+        assert (kern(q, k, v, backend=backend).double() - ref).abs().max() < 1e-4
+    assert loaded and all("BLOCK_M=32 BLOCK_N=16 num_warps=2 num_stages=2" in s for s in loaded)
+    assert any(key[0] == "plan" and key[2] == TileConfig(32, 16, 2, 2) for key in kern._cache if isinstance(key, tuple))
+
+
+def test_tune_without_a_gpu_is_a_notice(capsys):
+    kern = sparsec.compile("pattern p = causal")
+    q = torch.randn(1, 1, 64, 16)
+    assert kern.tune(q, q, q) == [R.default_config("cpu", R.check_call("p", frozenset(), q, q, q, None, None, {}))]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "autotuner is skipped" in err
+
+
+def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
+    """The GPU path of Kernel._config with the device faked: the key, the persisted winner, the
+    per-kernel memo, and autotune=False / config= bypassing the tuner."""
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(shared_memory_per_multiprocessor=H100_SHARED + 1024))
+    timed = []
+
+    def fake_timer(runner_for, args, training):
+        return lambda c: timed.append((c, training)) or (c.block_m * 7 + c.block_n * 3 + c.num_stages) % 11 + 1
+    monkeypatch.setattr(tuning, "kernel_timer", fake_timer)
+    q = torch.randn(1, 2, 500, 64, dtype=torch.float16)
+    call = R.check_call("p", frozenset(), q, q, q, None, None, {})
+    kern = sparsec.compile("pattern p = band(64) + global(8)")
+    body = kern.shares[0].body
+    chosen = kern._config(0, body, call, "triton", {}, None, (q, q, q))
+    configs = tuning.candidates(64, 2, 500, 500, H100_SHARED)
+    assert chosen == tuning.search(configs, lambda c: (c.block_m * 7 + c.block_n * 3 + c.num_stages) % 11 + 1)[0]
+    n_timed = len(timed)
+    assert n_timed and not any(training for _, training in timed)
+    assert kern._config(0, body, call, "triton", {}, None, (q, q, q)) == chosen and len(timed) == n_timed
+    other = sparsec.compile("pattern p = band(64) + global(8)")   # a new kernel (or process): from the file
+    assert other._config(0, body, replace(call, n_q=480, n_k=480), "triton", {}, None, (q, q, q)) == chosen
+    assert len(timed) == n_timed
+    entry = json.loads((tmp_path / "tuning.json").read_text())["entries"]
+    assert len(entry) == 1 and "device=Fake GPU" in next(iter(entry)) and "mode=forward" in next(iter(entry))
+    q.requires_grad_(True)
+    kern._config(0, body, call, "triton", {}, None, (q, q, q))     # training: its own key, timed again
+    assert len(timed) > n_timed and timed[-1][1]
+    fixed = TileConfig(32, 32, 2, 2)
+    assert sparsec.compile("pattern p = band(64)", config=fixed)._config(0, body, call, "triton", {}, None,
+                                                                        (q, q, q)) == fixed
+    off = sparsec.compile("pattern p = band(64)", autotune=False)
+    assert off._config(0, body, call, "triton", {}, None, (q, q, q)) == R.default_config("triton", call)
