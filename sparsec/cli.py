@@ -1,13 +1,15 @@
-"""The `sparsec` command: emit each stage, check a layout against the dense reference, draw a pattern."""
+"""The `sparsec` command: emit each stage, check a layout against the dense reference, draw a pattern,
+tune tiles, time against the peers."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import numpy as np
 import torch
 
-from . import passes
+from . import bench, passes
 from .codegen import TileConfig
 from .compiled import CompiledPattern, read_source
 from .errors import SparsecError
@@ -197,15 +199,72 @@ def show(args) -> None:
     print(f"wrote {args.output}")
 
 
+def _shapes(args, n: int):
+    """q, k, v of the command's shape, dtype and device, drawn fresh."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = bench.DTYPES[args.dtype]
+    n_k = args.n_k or n
+    draw = lambda h, m: torch.randn(args.batch, h, m, args.dim, device=device, dtype=dtype)
+    return draw(args.heads, n), draw(args.kv_heads or args.heads, n_k), draw(args.kv_heads or args.heads, n_k)
+
+
+def tune(args) -> None:
+    kern = _compile(args)
+    if not (args.device or "cuda").startswith("cuda") or not torch.cuda.is_available():
+        print("sparsec tune: no CUDA device here: the autotuner is skipped (calls use the default tiles)")
+        return
+    for n in args.n:
+        q, k, v = _shapes(args, n)
+        runtime = {}
+        if "segment_ids" in kern.needs:
+            runtime["segment_ids"] = bench.documents(args.batch, k.shape[2], np.random.default_rng()).to(q.device)
+        if args.backward:
+            q.requires_grad_(True)
+        configs = kern.tune(q, k, v, retune=args.retune, **runtime)
+        for i, c in enumerate(configs):
+            share = f" share {i}" if len(configs) > 1 else ""
+            print(f"{kern.name}{share} n={n} {args.dtype} D={args.dim}: {c.show()}")
+
+
+def bench_command(args) -> None:
+    vs = tuple(x for x in args.vs.split(",") if x and x != "none")
+    unknown = [x for x in vs if x not in bench.PEERS]
+    if unknown:
+        raise ValueError(f"--vs takes a comma list of {', '.join(bench.PEERS)} (or none), got {', '.join(unknown)}")
+    kern = _compile(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for n in args.n:
+        case = bench.Case(n, args.n_k or n, args.batch, args.heads, args.kv_heads, args.dim, args.dtype, device,
+                          args.backward, vs, args.repeats, args.warmup, seed=args.seed)
+        results.append(bench.run(kern, case))
+        print(bench.table(results[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": bench.machine(device), "command": sys.argv, "results": results}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsec", description="Compile sparse-attention patterns (.sa files).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, n_default):
+    def common(sp, n_default, many=False):
         sp.add_argument("file", help="a .sa file")
         sp.add_argument("--pattern", help="which pattern of the file (default: the last)")
         sp.add_argument("-p", "--param", type=_param, action="append", default=[], metavar="NAME=INT",
                         help="override a param (repeatable)")
+        if many:
+            sp.add_argument("--n", type=int, nargs="+", default=[n_default], help="query lengths, one case each")
+            sp.add_argument("--n-k", type=int, default=None, help="key length (default: n)")
+            sp.add_argument("--batch", type=int, default=1)
+            sp.add_argument("--heads", type=int, default=8)
+            sp.add_argument("--kv-heads", type=int, default=None, help="K/V heads (GQA; default: --heads)")
+            sp.add_argument("--dim", type=int, default=64, help="head dim")
+            sp.add_argument("--dtype", choices=sorted(bench.DTYPES), default="float32")
+            sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+            sp.add_argument("--backward", action="store_true", help="forward + backward (training)")
+            return
         sp.add_argument("--n", type=int, default=n_default, help="sequence length (n_q = n_k)")
         sp.add_argument("--block", type=int, nargs=2, default=(64, 64), metavar=("M", "N"), help="tile size")
 
@@ -225,20 +284,34 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="PNG path")
     s.add_argument("--head", type=int, default=0, help="which head to draw")
     s.add_argument("--pixels", type=int, default=1024, help="largest picture side in cells")
+    t = sub.add_parser("tune", help="autotune the tiles on this GPU and store them in the tuning cache")
+    common(t, 16384, many=True)
+    t.add_argument("--retune", action="store_true", help="time again even when the cache has the key")
+    b = sub.add_parser("bench", help="time against FlexAttention, masked SDPA and dense SDPA in one run")
+    common(b, 4096, many=True)
+    b.add_argument("--vs", default=",".join(bench.PEERS), help="peers, a comma list (default: %(default)s)")
+    b.add_argument("--repeats", type=int, default=5, help="timed rounds (medians over them)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    b.add_argument("--seed", type=int, default=None, help="inputs' seed (default: fresh)")
+    b.add_argument("--json", help="write the results, with the machine's description, here")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    for name in ("n", "heads", "head", "pixels", "rows"):
-        v = getattr(args, name, None)
-        if v is not None and v < (0 if name == "head" else 1):
-            parser().error(f"--{name} must be at least {0 if name == 'head' else 1}, got {v}")
+    for name in ("n", "n_k", "heads", "head", "pixels", "rows", "batch", "kv_heads", "dim", "repeats"):
+        for v in np.atleast_1d(getattr(args, name, None) or []):
+            if v < (0 if name == "head" else 1):
+                parser().error(f"--{name.replace('_', '-')} must be at least {0 if name == 'head' else 1}, got {v}")
     try:
         if args.command == "emit":
             emit(args)
         elif args.command == "check":
             return check(args)
+        elif args.command == "tune":
+            tune(args)
+        elif args.command == "bench":
+            bench_command(args)
         else:
             show(args)
     except SparsecError as e:

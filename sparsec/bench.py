@@ -1,0 +1,298 @@
+"""`sparsec bench`: one pattern at one shape timed against its peers in the same run (round robin,
+medians), with TFLOP/s over the allowed pairs, speedups, layout build time and peak memory."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import peers
+from . import runtime as R
+from .compiled import Kernel
+
+PEERS = ("flex", "sdpa", "dense")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}   # sparsec vs float64, max abs
+
+
+@dataclass
+class Case:
+    """What to time: a shape, a dtype, the peers, and how."""
+    n_q: int
+    n_k: int
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int | None = None
+    dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    backward: bool = False          # time forward + backward instead of forward
+    vs: tuple[str, ...] = PEERS
+    repeats: int = 5
+    warmup: int = 1
+    flex_block: int = 128
+    mask_limit_gib: float = 4.0     # SDPA's dense bool mask, and the float64 reference, above this: skipped
+    seed: int | None = None         # inputs: fresh each run unless given
+    runtime: dict = field(default_factory=dict)
+
+
+# ---- timing ---------------------------------------------------------------------------------------------
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> tuple[object, float]:
+    """(result, seconds) of one call."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, of this process) so far (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except OSError:
+        return 0.0, 0.0
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def round_robin(impls: dict, device, warmup: int, repeats: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Per implementation, `repeats` call times (s) after `warmup` calls, interleaved so that load
+    from other processes hits them alike; and per round, the cores other processes kept busy."""
+    for fn in impls.values():
+        for _ in range(warmup):
+            timed(fn, device)
+    times, foreign = {name: [] for name in impls}, []
+    for _ in range(repeats):
+        (busy, own), t = cpu_seconds(), time.perf_counter()
+        for name, fn in impls.items():
+            times[name].append(timed(fn, device)[1])
+        (busy2, own2), wall = cpu_seconds(), time.perf_counter() - t
+        foreign.append(max(0.0, (busy2 - busy) - (own2 - own)) / wall)
+    return times, foreign
+
+
+def peak_memory_mb(fn, device) -> float | None:
+    """CUDA: the allocator's peak during one call above what was in use before. CPU: None."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def machine(device) -> dict:
+    """What the figures were taken on: host, versions, commit, GPU."""
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
+    version = lambda name: next((d.version for d in importlib.metadata.distributions() if d.metadata["Name"] == name),
+                                None)
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+           "torch": torch.__version__, "numpy": np.__version__, "triton": version("triton"),
+           "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "sparsec"))}
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count,
+                   cuda=torch.version.cuda)
+    return out
+
+
+# ---- one case ---------------------------------------------------------------------------------------------
+
+def reference(q, k, v, mask, scale: float) -> torch.Tensor:
+    """Float64 attention under a dense bool mask; rows with no allowed key give 0."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(group, 1) for x in (k, v))
+    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def documents(batch: int, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """Segment ids for a document pattern: up to 8 documents of random lengths per batch row."""
+    out = np.zeros((batch, n), np.int64)
+    for b in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, n), size=min(7, n - 1), replace=False))
+        out[b] = np.searchsorted(cuts, np.arange(n), side="right")
+    return torch.from_numpy(out)
+
+
+def run(kern: Kernel, case: Case) -> dict:
+    """Time the case: sparsec and each requested peer, interleaved; a peer that cannot run it is
+    reported with the reason. Times are medians in ms; speedups are peer time / sparsec time."""
+    device, dtype = torch.device(case.device), DTYPES[case.dtype]
+    kv_heads = case.kv_heads or case.heads
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(case.seed if case.seed is not None else int.from_bytes(os.urandom(4), "little"))
+    draw = lambda h, n: torch.randn(case.batch, h, n, case.dim, generator=gen).to(device, dtype)
+    q, k, v = draw(case.heads, case.n_q), draw(kv_heads, case.n_k), draw(kv_heads, case.n_k)
+    scale = case.dim ** -0.5
+    runtime = dict(case.runtime)
+    if "segment_ids" in kern.needs and "segment_ids" not in runtime:
+        runtime["segment_ids"] = documents(case.batch, case.n_k, np.random.default_rng(gen.initial_seed()))
+    runtime = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in runtime.items()}
+    if case.backward:
+        for x in (q, k, v):
+            x.requires_grad_(True)
+    grad = torch.randn(q.shape, generator=gen).to(device, dtype) if case.backward else None
+    backend = R.choose_backend(None, device)
+    result = dict(pattern=kern.name, ir=kern.ir.body.show(), **{f: getattr(case, f) for f in (
+        "n_q", "n_k", "batch", "heads", "dim", "dtype", "device")}, kv_heads=kv_heads, backend=backend,
+        mode="forward+backward" if case.backward else "forward")
+
+    def step(forward):
+        """One timed call: the forward, and with case.backward its backward too."""
+        if not case.backward:
+            return lambda: forward()
+        return lambda: torch.autograd.backward(forward(), grad, inputs=[q, k, v])
+
+    impls, setup, skipped, outputs = {}, {}, {}, {}
+
+    def add(name, make):
+        """Build a peer (timed as its setup), run it once (its first call: compiles), keep its output."""
+        try:
+            t = time.perf_counter()
+            fn = make()
+            with torch.no_grad():
+                outputs[name] = timed(fn, device)[0]
+            setup[name] = time.perf_counter() - t
+            impls[name] = step(fn)
+        except peers.Skipped as why:
+            skipped[name] = str(why)
+
+    t = time.perf_counter()
+    configs = kern.tune(q, k, v, **runtime) if backend == "triton" else None
+    result["tune_s"] = time.perf_counter() - t
+    add("sparsec", lambda: lambda: kern(q, k, v, scale=scale, **runtime))
+    result["config"] = [asdict(c) for c in configs] if configs else asdict(kern.config or R.default_config(
+        backend, R.check_call(kern.name, kern.needs, q, k, v, scale, None, runtime)))
+    limit = int(case.mask_limit_gib * 2**30)
+    masks, why_not = None, None
+    try:
+        masks = peers.tile_masks(kern, case.n_q, case.n_k, case.heads, case.flex_block,
+                                 segment_ids=runtime.get("segment_ids"))
+        result["pairs"] = masks.pairs(case.batch, case.heads)
+        result["density"] = result["pairs"] / (case.batch * case.heads * case.n_q * case.n_k)
+    except peers.Skipped as why:
+        result["pairs"], why_not = None, str(why)
+
+    def flex():
+        if masks is None:
+            raise peers.Skipped(why_not)
+        return peers.flex(masks, q, k, v, scale)
+    makers = dict(flex=flex, sdpa=lambda: peers.masked_sdpa(kern, q, k, v, scale, limit, runtime),
+                  dense=lambda: peers.dense(q, k, v, scale))
+    for name in case.vs:
+        add(name, makers[name])
+    if not case.backward:   # what a call adds to its kernels: argument checks, cache lookups, layouts
+        add("kernels", lambda: kernels_only(kern, q, k, v, scale, runtime, backend))
+    result["layout_build_ms"] = layout_build_ms(kern, case, runtime)
+
+    times, foreign = round_robin(impls, device, case.warmup, case.repeats)
+    result["foreign_cores_busy"] = foreign
+    errors = accuracy(kern, q, k, v, scale, outputs, runtime, limit)
+    base = float(np.median(times["sparsec"]))
+    flops = (14 if case.backward else 4) * case.dim * (result["pairs"] or 0)
+    result["impls"] = {}
+    if "kernels" in impls:
+        kernels = float(np.median(times["kernels"]))
+        result["call_overhead"] = dict(kernels_only_ms=kernels * 1e3, share_of_call=(base - kernels) / base)
+    for name in ("sparsec", *case.vs):
+        if name in skipped:
+            result["impls"][name] = {"skipped": skipped[name]}
+            continue
+        median = float(np.median(times[name]))
+        result["impls"][name] = dict(
+            median_ms=median * 1e3, times_ms=[x * 1e3 for x in times[name]], setup_s=setup[name],
+            tflops=flops / median / 1e12 if flops else None, sparsec_speedup=median / base,
+            peak_mb=peak_memory_mb(impls[name], device), **errors.get(name, {}))
+    return result
+
+
+def layout_build_ms(kern: Kernel, case: Case, runtime: dict) -> float | None:
+    """A cold host build of the layout at sparsec's default tiles, on a fresh copy of the kernel
+    (nothing cached); None for content-based patterns, whose layouts are built per call."""
+    if {"q", "k"} & kern.needs:
+        return None
+    fresh = Kernel.__new__(Kernel)
+    fresh.__dict__.update(kern.__dict__, _cache={})
+    seg = runtime.get("segment_ids")
+    t = time.perf_counter()
+    fresh.layout(case.n_q, case.n_k, 64, 64, heads=case.heads, segment_ids=None if seg is None else seg.cpu())
+    return (time.perf_counter() - t) * 1e3
+
+
+def kernels_only(kern: Kernel, q, k, v, scale: float, runtime: dict, backend: str):
+    """sparsec's kernels with the layout, tables and config resolved beforehand: a call minus
+    kernels_only is the per-call overhead. Only for one positional share."""
+    if len(kern.shares) != 1 or kern.shares[0].key is not None:
+        raise peers.Skipped("several shares or a sorted share: no single runner to time alone")
+    call = R.check_call(kern.name, kern.needs, q, k, v, scale, None, runtime)
+    inputs, bodies = kern._prepare(call, q, k, runtime)
+    config = kern._config(0, bodies[0], call, backend, inputs, None, (q, k, v))
+    runner = kern._runner(0, bodies[0], call, backend, config, inputs)
+    return lambda: runner.forward(q, k, v)[0]
+
+
+def accuracy(kern: Kernel, q, k, v, scale: float, outputs: dict, runtime: dict, limit: int) -> dict:
+    """Each output's max abs difference from float64 attention under the reference mask (when
+    the mask and the float64 scores fit in `limit`), else from sparsec's output. Dense attention
+    computes another function (every key): not compared."""
+    B, H, n_q, _ = q.shape
+    n_k = k.shape[2]
+    small = 9 * B * H * n_q * n_k <= limit and not {"q", "k"} & kern.needs
+    if small:
+        mask = kern.mask(n_q, n_k, heads=H, **{n: x.cpu() for n, x in runtime.items()}).to(q.device)
+        ref, against = reference(q.detach(), k.detach(), v.detach(), mask, scale), "float64 reference"
+    else:
+        ref, against = outputs["sparsec"].double(), "sparsec"
+    return {name: {"max_abs_err": float((o.double() - ref).abs().max()), "err_against": against}
+            for name, o in outputs.items() if name != "dense" and (small or name != "sparsec")}
+
+
+def table(result: dict) -> str:
+    """The report for one case, as text."""
+    head = (f"{result['pattern']}: {result['ir']}\n  n_q={result['n_q']} n_k={result['n_k']} B={result['batch']} "
+            f"H={result['heads']}/{result['kv_heads']} D={result['dim']} {result['dtype']} {result['mode']} on "
+            f"{result['device']} ({result['backend']})")
+    if result.get("pairs"):
+        head += f"; density {100 * result['density']:.2f}%"
+    if result.get("layout_build_ms") is not None:
+        head += f"; layout build {result['layout_build_ms']:.1f} ms"
+    lines = [head, f"  {'impl':<10}{'median ms':>12}{'TFLOP/s':>10}{'sparsec is':>12}{'setup s':>10}{'max err':>10}"]
+    for name, r in result["impls"].items():
+        if "skipped" in r:
+            lines.append(f"  {name:<10}skipped: {r['skipped']}")
+            continue
+        tflops = "-" if r["tflops"] is None else f"{r['tflops']:.3f}"
+        speed = "" if name == "sparsec" else f"{r['sparsec_speedup']:.2f}x"
+        err = f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-"
+        lines.append(f"  {name:<10}{r['median_ms']:>12.3f}{tflops:>10}{speed:>12}{r['setup_s']:>10.2f}{err:>10}")
+    if result.get("call_overhead"):
+        o = result["call_overhead"]
+        lines.append(f"  a call spends {100 * o['share_of_call']:.1f}% outside its kernels "
+                     f"(kernels alone {o['kernels_only_ms']:.3f} ms)")
+    return "\n".join(lines)
