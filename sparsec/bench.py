@@ -209,7 +209,8 @@ def run(kern: Kernel, case: Case) -> dict:
         add(name, makers[name])
     if not case.backward:   # what a call adds to its kernels: argument checks, cache lookups, layouts
         add("kernels", lambda: kernels_only(kern, q, k, v, scale, runtime, backend))
-    result["layout_build_ms"] = layout_build_ms(kern, case, runtime)
+    first = result["config"][0] if isinstance(result["config"], list) else result["config"]
+    result["layout_build_ms"], result["tile_pairs"] = layout_stats(kern, case, runtime, first)
 
     times, foreign = round_robin(impls, device, case.warmup, case.repeats)
     result["foreign_cores_busy"] = foreign
@@ -229,20 +230,31 @@ def run(kern: Kernel, case: Case) -> dict:
             median_ms=median * 1e3, times_ms=[x * 1e3 for x in times[name]], setup_s=setup[name],
             tflops=flops / median / 1e12 if flops else None, sparsec_speedup=median / base,
             peak_mb=peak_memory_mb(impls[name], device), **errors.get(name, {}))
+    # throughput over the pairs each computes: sparsec its tiles' pairs, dense every pair
+    per_pair = (14 if case.backward else 4) * case.dim / 1e12
+    if result["tile_pairs"] and "median_ms" in result["impls"]["sparsec"]:
+        result["impls"]["sparsec"]["tile_tflops"] = per_pair * result["tile_pairs"] / base
+    if "median_ms" in result["impls"].get("dense", {}):
+        all_pairs = case.batch * case.heads * case.n_q * case.n_k
+        result["impls"]["dense"]["tile_tflops"] = per_pair * all_pairs / (result["impls"]["dense"]["median_ms"] / 1e3)
     return result
 
 
-def layout_build_ms(kern: Kernel, case: Case, runtime: dict) -> float | None:
-    """A cold host build of the layout at sparsec's default tiles, on a fresh copy of the kernel
-    (nothing cached); None for content-based patterns, whose layouts are built per call."""
+def layout_stats(kern: Kernel, case: Case, runtime: dict, config: dict) -> tuple[float | None, int | None]:
+    """(ms, pairs): a cold host build of the layout at sparsec's tiles, on a fresh copy of the
+    kernel (nothing cached), and the pairs its tiles hold (what the kernel computes, masked or
+    not); None for content-based patterns, whose layouts are built per call."""
     if {"q", "k"} & kern.needs:
-        return None
+        return None, None
     fresh = Kernel.__new__(Kernel)
     fresh.__dict__.update(kern.__dict__, _cache={})
     seg = runtime.get("segment_ids")
     t = time.perf_counter()
-    fresh.layout(case.n_q, case.n_k, 64, 64, heads=case.heads, segment_ids=None if seg is None else seg.cpu())
-    return (time.perf_counter() - t) * 1e3
+    lay = fresh.layout(case.n_q, case.n_k, config["block_m"], config["block_n"], heads=case.heads,
+                       segment_ids=None if seg is None else seg.cpu())
+    ms = (time.perf_counter() - t) * 1e3
+    lb, lh, _, _ = lay.shape
+    return ms, lay.tiles_visited() * lay.block_m * lay.block_n * (case.batch // lb) * (case.heads // lh)
 
 
 def kernels_only(kern: Kernel, q, k, v, scale: float, runtime: dict, backend: str):

@@ -142,7 +142,14 @@ def flex_block_mask(masks: TileMasks, batch: int, heads: int, device):
 def flex(masks: TileMasks, q, k, v, scale: float):
     """Compiled flex_attention under the block mask (the compile happens on the first call)."""
     from torch.nn.attention.flex_attention import flex_attention
+    if q.device.type == "cpu" and q.requires_grad:
+        raise Skipped("FlexAttention has no backward on CPU")
     block_mask = flex_block_mask(masks, q.shape[0], q.shape[1], q.device)
+    # every new shape and block mask recompiles; past dynamo's default limit (8) flex_attention
+    # would fall back to its slow eager path for the rest of a suite run, which is not Flex's speed
+    limits = torch._dynamo.config
+    limits.recompile_limit = max(limits.recompile_limit, 128)
+    limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 1024)
     compiled = torch.compile(flex_attention, dynamic=False)
     gqa = q.shape[1] != k.shape[1]
     return lambda: compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
