@@ -49,6 +49,7 @@ from torch.nn.attention.flex_attention import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # use the checkout's sparsec without installing it
 import sparsec
+from sparsec.bench import cpu_seconds, peak_memory_mb, round_robin, sync, timed  # noqa: F401 (used here and by the others)
 from sparsec.ir.sampled import random_keys
 
 PATTERNS = {"band(256) + global(16)": "pattern p = band(256) + global(16)",
@@ -92,40 +93,6 @@ def flex_mask_differences(mask_mod, mask: torch.Tensor, rows: int = 1024) -> int
 
 # ---- timing and memory ----------------------------------------------------------------------------
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    """(result, seconds) of one call."""
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t
-
-
-def peak_memory_mb(fn, device) -> float | None:
-    """CUDA: the allocator's peak during one call above what was in use before it. CPU: None (RSS
-    in one process mostly shows the allocator's reuse, not what a call needs)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    sync(device)
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, of this process) so far (Linux /proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
 def quiet_rounds(foreign: list[float], threshold: float, label: str) -> list[int]:
     """The rounds in which other processes kept fewer than `threshold` cores busy; all rounds,
     with a warning, when fewer than 3 were that quiet."""
@@ -142,22 +109,6 @@ def result_path(cpu_stem: str, gpu_stem: str, device: str) -> str:
     slug = cpu_stem if device == "cpu" else \
         gpu_stem + "_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     return str(ROOT / f"benchmarks/results/{slug}.json")
-
-
-def round_robin(impls: dict, device, warmup: int, repeats: int) -> tuple[dict[str, list[float]], list[float]]:
-    """Per implementation, `repeats` call times (s) after `warmup` calls, interleaved; and per
-    round, the cores other processes kept busy meanwhile (their load skews the times)."""
-    for fn in impls.values():
-        for _ in range(warmup):
-            timed(fn, device)
-    times, foreign = {name: [] for name in impls}, []
-    for _ in range(repeats):
-        (busy, own), t = cpu_seconds(), time.perf_counter()
-        for name, fn in impls.items():
-            times[name].append(timed(fn, device)[1])
-        (busy2, own2), wall = cpu_seconds(), time.perf_counter() - t
-        foreign.append(max(0.0, (busy2 - busy) - (own2 - own)) / wall)
-    return times, foreign
 
 
 # ---- one pattern ------------------------------------------------------------------------------------
