@@ -10,7 +10,8 @@ tiles' pairs / full's.
 
     .venv/bin/python benchmarks/suite.py                  # CUDA if present: bf16, D=128, n=4K..128K
     .venv/bin/python benchmarks/suite.py --device cpu     # fp32, D=64, n=1K..4K (smoke-size on 2 cores)
-    -> benchmarks/results/suite_<device>.json and suite_<device>.png
+    .venv/bin/python benchmarks/suite.py --preset goals   # band(1024)+global(16), bigbird, full at 16K, 64K
+    -> benchmarks/results/suite[_goals]_<device>.json and .png
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import sparsec
 from sparsec import bench
 
 GOAL_PATTERNS = {"band(1024) + global(16)": "pattern band_global = band(1024) + global(16)"}
+PRESETS = {"goals": dict(patterns=["band(1024) + global(16)", "bigbird", "full"], n=[16384, 65536])}
 DEFAULTS = {"cuda": dict(n=[4096, 8192, 16384, 32768, 65536, 131072], dtype="bfloat16", dim=128, heads=16,
                          repeats=10, warmup=3),
             "cpu": dict(n=[1024, 2048, 4096], dtype="float32", dim=64, heads=4, repeats=3, warmup=1)}
@@ -56,8 +58,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--vs", default="flex,sdpa,dense")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--warmup", type=int)
-    ap.add_argument("--out", help="JSON path (default: benchmarks/results/suite_<device>.json)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="goals: the issue's goal patterns at 16K and 64K")
+    ap.add_argument("--out", help="JSON path (default: benchmarks/results/suite[_<preset>]_<device>.json)")
     args = ap.parse_args()
+    for name, value in PRESETS.get(args.preset, {}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name, value in DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -169,7 +175,8 @@ def main() -> int:
             for name in chosen:
                 results.append(run_case(name, patterns[name], n, backward, args))
     slug = device_slug(args.device)
-    out = Path(args.out or ROOT / f"benchmarks/results/suite_{slug}.json")
+    stem = "suite" + (f"_{args.preset}" if args.preset else "")
+    out = Path(args.out or ROOT / f"benchmarks/results/{stem}_{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = goals(results)
     out.write_text(json.dumps({"machine": bench.machine(args.device), "command": sys.argv, "goals": summary,

@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
-# The GPU runner, one command on a CUDA machine: the gpu-marked tests (forward and gradients), then
-# the forward benchmark and the forward+backward benchmark (bf16, D=128, n=16384, vs FlexAttention
-# and dense-mask SDPA) -> benchmarks/results/gpu_forward_<gpu>.json and gpu_backward_<gpu>.json, and the
-# content-based benchmark (lsh(64), n=16384, D=64, vs dense flash attention, Flex and dense-mask SDPA)
-# -> benchmarks/results/gpu_content_<gpu>.json
+# The GPU runner, one command on a CUDA machine; nothing else needed, results go to benchmarks/results/.
+#   scripts/gpu.sh            everything, in this order
+#   scripts/gpu.sh STAGE ...  some stages (each fits a shorter time limit than the whole):
+#     tests    the gpu-marked tests: generated kernels forward and backward vs float64, the tuner on the device
+#     goals    sparsec tune, then benchmarks/suite.py --preset goals: band(1024)+global(16), BigBird and the full-pattern
+#              yardstick at n = 16K and 64K, bf16, D=128, H=16, forward and forward+backward, vs FlexAttention,
+#              masked SDPA and dense SDPA -> suite_goals_<gpu>.json/.png with the issue's goals evaluated
+#     library  benchmarks/suite.py: every library pattern at n = 4K..128K (long: tunes each pattern once)
+#     focused  the earlier benchmarks with hand-written Flex mask_mods at n = 16K (gpu_forward_<gpu>.json,
+#              gpu_backward_<gpu>.json) and lsh(64) (gpu_content_<gpu>.json)
+# Tuned tiles go to a fresh cache dir (SPARSEC_CACHE_DIR), so every run tunes from nothing and reports it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-"$PY" -m pytest -q -m gpu tests/
-"$PY" benchmarks/cpu_forward.py --device cuda
-"$PY" benchmarks/cpu_backward.py --device cuda
-"$PY" benchmarks/content.py --device cuda
+export SPARSEC_CACHE_DIR=${SPARSEC_CACHE_DIR:-$(mktemp -d)}
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests goals library focused)
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    tests) "$PY" -m pytest -q -m gpu tests/ ;;
+    goals)
+      # the command users run ahead of time; the suite then finds this key cached (its tune_s ~ 0)
+      "$PY" -m sparsec.cli tune patterns/bigbird.sa --n 16384 --heads 16 --dim 128 --dtype bfloat16
+      "$PY" benchmarks/suite.py --device cuda --preset goals ;;
+    library) "$PY" benchmarks/suite.py --device cuda ;;
+    focused)
+      "$PY" benchmarks/cpu_forward.py --device cuda
+      "$PY" benchmarks/cpu_backward.py --device cuda
+      "$PY" benchmarks/content.py --device cuda ;;
+    *) echo "scripts/gpu.sh: unknown stage $stage (tests, goals, library, focused)" >&2; exit 2 ;;
+  esac
+done

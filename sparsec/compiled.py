@@ -86,8 +86,10 @@ class Kernel:
     """What `sparsec.compile` returns: callable attention for the pattern, with its IR, cost,
     dense reference mask, block layouts and generated source."""
 
-    def __init__(self, path_or_source, pattern: str | None = None, autotune: bool = True,
+    def __init__(self, path_or_source, pattern: str | None = None, autotune: bool | None = None,
                  config: TileConfig | None = None, **params):
+        if autotune is None:   # the default: on, unless SPARSEC_AUTOTUNE=0 (CI jobs, test suites)
+            autotune = os.environ.get("SPARSEC_AUTOTUNE", "1") != "0"
         if not isinstance(autotune, bool):
             raise TypeError(f"autotune must be True or False, got {autotune!r}")
         self.autotune, self.config = autotune, tuning.check_config(config)
@@ -209,16 +211,22 @@ class Kernel:
         backend = R.choose_backend(backend, call.device)
         inputs, bodies = self._prepare(call, q, k, runtime)
         parts = []
-        for i, (share, body) in enumerate(zip(self.shares, bodies)):
-            order = None if share.key is None else self._order(share, call, inputs)
-            # a sorted share: each query head sorts its own K/V rows
-            c, args = (call, (q, k, v)) if order is None else (replace(call, kv_heads=call.heads),
-                                                               order.gather(q, k, v, call))
+        for i, body, order, c, args in self._share_calls(call, inputs, bodies, q, k, v):
             config = self._config(i, body, c, backend, inputs, order, args)
             out = attend(self._runner(i, body, c, backend, config, inputs, order), *args)
             parts.append(out if order is None else order.scatter(*out))
         o, lse = routing.merge_by_lse(parts, q.dtype)
         return (o, lse) if return_lse else o
+
+    def _share_calls(self, call: R.Call, inputs: dict, bodies: list, q, k, v):
+        """Per share: (index, body, order, call, (q, k, v)) as its kernels see them: a sorted
+        share gets its gathered rows, each query head with its own K/V rows."""
+        for i, (share, body) in enumerate(zip(self.shares, bodies)):
+            if share.key is None:
+                yield i, body, None, call, (q, k, v)
+            else:
+                order = self._order(share, call, inputs)
+                yield i, body, order, replace(call, kv_heads=call.heads), order.gather(q, k, v, call)
 
     def _config(self, share: int, body, call: R.Call, backend: str, inputs: dict,
                 order: routing.SortedOrder | None, args: tuple, retune: bool = False) -> TileConfig:
@@ -235,19 +243,21 @@ class Kernel:
                 training)
         if retune:
             self._cache.pop(memo, None)
-        return self._cached(memo, lambda: self._tuned(share, body, call, backend, inputs, order, args, training,
-                                                      retune))
+        return self._cached(memo, lambda: self._tuned(share, body, call, backend, inputs, order, args, dtype,
+                                                      training, retune))
 
-    def _tuned(self, share, body, call, backend, inputs, order, args, training: bool, retune: bool) -> TileConfig:
+    def _tuned(self, share: int, body, call: R.Call, backend: str, inputs: dict, order, args: tuple, dtype: str,
+               training: bool, retune: bool) -> TileConfig:
+        """The tuning cache's config for this share and call, or the winner of tuning it now."""
         import triton   # only on the GPU path
-        key = tuning.make_key(body.show(), call.n_q, call.n_k, call.dim, str(args[0].dtype).removeprefix("torch."),
-                              call.heads // call.kv_heads, torch.cuda.get_device_name(call.device),
-                              triton.__version__, "training" if training else "forward")
+        key = tuning.make_key(body.show(), call.n_q, call.n_k, call.dim, dtype, call.heads // call.kv_heads,
+                              torch.cuda.get_device_name(call.device), triton.__version__,
+                              "training" if training else "forward")
         props = torch.cuda.get_device_properties(call.device)
         configs = lambda: tuning.candidates(call.dim, args[0].element_size(), call.n_q, call.n_k,
                                             props.shared_memory_per_multiprocessor - 1024)
         timer = tuning.kernel_timer(lambda config: self._runner(share, body, call, backend, config, inputs, order),
-                               args, training)
+                                    args, training)
         label = f"sparsec: tuning {self.name}" + (f" share {share}" if len(self.shares) > 1 else "")
         found = tuning.tuned(key, tuning.cache_at(R.cache_dir() / "tuning.json"), configs, timer,
                              tuning.Progress(label), retune)
@@ -265,13 +275,8 @@ class Kernel:
                   f"{default.show()}", file=sys.stderr)
             return [default] * len(self.shares)
         inputs, bodies = self._prepare(call, q, k, runtime)
-        out = []
-        for i, (share, body) in enumerate(zip(self.shares, bodies)):
-            order = None if share.key is None else self._order(share, call, inputs)
-            c, args = (call, (q, k, v)) if order is None else (replace(call, kv_heads=call.heads),
-                                                               order.gather(q, k, v, call))
-            out.append(self._config(i, body, c, backend, inputs, order, args, retune))
-        return out
+        return [self._config(i, body, c, backend, inputs, order, args, retune)
+                for i, body, order, c, args in self._share_calls(call, inputs, bodies, q, k, v)]
 
     def _prepare(self, call: R.Call, q, k, runtime: dict) -> tuple[dict, list]:
         """The call's runtime inputs (with content ids and selections, computed once per call on
@@ -382,10 +387,11 @@ class Kernel:
 CompiledPattern = Kernel  # the name of sparsec 0.1
 
 
-def compile(path_or_source: str | os.PathLike, pattern: str | None = None, autotune: bool = True,
+def compile(path_or_source: str | os.PathLike, pattern: str | None = None, autotune: bool | None = None,
             config: TileConfig | None = None, **params) -> Kernel:
     """Compile a .sa program (a path or its text); `pattern` picks one by name (default: the last);
     keyword arguments override its params. On a GPU the tiles are autotuned per share and shape
     bucket (the first call of a new key times the candidates; the winner is cached on disk);
-    autotune=False keeps the defaults, and config= fixes the tiles on every backend."""
+    autotune=False keeps the defaults (so does SPARSEC_AUTOTUNE=0 when autotune is not given),
+    and config= fixes the tiles on every backend."""
     return Kernel(path_or_source, pattern, autotune, config, **params)

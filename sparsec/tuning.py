@@ -16,8 +16,7 @@ from .codegen import VERSION, TileConfig
 BLOCKS = (16, 32, 64, 128)
 WARPS = (1, 2, 4, 8)
 STAGES = (1, 2, 3, 4)
-FIRST_ROUND_STAGES = 3    # round 1 times each tile shape at this pipeline depth (or the deepest that fits)
-FINALISTS = 3             # round 2 tries every depth for this many of round 1's best
+FINALISTS = 3             # tile shapes whose warp counts are all timed
 FORMAT = 1                # of the cache file
 
 
@@ -90,47 +89,51 @@ class Timing:
 
 def search(configs: list[TileConfig], timer: Timer, progress: "Progress | None" = None
            ) -> tuple[TileConfig | None, list[Timing]]:
-    """The fastest config and every timing taken, in two rounds: each tile shape (BLOCK_M, BLOCK_N,
-    num_warps) at one pipeline depth, then every depth for the FINALISTS best shapes. Timing all of
-    `configs` would cost about three times as long for the same winner whenever the best depth
-    does not depend much on the shape. Ties go to the earlier timing."""
-    shapes: dict[tuple, list[TileConfig]] = {}
-    for c in configs:
-        shapes.setdefault((c.block_m, c.block_n, c.num_warps), []).append(c)
-    first = [min(group, key=lambda c: (abs(c.num_stages - FIRST_ROUND_STAGES), -c.num_stages))
-             for group in shapes.values()]
+    """The fastest config and every timing taken, by coordinate rounds: every tile shape
+    (BLOCK_M, BLOCK_N) at the launch options nearest 4 warps and 3 stages; every warp count for
+    the FINALISTS best shapes; every pipeline depth for the best (shape, warps). About a quarter
+    of the timings of trying every config (each one a compile), and the same winner whenever
+    the options' effects do not depend much on one another. Ties go to the earlier timing."""
     timings: list[Timing] = []
-    if progress:
-        progress.start(len(first))
 
-    def take(c: TileConfig) -> None:
-        timings.append(Timing(c, timer(c)))
+    def time_all(batch: list[TileConfig]) -> None:
+        batch = [c for c in batch if all(t.config != c for t in timings)]
         if progress:
-            progress.step(timings)
+            progress.extend(len(batch))
+        for c in batch:
+            timings.append(Timing(c, timer(c)))
+            if progress:
+                progress.step(timings)
 
-    for c in first:
-        take(c)
-    ranked = sorted((t for t in timings if t.ms is not None), key=lambda t: t.ms)
-    second = [c for t in ranked[:FINALISTS] for c in shapes[(t.config.block_m, t.config.block_n, t.config.num_warps)]
-              if c != t.config]
-    if progress:
-        progress.extend(len(second))
-    for c in second:
-        take(c)
+    def ranked(pool: list[TileConfig]) -> list[TileConfig]:
+        done = {t.config: t.ms for t in timings if t.ms is not None}
+        return sorted((c for c in pool if c in done), key=lambda c: done[c])   # stable: ties keep order
+
+    nearest = lambda group: min(group, key=lambda c: (abs(c.num_warps.bit_length() - 3), abs(c.num_stages - 3)))
+    tiles: dict[tuple, list[TileConfig]] = {}
+    for c in configs:
+        tiles.setdefault((c.block_m, c.block_n), []).append(c)
+    first = [nearest(group) for group in tiles.values()]
+    time_all(first)
+    finalists = [(c.block_m, c.block_n) for c in ranked(first)[:FINALISTS]]
+    second = [nearest([c for c in tiles[f] if c.num_warps == w]) for f in finalists
+              for w in sorted({c.num_warps for c in tiles[f]})]
+    time_all(second)
+    best = ranked(first + second)[:1]
+    if best:
+        time_all([c for c in tiles[(best[0].block_m, best[0].block_n)] if c.num_warps == best[0].num_warps])
     if progress:
         progress.finish(timings)
-    done = [t for t in timings if t.ms is not None]
-    return (min(done, key=lambda t: t.ms).config if done else None), timings
+    done = ranked([t.config for t in timings])
+    return (done[0] if done else None), timings
 
 
 class Progress:
-    """A one-line progress bar on stderr: candidates timed, the latest and the best so far."""
+    """A one-line progress bar on stderr: candidates timed (of those known so far: each round
+    adds its own), the latest and the best so far."""
 
     def __init__(self, label: str, stream=None, width: int = 24):
         self.label, self.stream, self.width, self.total = label, stream or sys.stderr, width, 0
-
-    def start(self, total: int) -> None:
-        self.total = total
 
     def extend(self, more: int) -> None:
         self.total += more

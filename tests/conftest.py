@@ -8,6 +8,9 @@ settings.register_profile("ci", deadline=None, max_examples=60,
 settings.register_profile("thorough", deadline=None, max_examples=1000,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# on a GPU, tests run the default tiles: tuning every shape they draw would take hours (the
+# tuner's own tests say autotune=True where they mean it)
+os.environ.setdefault("SPARSEC_AUTOTUNE", "0")
 # kernel properties run the Triton interpreter: fewer examples, unless a thorough run asks for more
 KERNEL_EXAMPLES = 25 if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci" else 300
 

@@ -47,25 +47,37 @@ def test_candidates_examples():
 
 
 def separable_timer(rng, configs):
-    """A fake device: time = cost of the tile shape + cost of the pipeline depth (drawn fresh)."""
-    shape_cost = {(c.block_m, c.block_n, c.num_warps): rng.uniform(1, 2) for c in configs}
-    depth_cost = {s: rng.uniform(0, 0.5) for s in (1, 2, 3, 4)}
+    """A fake device, drawn fresh: time = cost of the tile shape + cost of the warp count + cost
+    of the pipeline depth, where tile shapes differ by more than the other two can make up."""
+    tiles = sorted({(c.block_m, c.block_n) for c in configs})
+    tile_cost = dict(zip(tiles, rng.permutation(len(tiles)).astype(float)))
+    warp_cost = {w: rng.uniform(0, 0.4) for w in (1, 2, 4, 8)}
+    depth_cost = {s: rng.uniform(0, 0.4) for s in (1, 2, 3, 4)}
     calls = []
-    cost = lambda c: shape_cost[(c.block_m, c.block_n, c.num_warps)] + depth_cost[c.num_stages]
+    cost = lambda c: tile_cost[(c.block_m, c.block_n)] + warp_cost[c.num_warps] + depth_cost[c.num_stages]
     return lambda c: calls.append(c) or cost(c), calls, cost
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_search_finds_the_best_config_of_a_separable_device(seed):
-    rng = np.random.default_rng()
-    configs = tuning.candidates(64, 2, 8192, 8192, H100_SHARED)
-    timer, calls, cost = separable_timer(rng, configs)
+@pytest.mark.parametrize("dim, size", [(64, 2), (128, 2), (256, 4)])
+def test_search_finds_the_best_config_of_a_separable_device(dim, size):
+    configs = tuning.candidates(dim, size, 8192, 8192, H100_SHARED)
+    timer, calls, cost = separable_timer(np.random.default_rng(), configs)
     winner, timings = tuning.search(configs, timer)
     assert winner == min(configs, key=cost)      # brute force over every candidate
-    shapes = {(c.block_m, c.block_n, c.num_warps) for c in configs}
-    assert len(calls) < len(configs) / 2 and len(calls) <= len(shapes) + tuning.FINALISTS * 3
-    assert [t.config for t in timings] == calls and len(set(calls)) == len(calls)
-    assert set(calls) <= set(configs)
+    tiles = {(c.block_m, c.block_n) for c in configs}
+    assert len(calls) < len(configs) / 3 and len(calls) <= len(tiles) + tuning.FINALISTS * 4 + 4
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_search_returns_the_fastest_it_timed(seed):
+    """Whatever the device: each config timed once, all of them candidates, the winner the fastest."""
+    configs = tuning.candidates(128, 2, 16384, 16384, H100_SHARED)
+    rng = np.random.default_rng()
+    times = {c: rng.uniform(1, 2) for c in configs}
+    calls = []
+    winner, timings = tuning.search(configs, lambda c: calls.append(c) or times[c])
+    assert [t.config for t in timings] == calls and len(set(calls)) == len(calls) and set(calls) <= set(configs)
+    assert winner == min(calls, key=times.get)
 
 
 def test_search_skips_failures_and_breaks_ties_by_order():
@@ -181,7 +193,7 @@ def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(tuning, "kernel_timer", fake_timer)
     q = torch.randn(1, 2, 500, 64, dtype=torch.float16)
     call = R.check_call("p", frozenset(), q, q, q, None, None, {})
-    kern = sparsec.compile("pattern p = band(64) + global(8)")
+    kern = sparsec.compile("pattern p = band(64) + global(8)", autotune=True)
     body = kern.shares[0].body
     chosen = kern._config(0, body, call, "triton", {}, None, (q, q, q))
     configs = tuning.candidates(64, 2, 500, 500, H100_SHARED)
@@ -189,7 +201,7 @@ def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
     n_timed = len(timed)
     assert n_timed and not any(training for _, training in timed)
     assert kern._config(0, body, call, "triton", {}, None, (q, q, q)) == chosen and len(timed) == n_timed
-    other = sparsec.compile("pattern p = band(64) + global(8)")   # a new kernel (or process): from the file
+    other = sparsec.compile("pattern p = band(64) + global(8)", autotune=True)   # a new kernel (or process): from the file
     assert other._config(0, body, replace(call, n_q=480, n_k=480), "triton", {}, None, (q, q, q)) == chosen
     assert len(timed) == n_timed
     entry = json.loads((tmp_path / "tuning.json").read_text())["entries"]
@@ -197,8 +209,35 @@ def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
     q.requires_grad_(True)
     kern._config(0, body, call, "triton", {}, None, (q, q, q))     # training: its own key, timed again
     assert len(timed) > n_timed and timed[-1][1]
+    monkeypatch.setenv("SPARSEC_AUTOTUNE", "0")
+    assert sparsec.compile("pattern p = causal").autotune is False
+    monkeypatch.setenv("SPARSEC_AUTOTUNE", "1")
+    assert sparsec.compile("pattern p = causal").autotune is True
     fixed = TileConfig(32, 32, 2, 2)
     assert sparsec.compile("pattern p = band(64)", config=fixed)._config(0, body, call, "triton", {}, None,
                                                                         (q, q, q)) == fixed
     off = sparsec.compile("pattern p = band(64)", autotune=False)
     assert off._config(0, body, call, "triton", {}, None, (q, q, q)) == R.default_config("triton", call)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tuning_on_the_device(monkeypatch, tmp_path):
+    """Real timings on a few candidates: the winner is stored, a new kernel reads it without
+    timing, and the tuned kernel is still exact."""
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    few = [TileConfig(32, 32, 2, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)]
+    monkeypatch.setattr(tuning, "candidates", lambda *a: few)
+    src = "pattern p = band(256) + global(16)"
+    q, k, v = (torch.randn(1, 4, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kern = sparsec.compile(src, autotune=True)
+    (chosen,) = kern.tune(q, k, v)
+    assert chosen in few
+    entry = next(iter(json.loads((tmp_path / "tuning.json").read_text())["entries"].values()))
+    assert len(entry["timed"]) == 3 and all(ms > 0 for _, ms in entry["timed"])
+    monkeypatch.setattr(tuning, "kernel_timer", lambda *a: pytest.fail("a cached key was timed again"))
+    again = sparsec.compile(src, autotune=True)
+    o = again(q, k, v)
+    mask = again.mask(4096).cuda()
+    s = (q.double() @ k.double().transpose(-1, -2) / 128 ** 0.5).masked_fill(~mask, -torch.inf)
+    assert (o.double() - torch.softmax(s, -1) @ v.double()).abs().max() < 3e-2
