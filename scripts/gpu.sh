@@ -7,8 +7,9 @@
 #              yardstick at n = 16K and 64K, bf16, D=128, H=16, forward and forward+backward, vs FlexAttention,
 #              masked SDPA and dense SDPA -> suite_goals_<gpu>.json/.png with the issue's goals evaluated
 #     library  benchmarks/suite.py: every library pattern at n = 4K..128K (long: tunes each pattern once)
-#     focused  the earlier benchmarks with hand-written Flex mask_mods at n = 16K (gpu_forward_<gpu>.json,
-#              gpu_backward_<gpu>.json) and lsh(64) (gpu_content_<gpu>.json)
+#     focused  the launch order ablation (launch_order_<gpu>.json), and the earlier benchmarks with
+#              hand-written Flex mask_mods at n = 16K (gpu_forward_<gpu>.json, gpu_backward_<gpu>.json)
+#              and lsh(64) (gpu_content_<gpu>.json)
 # Tuned tiles go to a fresh cache dir (SPARSEC_CACHE_DIR), so every run tunes from nothing and reports it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ for stage in "${stages[@]}"; do
       "$PY" benchmarks/suite.py --device cuda --preset goals ;;
     library) "$PY" benchmarks/suite.py --device cuda ;;
     focused)
+      "$PY" benchmarks/launch_order.py
       "$PY" benchmarks/cpu_forward.py --device cuda
       "$PY" benchmarks/cpu_backward.py --device cuda
       "$PY" benchmarks/content.py --device cuda ;;

@@ -17,7 +17,7 @@ from .codegen import Generated, TileConfig
 from .ir.pattern import Blocks, Pattern, value
 from .ir.tiles import FULL, PARTIAL, TableSpace
 from .layout import BlockLayout, TileLists
-from .schedule import heaviest_first
+from .schedule import heaviest_first, launch_order
 
 BACKENDS = ("triton", "interpret", "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -240,7 +240,7 @@ class DeviceLayout:
         """The launch order of this layout's programs for a call with (batch, heads) query heads
         (schedule.py): over query tiles, or with group = G > 0 over key tiles of the batch x heads/G
         K/V heads. Kept with the layout, so a layout cached by shape sorts once."""
-        key = (batch, heads, group)
+        key = (batch, heads, group, launch_order())
         if key not in self.schedules:
             lb, lh, tq, tk = self.shape
             if group:

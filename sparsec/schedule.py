@@ -11,7 +11,18 @@ go last.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+ORDERS = ("classes", "positional")   # SPARSEC_LAUNCH_ORDER: positional is the plain grid, for comparison
+
+
+def launch_order() -> str:
+    order = os.environ.get("SPARSEC_LAUNCH_ORDER", "classes")
+    if order not in ORDERS:
+        raise ValueError(f"SPARSEC_LAUNCH_ORDER must be one of {', '.join(ORDERS)}, got {order!r}")
+    return order
 
 
 def work_classes(work: torch.Tensor) -> torch.Tensor:
@@ -30,12 +41,15 @@ def heaviest_first(full_ptr: torch.Tensor, partial_ptr: torch.Tensor, layout_sha
 
     full_ptr, partial_ptr: a layout's CSR pointers over rows (LB, LH, tiles), whose leading dims
     broadcast to (batch, heads). group > 1 (the dK/dV grid under GQA): a program serves `group`
-    consecutive query heads and its work is their sum."""
+    consecutive query heads and its work is their sum. SPARSEC_LAUNCH_ORDER=positional gives the
+    plain (batch x head, tile) order instead (benchmarks/launch_order.py compares the two)."""
     lb, lh, tiles = layout_shape
     rows = lb * lh * tiles
     work = (full_ptr[1:rows + 1] - full_ptr[:rows]) + (partial_ptr[1:rows + 1] - partial_ptr[:rows])
     work = work.view(lb, lh, tiles).expand(batch, heads, tiles)
     if group > 1:
         work = work.reshape(batch, heads // group, group, tiles).sum(2)
+    if launch_order() == "positional":
+        return torch.arange(work.numel(), dtype=torch.int32, device=work.device)
     order = torch.sort(-work_classes(work.reshape(-1)), stable=True).indices
     return order.to(torch.int32)

@@ -59,3 +59,14 @@ def test_global_rows_launch_first():
     # interior band rows (one class) keep their positional order within a head: L2 reuse of shared keys
     interior = [j for j in order if j // tiles == 0 and 8 <= j % tiles < tiles - 8]
     assert interior == sorted(interior) and len(interior) == tiles - 16
+
+
+def test_positional_order_for_comparison(monkeypatch):
+    kern = sparsec.compile("pattern p = band(256) + global(16)")
+    dev = DeviceLayout.of(kern.layout(2048, block_m=64, block_n=64), torch.device("cpu"))
+    classes = dev.schedule(1, 2)
+    monkeypatch.setenv("SPARSEC_LAUNCH_ORDER", "positional")
+    assert dev.schedule(1, 2).tolist() == list(range(2 * 32)) != classes.tolist()
+    monkeypatch.setenv("SPARSEC_LAUNCH_ORDER", "random")
+    with pytest.raises(ValueError, match="SPARSEC_LAUNCH_ORDER must be one of classes, positional"):
+        dev.schedule(1, 3)
