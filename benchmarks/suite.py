@@ -11,7 +11,8 @@ tiles' pairs / full's.
     .venv/bin/python benchmarks/suite.py                  # CUDA if present: bf16, D=128, n=4K..128K
     .venv/bin/python benchmarks/suite.py --device cpu     # fp32, D=64, n=1K..4K (smoke-size on 2 cores)
     .venv/bin/python benchmarks/suite.py --preset goals   # band(1024)+global(16), bigbird, full at 16K, 64K
-    -> benchmarks/results/suite[_goals]_<device>.json and .png
+    -> benchmarks/results/suite[_goals][_forward|_backward]_<device>.json and .png (the mode part
+       when --modes names one)
 """
 from __future__ import annotations
 
@@ -175,7 +176,8 @@ def main() -> int:
             for name in chosen:
                 results.append(run_case(name, patterns[name], n, backward, args))
     slug = device_slug(args.device)
-    stem = "suite" + (f"_{args.preset}" if args.preset else "")
+    stem = "suite" + (f"_{args.preset}" if args.preset else "") + (
+        "" if len(args.modes) > 1 else "_forward" if args.modes == ["forward"] else "_backward")
     out = Path(args.out or ROOT / f"benchmarks/results/{stem}_{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = goals(results)

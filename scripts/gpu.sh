@@ -3,9 +3,11 @@
 #   scripts/gpu.sh            everything, in this order
 #   scripts/gpu.sh STAGE ...  some stages (each fits a shorter time limit than the whole):
 #     tests    the gpu-marked tests: generated kernels forward and backward vs float64, the tuner on the device
-#     goals    sparsec tune, then benchmarks/suite.py --preset goals: band(1024)+global(16), BigBird and the full-pattern
-#              yardstick at n = 16K and 64K, bf16, D=128, H=16, forward and forward+backward, vs FlexAttention,
-#              masked SDPA and dense SDPA -> suite_goals_<gpu>.json/.png with the goals evaluated
+#     goals-forward, goals-backward
+#              benchmarks/suite.py --preset goals: band(1024)+global(16), BigBird and the full-pattern yardstick
+#              at n = 16K and 64K, bf16, D=128, H=16, forward (or forward+backward), vs FlexAttention, masked
+#              SDPA and dense SDPA -> suite_goals_{forward,backward}_<gpu>.json/.png, the goals evaluated
+#              (goals-forward first runs `sparsec tune`, the command users run ahead of time)
 #     library  benchmarks/suite.py: every library pattern at n = 4K..128K (long: tunes each pattern once)
 #     focused  the launch order ablation (launch_order_<gpu>.json), and the earlier benchmarks with
 #              hand-written Flex mask_mods at n = 16K (gpu_forward_<gpu>.json, gpu_backward_<gpu>.json)
@@ -16,20 +18,22 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export SPARSEC_CACHE_DIR=${SPARSEC_CACHE_DIR:-$(mktemp -d)}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests goals library focused)
+[ ${#stages[@]} -eq 0 ] && stages=(tests goals-forward goals-backward focused library)
 for stage in "${stages[@]}"; do
   case "$stage" in
     tests) "$PY" -m pytest -q -m gpu tests/ ;;
-    goals)
-      # the command users run ahead of time; the suite then finds this key cached (its tune_s ~ 0)
+    goals-forward)
+      # the suite then finds this key cached (its tune_s ~ 0 there)
       "$PY" -m sparsec.cli tune patterns/bigbird.sa --n 16384 --heads 16 --dim 128 --dtype bfloat16
-      "$PY" benchmarks/suite.py --device cuda --preset goals ;;
+      "$PY" benchmarks/suite.py --device cuda --preset goals --modes forward ;;
+    goals-backward) "$PY" benchmarks/suite.py --device cuda --preset goals --modes forward+backward ;;
     library) "$PY" benchmarks/suite.py --device cuda ;;
     focused)
       "$PY" benchmarks/launch_order.py
       "$PY" benchmarks/cpu_forward.py --device cuda
       "$PY" benchmarks/cpu_backward.py --device cuda
       "$PY" benchmarks/content.py --device cuda ;;
-    *) echo "scripts/gpu.sh: unknown stage $stage (tests, goals, library, focused)" >&2; exit 2 ;;
+    *) echo "scripts/gpu.sh: unknown stage $stage (tests, goals-forward, goals-backward, focused, library)" >&2
+       exit 2 ;;
   esac
 done

@@ -91,9 +91,9 @@ def search(configs: list[TileConfig], timer: Timer, progress: "Progress | None" 
            ) -> tuple[TileConfig | None, list[Timing]]:
     """The fastest config and every timing taken, by coordinate rounds: every tile shape
     (BLOCK_M, BLOCK_N) at the launch options nearest 4 warps and 3 stages; every warp count for
-    the FINALISTS best shapes; every pipeline depth for the best (shape, warps). About a quarter
-    of the timings of trying every config (each one a compile), and the same winner whenever
-    the options' effects do not depend much on one another. Ties go to the earlier timing."""
+    the FINALISTS best shapes; every pipeline depth for the best (shape, warps). About 20
+    timings where trying every config takes 110-160 (each one a compile), and the same winner
+    whenever the options' effects roughly add up. Ties go to the earlier timing."""
     timings: list[Timing] = []
 
     def time_all(batch: list[TileConfig]) -> None:
@@ -123,7 +123,7 @@ def search(configs: list[TileConfig], timer: Timer, progress: "Progress | None" 
     if best:
         time_all([c for c in tiles[(best[0].block_m, best[0].block_n)] if c.num_warps == best[0].num_warps])
     if progress:
-        progress.finish(timings)
+        progress.finish()
     done = ranked([t.config for t in timings])
     return (done[0] if done else None), timings
 
@@ -149,7 +149,7 @@ class Progress:
         self.stream.write(text)
         self.stream.flush()
 
-    def finish(self, timings: list[Timing]) -> None:
+    def finish(self) -> None:
         self.stream.write("\n")
         self.stream.flush()
 
