@@ -231,8 +231,12 @@ def bench_command(args) -> None:
     unknown = [x for x in vs if x not in bench.PEERS]
     if unknown:
         raise ValueError(f"--vs takes a comma list of {', '.join(bench.PEERS)} (or none), got {', '.join(unknown)}")
-    kern = _compile(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: there is no CUDA device here (use --device cpu)")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device}")
+    kern = _compile(args)
     results = []
     for n in args.n:
         case = bench.Case(n, args.n_k or n, args.batch, args.heads, args.kv_heads, args.dim, args.dtype, device,

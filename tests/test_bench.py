@@ -127,5 +127,8 @@ def test_bench_and_tune_commands(tmp_path, capsys):
     assert "--vs takes a comma list" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", str(path), "--n", "0"])
+    if not torch.cuda.is_available():
+        assert main(["bench", str(path), "--n", "64", "--device", "cuda"]) == 1
+        assert "no CUDA device here" in capsys.readouterr().err
     assert main(["tune", str(path), "--n", "128"]) == 0
     assert capsys.readouterr().out.count("\n") == 1
