@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +46,7 @@ from torch.nn.attention.flex_attention import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # use the checkout's sparsec without installing it
 import sparsec
-from sparsec.bench import cpu_seconds, peak_memory_mb, round_robin, sync, timed  # noqa: F401 (used here and by the others)
+from sparsec.bench import cpu_seconds, machine, peak_memory_mb, round_robin, sync, timed  # noqa: F401 (used here and by the others)
 from sparsec.ir.sampled import random_keys
 
 PATTERNS = {"band(256) + global(16)": "pattern p = band(256) + global(16)",
@@ -200,20 +197,6 @@ def bench_pattern(name: str, args, device, dtype, flex) -> dict:
 
 
 # ---- report -------------------------------------------------------------------------------------
-
-def machine(device) -> dict:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    out = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-           "cpus_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-           "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "triton": next((d.version for d in importlib.metadata.distributions() if d.metadata["Name"] == "triton"),
-                          None),
-           "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "sparsec"))}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
 
 
 def table(patterns: list[dict]) -> str:

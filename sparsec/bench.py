@@ -20,7 +20,6 @@ from .compiled import Kernel
 
 PEERS = ("flex", "sdpa", "dense")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}   # sparsec vs float64, max abs
 
 
 @dataclass
@@ -110,7 +109,7 @@ def machine(device) -> dict:
                                 None)
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+           "cpus_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
            "torch": torch.__version__, "numpy": np.__version__, "triton": version("triton"),
            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "sparsec"))}
     if torch.device(device).type == "cuda":
@@ -184,11 +183,14 @@ def run(kern: Kernel, case: Case) -> dict:
             skipped[name] = str(why)
 
     t = time.perf_counter()
-    configs = kern.tune(q, k, v, **runtime) if backend == "triton" else None
+    if backend == "triton":
+        configs = kern.tune(q, k, v, **runtime)
+    else:
+        call = R.check_call(kern.name, kern.needs, q, k, v, scale, None, runtime)
+        configs = [kern.config or R.default_config(backend, call)] * len(kern.shares)
     result["tune_s"] = time.perf_counter() - t
+    result["config"] = [asdict(c) for c in configs]   # per share
     add("sparsec", lambda: lambda: kern(q, k, v, scale=scale, **runtime))
-    result["config"] = [asdict(c) for c in configs] if configs else asdict(kern.config or R.default_config(
-        backend, R.check_call(kern.name, kern.needs, q, k, v, scale, None, runtime)))
     limit = int(case.mask_limit_gib * 2**30)
     masks, why_not = None, None
     try:
@@ -209,8 +211,7 @@ def run(kern: Kernel, case: Case) -> dict:
         add(name, makers[name])
     if not case.backward:   # what a call adds to its kernels: argument checks, cache lookups, layouts
         add("kernels", lambda: kernels_only(kern, q, k, v, scale, runtime, backend))
-    first = result["config"][0] if isinstance(result["config"], list) else result["config"]
-    result["layout_build_ms"], result["tile_pairs"] = layout_stats(kern, case, runtime, first)
+    result["layout_build_ms"], result["tile_pairs"] = layout_stats(kern, case, runtime, configs[0])
 
     times, foreign = round_robin(impls, device, case.warmup, case.repeats)
     result["foreign_cores_busy"] = foreign
@@ -240,18 +241,16 @@ def run(kern: Kernel, case: Case) -> dict:
     return result
 
 
-def layout_stats(kern: Kernel, case: Case, runtime: dict, config: dict) -> tuple[float | None, int | None]:
-    """(ms, pairs): a cold host build of the layout at sparsec's tiles, on a fresh copy of the
-    kernel (nothing cached), and the pairs its tiles hold (what the kernel computes, masked or
-    not); None for content-based patterns, whose layouts are built per call."""
+def layout_stats(kern: Kernel, case: Case, runtime: dict, config) -> tuple[float | None, int | None]:
+    """(ms, pairs): a cold host build of the layout at sparsec's tiles (`kern.layout` caches
+    nothing), and the pairs its tiles hold (what the kernel computes, masked or not); None for
+    content-based patterns, whose layouts are built per call."""
     if {"q", "k"} & kern.needs:
         return None, None
-    fresh = Kernel.__new__(Kernel)
-    fresh.__dict__.update(kern.__dict__, _cache={})
     seg = runtime.get("segment_ids")
     t = time.perf_counter()
-    lay = fresh.layout(case.n_q, case.n_k, config["block_m"], config["block_n"], heads=case.heads,
-                       segment_ids=None if seg is None else seg.cpu())
+    lay = kern.layout(case.n_q, case.n_k, config.block_m, config.block_n, heads=case.heads,
+                      segment_ids=None if seg is None else seg.cpu())
     ms = (time.perf_counter() - t) * 1e3
     lb, lh, _, _ = lay.shape
     return ms, lay.tiles_visited() * lay.block_m * lay.block_n * (case.batch // lb) * (case.heads // lh)

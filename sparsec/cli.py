@@ -36,8 +36,7 @@ def runtime_inputs(kern: CompiledPattern, n: int, heads: int, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     out = {}
     if "segment_ids" in kern.needs:
-        cuts = np.sort(rng.choice(np.arange(1, n), size=min(7, n - 1), replace=False))
-        out["segment_ids"] = np.searchsorted(cuts, np.arange(n), side="right")[None, :]
+        out["segment_ids"] = bench.documents(1, n, rng).numpy()
     if {"q", "k"} & kern.needs:
         out["q"] = rng.standard_normal((1, heads, n, 64))
         out["k"] = rng.standard_normal((1, heads, n, 64))

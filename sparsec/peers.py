@@ -29,23 +29,17 @@ def dense(q, k, v, scale: float):
     return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
 
 
-def mask_bytes(kern: Kernel, batch: int, heads: int, n_q: int, n_k: int) -> int:
-    per_head = heads if kern.ir.body.varies_with_head() else 1
-    per_batch = batch if "segment_ids" in kern.needs else 1
-    return per_batch * per_head * n_q * n_k
-
-
 def masked_sdpa(kern: Kernel, q, k, v, scale: float, limit_bytes: int, runtime: dict):
     """SDPA with the pattern's dense boolean mask (broadcast over heads when the pattern does not
     depend on them), when the mask fits in limit_bytes."""
-    B, H, n_q, _ = q.shape
-    n_k = k.shape[2]
-    need = mask_bytes(kern, B, H, n_q, n_k)
-    if need > limit_bytes:
-        raise Skipped(f"its n_q x n_k bool mask needs {need / 2**30:.1f} GiB (limit {limit_bytes / 2**30:.1f} GiB)")
     if {"q", "k"} & kern.needs:
         raise Skipped("content-based pattern: the mask is per call (see benchmarks/content.py)")
+    B, H, n_q, _ = q.shape
+    n_k = k.shape[2]
     heads = H if kern.ir.body.varies_with_head() else 1
+    need = (B if "segment_ids" in kern.needs else 1) * heads * n_q * n_k
+    if need > limit_bytes:
+        raise Skipped(f"its n_q x n_k bool mask needs {need / 2**30:.1f} GiB (limit {limit_bytes / 2**30:.1f} GiB)")
     mask = kern.mask(n_q, n_k, heads=heads, **runtime).to(q.device)
     gqa = q.shape[1] != k.shape[1]
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

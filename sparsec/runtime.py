@@ -32,17 +32,20 @@ def cache_dir() -> Path:
     return Path(base) / "sparsec"
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so concurrent processes never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_source(gen: Generated, name: str) -> Path:
-    """The source, written once under its content hash; atomically, so concurrent processes
-    never import half a file."""
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}_{gen.digest}.py"
+    """The source, written once under its content hash."""
+    path = cache_dir() / f"{name}_{gen.digest}.py"
     if not path.exists() or path.read_text() != gen.source:
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(gen.source)
-        os.replace(tmp, path)
+        write_atomically(path, gen.source)
     return path
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .codegen import VERSION, TileConfig
+from .runtime import write_atomically
 
 BLOCKS = (16, 32, 64, 128)
 WARPS = (1, 2, 4, 8)
@@ -222,11 +221,7 @@ class TuningCache:
         entries = self._read()
         entries[key.text()] = entry
         self.entries = entries
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps({"format": FORMAT, "entries": entries}, indent=1, sort_keys=True))
 
 
 _CACHES: dict[Path, TuningCache] = {}
