@@ -323,7 +323,7 @@ class Kernel:
                 order: routing.SortedOrder | None = None):
         """The backend bound to one share of one call: its layout, tables or CPU plan."""
         needs = body.runtime_needs()
-        shape = (share, config, call.n_q, call.n_k, call.q_offset, call.heads, call.device)
+        shape = (share, config, *call.shape_key())
 
         def per_shape(what, make):
             """Cached by shape when the share reads no runtime input; else made per call."""

@@ -99,6 +99,12 @@ class Call:
     scale: float
     device: torch.device
 
+    def shape_key(self) -> tuple:
+        """Everything a per-shape cache (plans, tables) may depend on: the call less its scale,
+        which the runners take per call. Leaving out kv_heads once made an MHA plan serve a GQA
+        call (issue 20)."""
+        return (self.batch, self.heads, self.kv_heads, self.n_q, self.n_k, self.dim, self.q_offset, self.device)
+
 
 def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, runtime: dict) -> Call:
     for arg, x in (("q", q), ("k", k), ("v", v)):

@@ -116,6 +116,24 @@ def test_runtime_inputs_and_tables(backend, src):
         check(kern, backend, 2, 4, 2, n_q, n_k, 16, torch.float32)
 
 
+# one compiled pattern called with heads, batch, dtype and length changing in turn: every cache
+# kept per shape (plans, tables, layouts, schedules) must see each change (issue 20)
+CALL_SEQUENCE = [   # (B, Hq, Hkv, n_q, n_k, dtype)
+    (1, 4, 4, 40, 40, torch.float32), (1, 4, 2, 40, 40, torch.float32), (1, 4, 1, 40, 40, torch.float32),
+    (2, 4, 2, 40, 40, torch.float32), (2, 4, 2, 40, 40, torch.float16), (1, 2, 2, 40, 40, torch.bfloat16),
+    (1, 4, 2, 33, 47, torch.float32), (3, 4, 4, 33, 47, torch.float32), (1, 4, 4, 40, 40, torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "interpret"])
+@pytest.mark.parametrize("src", ["band(5) + global(2) + random(2)", "document & causal", "lsh(4) & causal",
+                                 "causal & (topk(1, block=8, causal=true) + chunk(8))", "heads(band(3), stride(4))"])
+def test_one_kernel_serves_every_shape_in_turn(backend, src):
+    kern = sparsec.compile(f"pattern p = {src}")
+    for B, Hq, Hkv, n_q, n_k, dtype in CALL_SEQUENCE:
+        check(kern, backend, B, Hq, Hkv, n_q, n_k, 16, dtype)
+
+
 @pytest.mark.parametrize("backend", ["interpret", "cpu"])
 def test_empty_rows_are_zero_with_lse_minus_inf(backend):
     kern = sparsec.compile("pattern p = band(2) - where(i % 5 == 0)")   # rows 0, 5, 10, ... see nothing
