@@ -14,6 +14,7 @@ import torch
 from . import cpu, passes, routing, selections, tuning
 from . import runtime as R
 from .autograd import attend
+from .cache import cache_dir
 from .codegen import Generated, TileConfig, emit_kernels
 from .documents import DocumentLayouts, static_part
 from .elaborate import elaborate, pattern_names
@@ -229,7 +230,8 @@ class Kernel:
                 yield i, body, order, replace(call, kv_heads=call.heads), order.gather(q, k, v, call)
 
     def _config(self, share: int, body, call: R.Call, backend: str, inputs: dict,
-                order: routing.SortedOrder | None, args: tuple, retune: bool = False) -> TileConfig:
+                order: routing.SortedOrder | None, args: tuple, retune: bool = False,
+                must_save: bool = False) -> TileConfig:
         """Share `share`'s tiles for this call: the user's config=; else, on a GPU with autotune
         on, the tuned config for its key (from the tuning cache, or tuned now on this call's own
         layout and inputs); else the backend's default. Resolved once per kernel and shape."""
@@ -244,10 +246,10 @@ class Kernel:
         if retune:
             self._cache.pop(memo, None)
         return self._cached(memo, lambda: self._tuned(share, body, call, backend, inputs, order, args, dtype,
-                                                      training, retune))
+                                                      training, retune, must_save))
 
     def _tuned(self, share: int, body, call: R.Call, backend: str, inputs: dict, order, args: tuple, dtype: str,
-               training: bool, retune: bool) -> TileConfig:
+               training: bool, retune: bool, must_save: bool) -> TileConfig:
         """The tuning cache's config for this share and call, or the winner of tuning it now."""
         import triton   # only on the GPU path
         key = tuning.make_key(body.show(), call.n_q, call.n_k, call.dim, dtype, call.heads // call.kv_heads,
@@ -259,8 +261,8 @@ class Kernel:
         timer = tuning.kernel_timer(lambda config: self._runner(share, body, call, backend, config, inputs, order),
                                     args, training)
         label = f"sparsec: tuning {self.name}" + (f" share {share}" if len(self.shares) > 1 else "")
-        found = tuning.tuned(key, tuning.cache_at(R.cache_dir() / "tuning.json"), configs, timer,
-                             tuning.Progress(label), retune)
+        found = tuning.tuned(key, tuning.cache_at(cache_dir() / tuning.FILE), configs, timer,
+                             tuning.Progress(label), retune, must_save)
         return found or R.default_config(backend, call)
 
     def tune(self, q, k, v, scale: float | None = None, q_offset: int | None = None, retune: bool = False,
@@ -275,7 +277,7 @@ class Kernel:
                   f"{default.show()}", file=sys.stderr)
             return [default] * len(self.shares)
         inputs, bodies = self._prepare(call, q, k, runtime)
-        return [self._config(i, body, c, backend, inputs, order, args, retune)
+        return [self._config(i, body, c, backend, inputs, order, args, retune, must_save=True)
                 for i, body, order, c, args in self._share_calls(call, inputs, bodies, q, k, v)]
 
     def _prepare(self, call: R.Call, q, k, runtime: dict) -> tuple[dict, list]:

@@ -1,14 +1,13 @@
-"""Calling a compiled pattern: argument checks, backend choice, the source cache, layouts and launch."""
+"""Calling a compiled pattern: argument checks, backend choice, loading generated modules, layouts and launch."""
 from __future__ import annotations
 
-import importlib.util
+import linecache
 import math
 import os
 import sys
-import tempfile
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,31 +21,6 @@ from .schedule import heaviest_first, launch_order
 BACKENDS = ("triton", "interpret", "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RUNTIME_INPUTS = ("segment_ids", "centroids", "rotations")
-
-
-def cache_dir() -> Path:
-    """Where generated sources live: $SPARSEC_CACHE_DIR, else the user cache dir."""
-    if os.environ.get("SPARSEC_CACHE_DIR"):
-        return Path(os.environ["SPARSEC_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sparsec"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename, so concurrent processes never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_source(gen: Generated, name: str) -> Path:
-    """The source, written once under its content hash."""
-    path = cache_dir() / f"{name}_{gen.digest}.py"
-    if not path.exists() or path.read_text() != gen.source:
-        write_atomically(path, gen.source)
-    return path
 
 
 @contextmanager
@@ -69,17 +43,38 @@ def _interpreting(on: bool):
 _MODULES: dict[tuple[str, bool], object] = {}
 
 
+class _GeneratedSource:
+    """The loader of a generated module: it hands out the text generated in this process, so
+    that Triton (which reads a kernel's source through inspect and linecache) and tracebacks see
+    exactly what runs, and nothing on disk is ever consulted."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def get_source(self, name: str) -> str:
+        return self.text
+
+
 def load_kernel(gen: Generated, name: str, interpret: bool):
-    """Import the generated module from its file (Triton reads the kernel's source from there)."""
+    """The generated module, executed from gen.source itself (the text codegen returned, never a
+    file read back, no bytecode), once per digest and mode. Its functions report the filename
+    <sparsec:NAME_DIGEST>, registered in linecache for inspect and tracebacks."""
     key = (gen.digest, interpret)
     if key not in _MODULES:
-        path = write_source(gen, name)
         module_name = f"sparsec_generated_{gen.digest}_{'interpret' if interpret else 'jit'}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
+        filename = f"<sparsec:{name[:40]}_{gen.digest}>"
+        module = types.ModuleType(module_name)
+        module.__file__, module.__loader__ = filename, _GeneratedSource(gen.source)
+        linecache.cache[filename] = (len(gen.source), None, gen.source.splitlines(True), filename)
+        code = compile(gen.source, filename, "exec", dont_inherit=True)
         with _interpreting(interpret):
             sys.modules[module_name] = module
-            spec.loader.exec_module(module)
+            exec(code, module.__dict__)
+            if interpret:   # the interpreter reads each function's source on first use: do it now
+                from triton.runtime.interpreter import InterpretedFunction
+                for fn in list(vars(module).values()):
+                    if isinstance(fn, InterpretedFunction):
+                        fn.rewrite()
         _MODULES[key] = module
     return _MODULES[key]
 

@@ -1,22 +1,25 @@
 """Autotuning: candidate tile configs, timed on the call's own layout, the winner kept in a JSON cache."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .codegen import VERSION, TileConfig
-from .runtime import write_atomically
+from .cache import CacheError, write_atomically
 
 BLOCKS = (16, 32, 64, 128)
 WARPS = (1, 2, 4, 8)
 STAGES = (1, 2, 3, 4)
 FINALISTS = 3             # tile shapes whose warp counts are all timed
 FORMAT = 1                # of the cache file
+FILE = "tuning.json"      # in the cache directory (cache.py)
 
 
 # ---- the candidates ------------------------------------------------------------------------------------
@@ -51,8 +54,8 @@ def candidates(dim: int, element_bytes: int, n_q: int, n_k: int, shared_memory: 
 # ---- the user's choice -------------------------------------------------------------------------------
 
 def check_config(config) -> TileConfig | None:
-    """config= as given, checked: a TileConfig (or a dict of its fields) with power-of-two tiles
-    16..256, num_warps 1..16 (a power of two) and num_stages 1..8."""
+    """config= as given: None, a TileConfig, or a dict of its fields (TileConfig checks the values:
+    power-of-two tiles 16..256, num_warps a power of two 1..16, num_stages 1..8)."""
     if config is None:
         return None
     if isinstance(config, dict):
@@ -62,17 +65,7 @@ def check_config(config) -> TileConfig | None:
         config = TileConfig(**config)
     if not isinstance(config, TileConfig):
         raise TypeError(f"config must be a sparsec.TileConfig or a dict of its fields, got {type(config).__name__}")
-    if not _valid(config):
-        raise ValueError(f"config must have block_m and block_n powers of two in 16..256, num_warps a power of two "
-                         f"in 1..16 and num_stages in 1..8, got {config}")
     return config
-
-
-def _valid(c: TileConfig) -> bool:
-    def pow2(x, lo, hi):
-        return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi and x & (x - 1) == 0
-    return pow2(c.block_m, 16, 256) and pow2(c.block_n, 16, 256) and pow2(c.num_warps, 1, 16) \
-        and isinstance(c.num_stages, int) and not isinstance(c.num_stages, bool) and 1 <= c.num_stages <= 8
 
 
 # ---- the search ------------------------------------------------------------------------------------------
@@ -195,6 +188,7 @@ class TuningCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.entries: dict[str, dict] | None = None
+        self.reported: set[str] = set()    # invalid entries already warned about
 
     def _read(self) -> dict[str, dict]:
         try:
@@ -206,13 +200,20 @@ class TuningCache:
         return data["entries"]
 
     def get(self, key: TuneKey) -> TileConfig | None:
+        """The stored config for key, if its entry is a valid one. The file is not trusted (see
+        cache.py): an entry whose config is not exactly TileConfig's four fields with values
+        TileConfig accepts is ignored, reported once, and tuned again."""
         if self.entries is None:
             self.entries = self._read()
         found = self.entries.get(key.text())
-        try:
-            return TileConfig(**found["config"]) if found else None
-        except (TypeError, KeyError):   # an entry this version cannot read: tune again
+        if found is None:
             return None
+        config = _stored_config(found)
+        if config is None and key.text() not in self.reported:
+            self.reported.add(key.text())
+            warnings.warn(f"sparsec: ignoring an invalid entry of the tuning cache {self.path} (it is tuned "
+                          f"again): {json.dumps(found)[:200]}", RuntimeWarning, stacklevel=2)
+        return config
 
     def put(self, key: TuneKey, config: TileConfig, ms: float, timings: Iterable[Timing]) -> None:
         entry = {"config": asdict(config), "ms": ms, "key": asdict(key),
@@ -222,6 +223,17 @@ class TuningCache:
         entries[key.text()] = entry
         self.entries = entries
         write_atomically(self.path, json.dumps({"format": FORMAT, "entries": entries}, indent=1, sort_keys=True))
+
+
+def _stored_config(entry) -> TileConfig | None:
+    fields = {f.name for f in dataclasses.fields(TileConfig)}
+    config = entry.get("config") if isinstance(entry, dict) else None
+    if not isinstance(config, dict) or set(config) != fields or any(type(v) is not int for v in config.values()):
+        return None
+    try:
+        return TileConfig(**config)
+    except ValueError:
+        return None
 
 
 _CACHES: dict[Path, TuningCache] = {}
@@ -236,15 +248,23 @@ def cache_at(path: Path) -> TuningCache:
 
 
 def tuned(key: TuneKey, cache: TuningCache, configs: Callable[[], list[TileConfig]], timer: Timer,
-          progress: Progress | None = None, retune: bool = False) -> TileConfig | None:
+          progress: Progress | None = None, retune: bool = False, must_save: bool = False) -> TileConfig | None:
     """The cached config for key (unless retune), else the winner of a search, stored; None when
-    every candidate failed (the caller falls back to its default)."""
+    every candidate failed (the caller falls back to its default). When the cache cannot be
+    written, the winner is still used (and kept for this process): a warning says why, unless
+    must_save (`kern.tune`, `sparsec tune`: filling the cache is the point), which raises."""
     found = None if retune else cache.get(key)
     if found is not None:
         return found
     winner, timings = search(configs(), timer, progress)
     if winner is not None:
-        cache.put(key, winner, min(t.ms for t in timings if t.ms is not None), timings)
+        try:
+            cache.put(key, winner, min(t.ms for t in timings if t.ms is not None), timings)
+        except CacheError as e:
+            if must_save:
+                raise
+            warnings.warn(f"sparsec: the tuned tiles are kept for this process only: {e.message}", RuntimeWarning,
+                          stacklevel=2)
     return winner
 
 

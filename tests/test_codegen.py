@@ -1,5 +1,7 @@
 """Generated source: deterministic, headed, content-addressed in the cache, pinned by goldens."""
+import inspect
 import multiprocessing
+import py_compile
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -9,7 +11,6 @@ import torch
 
 import sparsec
 from sparsec.codegen import TileConfig, emit_kernels, lower
-from sparsec.runtime import write_source
 
 GOLDEN = Path(__file__).parent / "golden"
 GOLDENS = {
@@ -60,16 +61,31 @@ def test_floor_semantics_are_emitted():
     assert torch.allclose(kern(q, k, v, backend="interpret"), want, atol=1e-6)
 
 
-def test_source_is_written_atomically_to_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path / "cache"))
+def test_generated_modules_run_from_memory_never_from_the_cache(tmp_path, monkeypatch):
+    """Nothing on disk decides what runs (issue 13): a source and an unchecked-hash .pyc planted
+    where a file-importing loader would look (sparsec 0.1 wrote <pattern>_<digest>.py to the
+    cache and imported it) are never executed, and the kernel's source is the generated text."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(cache))
     kern = sparsec.compile("pattern p = band(5) & causal")
-    path = write_source(kern.generated(), kern.name)
-    assert path.parent == tmp_path / "cache" and kern.generated().digest in path.name
-    assert path.read_text() == kern.source
-    assert [p.name for p in path.parent.iterdir()] == [path.name]   # no temporary file left behind
     q = torch.randn(1, 1, 20, 16)
-    kern(q, q, q, backend="interpret")        # imports the interpreter config's source from the cache
-    assert len(list(path.parent.glob("p_*.py"))) == 2
+    gen = kern.generated(TileConfig(16, 16, 1, 1))
+    marker = tmp_path / "pwned"
+    evil = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (cache / "__pycache__").mkdir(parents=True)
+    planted = cache / f"p_{gen.digest}.py"
+    planted.write_text(evil)
+    py_compile.compile(str(planted), cfile=str(cache / "__pycache__" / f"p_{gen.digest}.cpython-311.pyc"),
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    planted.write_text(gen.source)   # even a matching source next to a planted bytecode file
+    out = kern(q, q, q, backend="interpret")
+    assert not marker.exists()
+    assert torch.allclose(out, kern(q, q, q, backend="cpu"), atol=1e-5)
+    from sparsec.runtime import load_kernel
+    module = load_kernel(gen, kern.name, interpret=True)
+    assert inspect.getsource(module.sparse_attention_forward.fn) in gen.source
+    assert sorted(p.name for p in cache.rglob("*")) == sorted(["__pycache__", planted.name,
+                                                               f"p_{gen.digest}.cpython-311.pyc"])
 
 
 KERNELS = ("sparse_attention_forward", "sparse_attention_backward_delta", "sparse_attention_backward_dq",

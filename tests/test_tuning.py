@@ -1,9 +1,13 @@
 """The autotuner without a GPU: candidates, the two-round search and the JSON cache, with fake timers."""
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import stat
 import types
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +17,7 @@ import torch
 import sparsec
 from sparsec import runtime as R
 from sparsec import tuning
+from sparsec.cache import CacheError
 from sparsec.codegen import TileConfig
 
 H100_SHARED = 233472 - 1024
@@ -132,6 +137,77 @@ def test_cache_merges_writers_and_survives_a_bad_file(tmp_path):
     fresh = tuning.TuningCache(path)
     assert fresh.get(key()) == TileConfig(32, 32, 2, 2) and fresh.get(key(dtype="float16")) == TileConfig(64, 32, 4, 3)
     assert tuning.cache_at(path) is tuning.cache_at(path)
+
+
+BAD_ENTRIES = [   # what a planted tuning.json may hold: none of it is ever used, nor pasted into source
+    {"block_m": "64, X=open('/tmp/pwned', 'w')", "block_n": 64, "num_warps": 4, "num_stages": 3},
+    {"block_m": 48, "block_n": 64, "num_warps": 4, "num_stages": 3},      # not a power of two
+    {"block_m": 64.0, "block_n": 64, "num_warps": 4, "num_stages": 3},    # not an int
+    {"block_m": True, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "extra": 1},
+    {"block_m": 64, "block_n": 64, "num_warps": 4},
+    {"block_m": 1 << 40, "block_n": 64, "num_warps": 4, "num_stages": 3},
+    "64x64", None, [64, 64, 4, 3],
+]
+
+
+@pytest.mark.parametrize("bad", BAD_ENTRIES)
+def test_invalid_cache_entries_are_ignored_and_reported_once(tmp_path, bad):
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"format": tuning.FORMAT, "entries": {key().text(): {"config": bad}}}))
+    cache = tuning.TuningCache(path)
+    with pytest.warns(RuntimeWarning, match="invalid entry"):
+        assert cache.get(key()) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.get(key()) is None          # reported once
+    configs = lambda: [TileConfig(32, 32, 2, 2), TileConfig(64, 64, 4, 3)]
+    assert tuning.tuned(key(), cache, configs, lambda c: c.block_m / 100) == TileConfig(32, 32, 2, 2)
+    assert tuning.TuningCache(path).get(key()) == TileConfig(32, 32, 2, 2)   # tuned again, replaced
+
+
+@pytest.mark.parametrize("fields", [dict(block_m="64"), dict(num_warps=3), dict(block_n=512), dict(num_stages=0),
+                                    dict(block_m=64.0), dict(num_stages=False)])
+def test_a_tile_config_cannot_hold_anything_else(fields):
+    with pytest.raises(ValueError, match="powers of two"):
+        TileConfig(**fields)
+    assert TileConfig(np.int64(32)).block_m == 32 and type(TileConfig(np.int64(32)).block_m) is int
+
+
+def test_cache_directory_faults_give_one_clear_error(tmp_path, monkeypatch):
+    """A file where the directory should be, a name the file system refuses, a full disk: one
+    CacheError naming the directory and SPARSEC_CACHE_DIR, no temporary file left behind; the
+    tuner keeps its winner for the process (a warning), `kern.tune` raises."""
+    (tmp_path / "file").write_text("")
+    cases = [tmp_path / "file" / "tuning.json", tmp_path / ("x" * 300) / "tuning.json"]
+    for path in cases:
+        with pytest.raises(CacheError, match="SPARSEC_CACHE_DIR") as e:
+            tuning.TuningCache(path).put(key(), TileConfig(), 1.0, [])
+        assert str(path.parent) in str(e.value) and isinstance(e.value, OSError)
+    full = tmp_path / "full"
+    real_replace = os.replace
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(CacheError, match="No space left on device"):
+        tuning.TuningCache(full / "tuning.json").put(key(), TileConfig(), 1.0, [])
+    assert list(full.iterdir()) == []                               # the temporary file is gone
+    configs = lambda: [TileConfig(32, 32, 2, 2)]
+    cache = tuning.TuningCache(full / "tuning.json")
+    with pytest.warns(RuntimeWarning, match="kept for this process only"):
+        assert tuning.tuned(key(), cache, configs, lambda c: 1.0) == TileConfig(32, 32, 2, 2)
+    assert cache.get(key()) == TileConfig(32, 32, 2, 2)              # in memory
+    with pytest.raises(CacheError):
+        tuning.tuned(key(), cache, configs, lambda c: 1.0, retune=True, must_save=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+
+def test_cache_directory_and_files_are_private(tmp_path):
+    path = tmp_path / "a" / "b" / "tuning.json"
+    tuning.TuningCache(path).put(key(), TileConfig(), 1.0, [])
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["tuning.json"]
 
 
 def test_progress_bar():
