@@ -60,6 +60,7 @@ from torch.nn.attention.flex_attention import (
 
 import sparsec
 from sparsec import cpu as sparsec_cpu
+from sparsec import passes
 from sparsec import routing
 from sparsec import runtime as R
 from sparsec.ir.tiles import TableSpace
@@ -87,9 +88,9 @@ class Staged:
         self.q, self.k, self.v, self.backend = q, k, v, backend
         self.call = R.check_call(kern.name, kern.needs, q, k, v, None, None, {})
         c = self.call
-        env = {"n": c.n_k, "n_k": c.n_k, "n_q": c.n_q}
         self.share = kern.shares[0]
-        self.body, self.key = self.share.body.specialize(env), self.share.key.specialize(env)
+        self.body, self.key = (passes.specialize(x, c.n_q, c.n_k, c.q_offset, c.heads)
+                               for x in (self.share.body, self.share.key))
         self.nodes = list(self.body.walk())
         self.offsets = offset_bounds(self.body)  # None for lsh alone: no band or causal to skip tiles by
         self.config = R.default_config(backend, c)

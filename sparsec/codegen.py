@@ -7,11 +7,12 @@ import textwrap
 from dataclasses import dataclass, field, replace
 
 from .ir import expr as E
+from .ir.limits import saturate
 from .ir.pattern import Pattern
 from .ir.program import Definition
 from .templates import BACKWARD, FORWARD, HELPERS
 
-VERSION = 4  # bump when the generated code changes shape: part of the content hash
+VERSION = 5  # bump when the generated code changes shape: part of the content hash
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,18 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class TableParam:
-    """A kernel parameter filled per call from the `tables` view of node number `node` (pre-order)."""
+    """A kernel parameter filled per call from the `tables` view of node number `node` (pre-order),
+    or, with `expr`, the value of that argument expression of n (computed on the host per call,
+    exactly, then saturated: limits.py), so the kernel never does arithmetic on lengths."""
     name: str
     node: int
     key: str
     pointer: bool
+    expr: E.Expr | None = None
+    dtype: str = "int32"      # of a pointer table's elements
+
+    def describe(self) -> str:
+        return f"node {self.node}: {self.key if self.expr is None else E.show(self.expr)}"
 
 
 @dataclass
@@ -98,8 +106,25 @@ class Lowering:
         assert self.out.visited == here + sum(1 for _ in p.walk()), f"{type(p).__name__} skipped a child"
         return expr
 
-    def num(self, e: E.Expr, names: dict[str, str] | None = None) -> str:
-        return E.to_triton(e, {"n": self.n_k, "n_k": self.n_k, "n_q": self.n_q, **(names or {})})
+    def num(self, e: E.Expr) -> str:
+        """An integer argument of a primitive: a literal when constant, else a kernel parameter
+        the runtime computes from n per call; either way saturated, so it fits an int32."""
+        if isinstance(e, E.Const):
+            return repr(saturate(e.value)) if type(e.value) is int else repr(e.value)
+        for t in self.out.tables:
+            if t.node == self.node and t.expr == e:
+                return t.name
+        name = f"arg{self.node}_{sum(t.node == self.node for t in self.out.tables)}"
+        self.out.tables.append(TableParam(name, self.node, "", False, e))
+        return name
+
+    def wide(self, e: E.Expr, names: dict[str, str]) -> str:
+        """A where(...) expression over i, j, h (given) and n, all int64 in the kernel: bounds()
+        has checked every sub-expression fits 64 bits for the call."""
+        lengths = {"n": self.n_k, "n_k": self.n_k, "n_q": self.n_q}
+        wide = {k: self.let(f"({v}).to(tl.int64)", f"{k}64_", hoist=True) for k, v in lengths.items()
+                if k in E.names(e)}
+        return E.to_triton(e, {**wide, **names})
 
     def let(self, expr: str, hint: str, hoist: bool = False) -> str:
         """Bind expr to a fresh name; hoist=True when it depends on rows only (computed once)."""
@@ -121,10 +146,10 @@ class Lowering:
             self.out.offsets[space] = self.let(f"{self.rows}[:, None] - {self.cols}[None, :]", "d")
         return self.out.offsets[space]
 
-    def table(self, p: Pattern, key: str, pointer: bool = True) -> str:
+    def table(self, p: Pattern, key: str, pointer: bool = True, dtype: str = "int32") -> str:
         name = f"{p.keyword}{self.node}_{key}"
         if not any(t.name == name for t in self.out.tables):
-            self.out.tables.append(TableParam(name, self.node, key, pointer))
+            self.out.tables.append(TableParam(name, self.node, key, pointer, dtype=dtype))
         return name
 
     def coarsen(self, size: str) -> "Lowering":
@@ -158,10 +183,12 @@ def emit_kernels(d: Definition, config: TileConfig) -> Generated:
     hoisted = textwrap.indent("\n".join(out.hoisted), " " * 4) if out.hoisted else "    # (none)"
     body = "".join(line + "\n" for line in out.body)
     rowwise = "".join(line + "\n" for line in out.hoisted + out.body)  # dK/dV: rows change per step
-    fill = dict(params=params, hoisted=hoisted, body=textwrap.indent(body, " " * 8), pred=pred)
+    # scalar tables change with the call: no recompiles for values that happen to be 1 or multiples of 16
+    scalars = "".join(f', "{t.name}"' for t in out.tables if not t.pointer)
+    fill = dict(params=params, hoisted=hoisted, body=textwrap.indent(body, " " * 8), pred=pred, scalars=scalars)
     kernels = FORWARD.format(**fill) + BACKWARD.format(**fill, rowwise=textwrap.indent(rowwise, " " * 12))
-    glossary = "".join(f"#   {t.name:<24} {'pointer' if t.pointer else 'int    '}  from node {t.node}: "
-                       f"{t.key}\n" for t in out.tables) or "#   (none)\n"
+    glossary = "".join(f"#   {t.name:<24} {'pointer' if t.pointer else 'int    '}  from {t.describe()}\n"
+                       for t in out.tables) or "#   (none)\n"
     text = f"{d.name}\n{d.body.show()}\n{config.show()}\n{VERSION}\n{HELPERS}{kernels}"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     header = HEADER.format(name=d.name, ir=d.body.show(), config=config.show(), digest=digest,

@@ -20,6 +20,7 @@ from .documents import DocumentLayouts, static_part
 from .elaborate import elaborate, pattern_names
 from .errors import Source
 from .ir import expr as E
+from .ir.limits import EXACT, check_lengths
 from .ir.program import Binding, Definition
 from .ir.tiles import Grid, TableSpace
 from .layout import BlockLayout, build_layout
@@ -53,6 +54,8 @@ def bind_params(d: Definition, module: Module, params: dict[str, Any]) -> Defini
             raise ValueError(f"{name}=: no such param{why}; the program declares: {', '.join(declared) or 'none'}")
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{name}= must be an int, got {type(v).__name__}")
+        if abs(v) >= EXACT:
+            raise ValueError(f"{name}= must be below 2**256 in magnitude (as every constant of the language), got {v}")
     bindings = tuple(Binding(b.kind, b.name, E.Const(int(params[b.name])), b.span)
                      if b.kind == "param" and b.name in params else b for b in d.bindings)
     return Definition(d.name, bindings, d.body, d.span)
@@ -125,7 +128,10 @@ class Kernel:
     def _lengths(self, n_q, n_k, q_offset):
         n_q = _int_arg("n_q", n_q, 1)
         n_k = n_q if n_k is None else _int_arg("n_k", n_k, 1)
-        q_offset = n_k - n_q if q_offset is None else _int_arg("q_offset", q_offset, -(1 << 40))
+        q_offset = n_k - n_q if q_offset is None else _int_arg("q_offset", q_offset, -(1 << 62))
+        why = check_lengths(n_q, n_k, q_offset)
+        if why:
+            raise ValueError(why)
         return n_q, n_k, q_offset
 
     def _segments(self, segment_ids, n_k):
@@ -158,7 +164,7 @@ class Kernel:
         if share is not None and _int_arg("share", share, 0) >= len(self.shares):
             raise ValueError(f"share must be below {len(self.shares)} (pattern {self.name} runs as "
                              f"{len(self.shares)} shares), got {share}")
-        body = passes.specialize(self.ir if share is None else self.shares[share].body, n_q, n_k)
+        body = passes.specialize(self.ir if share is None else self.shares[share].body, n_q, n_k, q_offset, heads)
         per_head = heads if body.varies_with_head() else 1
         out = np.zeros((batch, heads, n_q, n_k), bool)
         pos, keys = np.arange(n_q, dtype=np.int64) + q_offset, np.arange(n_k, dtype=np.int64)
@@ -179,7 +185,7 @@ class Kernel:
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         heads = _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
-        body = passes.specialize(self.ir, n_q, n_k)
+        body = passes.specialize(self.ir, n_q, n_k, q_offset, heads)
         return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, seg)
 
     # ---- kernels ----
@@ -285,17 +291,17 @@ class Kernel:
         q's device) and each share's body specialized for its lengths."""
         inputs = {name: x for name, x in runtime.items() if x is not None}
         if "segment_ids" in inputs:
-            inputs["segment_ids"] = inputs["segment_ids"].to(torch.int32).contiguous()
-        bodies = [self._cached(("specialized", i, call.n_q, call.n_k),
-                               lambda: passes.specialize(s.body, call.n_q, call.n_k))
+            inputs["segment_ids"] = inputs["segment_ids"].to(torch.int64).contiguous()   # ids 0 and 2**32 differ
+        bodies = [self._cached(("specialized", i, call.n_q, call.n_k, call.q_offset, call.heads),
+                               lambda: passes.specialize(s.body, call.n_q, call.n_k, call.q_offset, call.heads))
                   for i, s in enumerate(self.shares)]
         if {"q", "k"} & self.needs:
             inputs.update(q=q, k=k, content=routing.content_values(
-                [n for body in bodies for n in body.walk()], q, k, call, inputs))
+                [n for body in bodies for n in body.nodes()], q, k, call, inputs))
         return inputs, bodies
 
     def _order(self, share: Share, call: R.Call, inputs: dict) -> routing.SortedOrder:
-        key = passes.specialize(share.key, call.n_q, call.n_k)
+        key = passes.specialize(share.key, call.n_q, call.n_k, call.q_offset, call.heads)
         return routing.SortedOrder.of(inputs["content"][key])
 
     def _sorted_layout(self, share: int, body, order: routing.SortedOrder, call: R.Call, block_m: int,

@@ -213,7 +213,8 @@ class Scope:
 
 
 def _numeric_names(p: N.Pattern) -> frozenset[str]:
-    return frozenset().union(*(E.names(e) for node in p.walk() for e in node.arguments().values()))
+    memo: dict = {}
+    return frozenset().union(*(E.names(e, memo) for node in p.nodes() for e in node.arguments().values()))
 
 
 def elaborate(module: S.Module, pattern: str | None = None) -> Definition:

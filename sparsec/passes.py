@@ -10,23 +10,55 @@ from typing import Callable
 
 from .ir import expr as E
 from .ir import nodes as N
+from .errors import SparsecError
+from .ir.limits import EXPR_NODES, IR_NODES, NESTING, check_lengths
 from .ir.program import Definition
 
 
 def fold_constants(d: Definition) -> Definition:
     """Substitute every param and let into the body and fold what became constant; then check
-    the arguments that are known now (those that do not depend on n)."""
+    the arguments that are known now (those that do not depend on n). A let used twice stays one
+    shared sub-expression, and a named pattern used twice one shared node, so this costs the
+    program's length however often names are reused."""
     env: dict[str, E.Expr] = {}
+    memo: dict = {}
     for b in d.bindings:
-        env[b.name] = E.substitute(b.value, env)
-    body = _fold(d.body, env)
-    for node in body.walk():
+        env[b.name] = E.substitute(b.value, env, memo)
+    body = _fold(d.body, env, memo, {})
+    for node in body.nodes():
+        for e in node.arguments().values():
+            _check_expression(e)
         node.check()
     return replace(d, bindings=(), body=body)
 
 
-def _fold(p: N.Pattern, env) -> N.Pattern:
-    return p.map_arguments(lambda e: E.substitute(e, env)).map_children(lambda c: _fold(c, env))
+def _fold(p: N.Pattern, env, memo: dict, done: dict) -> N.Pattern:
+    if id(p) not in done:
+        done[id(p)] = (p.map_arguments(lambda e: E.substitute(e, env, memo))
+                       .map_children(lambda c: _fold(c, env, memo, done)), p)
+    return done[id(p)][0]
+
+
+def _check_expression(e: E.Expr) -> None:
+    """Arguments stay small enough to print, hash and evaluate (lets may double them each line)."""
+    count, deep = E.size(e), E.depth(e)
+    if count > EXPR_NODES or deep > NESTING:
+        what = f"{count} operations" if count > EXPR_NODES else f"operations nested {deep} deep"
+        limit = f"{EXPR_NODES} operations" if count > EXPR_NODES else f"{NESTING} levels"
+        raise SparsecError(f"this expression has {what} once its lets are written out (the limit is {limit})",
+                           e.span)
+
+
+def check_size(d: Definition) -> Definition:
+    """The pattern written out as a tree (shared named parts once per use, as the kernels and the
+    printer see it) stays within IR_NODES nodes and NESTING levels."""
+    count, deep = d.body.tree_size(), d.body.tree_depth()
+    if count > IR_NODES or deep > NESTING:
+        what = f"{count} nodes" if count > IR_NODES else f"parts nested {deep} deep"
+        limit = f"{IR_NODES} nodes" if count > IR_NODES else f"{NESTING} levels"
+        raise SparsecError(f"pattern {d.name} has {what} once its named parts are written out (the limit is "
+                           f"{limit})", d.span)
+    return d
 
 
 # ---- canonical form ------------------------------------------------------------------------------
@@ -95,10 +127,14 @@ def _keep_extremes(parts, redundant) -> list:
             if not any(redundant(p, q) and (not redundant(q, p) or m < k) for m, q in enumerate(parts) if m != k)]
 
 
-def _rebuild(kind, parts, span, none):
+def _rebuild(node, parts, none):
+    """node with these parts, the node itself when they are its own (so a fixed point is seen by
+    identity, not by comparing two equal copies of a large pattern)."""
     if not parts:
-        return none(span=span)
-    return parts[0] if len(parts) == 1 else kind(tuple(parts), span=span)
+        return none(span=node.span)
+    if len(parts) == len(node.parts) and all(a is b for a, b in zip(parts, node.parts)):
+        return node
+    return parts[0] if len(parts) == 1 else type(node)(tuple(parts), span=node.span)
 
 
 def _merge_bands(parts: list) -> list:
@@ -118,7 +154,7 @@ def _union(u: N.Union) -> N.Pattern:
         return N.Full(span=u.span)
     parts = _merge_bands(parts)
     parts = _keep_extremes(parts, lambda p, q: subsumes(q, p))  # in a union the larger part stays
-    return _rebuild(N.Union, parts, u.span, N.Empty)
+    return _rebuild(u, parts, N.Empty)
 
 
 def _intersection(x: N.Intersection) -> N.Pattern:
@@ -136,7 +172,7 @@ def _intersection(x: N.Intersection) -> N.Pattern:
         rest = [p for r, p in ranges if not r]
         parts = [band] + rest if band is not None else parts
     parts = _keep_extremes(parts, subsumes)  # in an intersection the smaller part stays
-    return _rebuild(N.Intersection, parts, x.span, N.Full)
+    return _rebuild(x, parts, N.Full)
 
 
 def _difference(d: N.Difference) -> N.Pattern:
@@ -166,16 +202,18 @@ RULES: dict[type, Callable[[N.Pattern], N.Pattern]] = {
 }
 
 
-def _rewrite(p: N.Pattern) -> N.Pattern:
-    p = p.map_children(_rewrite)
-    rule = RULES.get(type(p))
-    return rule(p) if rule else p
+def _rewrite(p: N.Pattern, done: dict) -> N.Pattern:
+    if id(p) not in done:   # a shared sub-pattern is rewritten once and stays shared
+        q = p.map_children(lambda c: _rewrite(c, done))
+        rule = RULES.get(type(q))
+        done[id(p)] = (rule(q) if rule else q, p)
+    return done[id(p)][0]
 
 
 def simplify(body: N.Pattern) -> N.Pattern:
     """The rewrite rules above, repeated until nothing changes."""
     for _ in range(32):
-        new = _rewrite(body)
+        new = _rewrite(body, {})
         if new == body:
             break
         body = new
@@ -191,6 +229,7 @@ def canonicalize(d: Definition) -> Definition:
 PASSES: list[tuple[str, Callable[[Definition], Definition]]] = [
     ("fold_constants", fold_constants),
     ("canonicalize", canonicalize),
+    ("check_size", check_size),
 ]
 
 
@@ -203,8 +242,13 @@ def optimize(d: Definition) -> Definition:
     return d
 
 
-def specialize(d: Definition | N.Pattern, n_q: int, n_k: int) -> N.Pattern:
+def specialize(d: Definition | N.Pattern, n_q: int, n_k: int, q_offset: int, heads: int) -> N.Pattern:
     """The body (of a definition, or a pattern itself) with every argument evaluated for these
-    lengths and checked."""
+    lengths, checked and saturated; where(...) conditions checked over the call's rows
+    (positions q_offset .. q_offset + n_q - 1), keys and heads."""
+    why = check_lengths(n_q, n_k, q_offset)
+    if why:
+        raise ValueError(why)
     body = d.body if isinstance(d, Definition) else d
-    return body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q})
+    return body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q, "rows": (q_offset, q_offset + n_q - 1),
+                            "heads": heads})

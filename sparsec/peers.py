@@ -79,7 +79,7 @@ def tile_masks(kern: Kernel, n_q: int, n_k: int, heads: int, block: int, q_offse
     q_offset = n_k - n_q if q_offset is None else q_offset
     seg = None if segment_ids is None else np.asarray(torch.as_tensor(segment_ids).cpu())
     lay = kern.layout(n_q, n_k, block, block, heads=heads, q_offset=q_offset, segment_ids=seg)
-    body = passes.specialize(kern.ir, n_q, n_k)
+    body = passes.specialize(kern.ir, n_q, n_k, q_offset, heads)
     lb, lh, tq, tk = lay.shape
     space = TableSpace(n_q, n_k, q_offset, lh, lb, inputs=dict(segment_ids=seg))
     tile_id = np.full((lb, lh, tq, tk), EMPTY_TILE, np.int32)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from .codegen import Generated, TileConfig
+from .ir import expr as E
+from .ir.limits import check_lengths, saturate
 from .ir.pattern import Blocks, Pattern, value
 from .ir.tiles import FULL, PARTIAL, TableSpace
 from .layout import BlockLayout, TileLists
@@ -133,8 +135,9 @@ def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, runti
         q_offset = n_k - n_q
     if isinstance(q_offset, bool) or not isinstance(q_offset, (int, np.integer)):
         raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__}")
-    if not -(1 << 30) <= q_offset <= (1 << 30):
-        raise ValueError(f"q_offset must be within +-2^30, got {q_offset}")
+    why = check_lengths(n_q, n_k, int(q_offset))
+    if why:
+        raise ValueError(why)
     for arg in runtime:
         if arg not in RUNTIME_INPUTS:
             raise TypeError(f"unexpected keyword argument {arg}=; a call takes scale=, q_offset=, return_lse=, "
@@ -208,19 +211,30 @@ def walk_scaled(p: Pattern, scale: int = 1):
 
 
 def table_values(gen: Generated, body: Pattern, call: Call, inputs: dict) -> list:
-    """The values of the kernel's table parameters, in its signature's order, on the device."""
+    """The values of the kernel's table parameters, in its signature's order, on the device; an
+    argument expression of n is evaluated here, exactly, in its node's coordinates (lengths
+    divided by the enclosing blocks' sizes), and saturated (limits.py)."""
     wanted = {t.node for t in gen.tables}
     found: dict[int, dict] = {}
+    scales: dict[int, int] = {}
     for index, (node, scale) in enumerate(walk_scaled(body)):
         if index in wanted:
-            found[index] = node.tables(TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch,
-                                                  scale, inputs))
+            scales[index] = scale
+            if any(t.node == index and t.expr is None for t in gen.tables):
+                found[index] = node.tables(TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch,
+                                                      scale, inputs))
     out = []
     for t in gen.tables:
+        if t.expr is not None:
+            scale = scales[t.node]
+            n_q, n_k = -(-call.n_q // scale), -(-call.n_k // scale)
+            out.append(saturate(E.integer(t.expr, {"n": n_k, "n_k": n_k, "n_q": n_q})))
+            continue
         x = found[t.node][t.key]
         if t.pointer:
-            x = torch.as_tensor(x).to(device=call.device, dtype=torch.int32).contiguous()
-            out.append(x if x.numel() else torch.full((1,), -1, dtype=torch.int32, device=call.device))
+            dtype = getattr(torch, t.dtype)
+            x = torch.as_tensor(x).to(device=call.device, dtype=dtype).contiguous()
+            out.append(x if x.numel() else torch.full((1,), -1, dtype=dtype, device=call.device))
         else:
             out.append(int(x))
     return out

@@ -26,7 +26,7 @@ def supported(body: Pattern) -> bool:
         if not p.runtime_needs() or isinstance(p, TopK):
             return True
         return isinstance(p, (Union, Intersection, Difference)) and all(map(ok, p.children()))
-    return any(isinstance(n, TopK) for n in body.walk()) and ok(body)
+    return any(isinstance(n, TopK) for n in body.nodes()) and ok(body)
 
 
 @dataclass(frozen=True)

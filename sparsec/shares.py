@@ -36,7 +36,7 @@ def sort_key(p: Pattern) -> Pattern | None:
 
 
 def _bucketed(p: Pattern) -> bool:
-    return any(isinstance(n, (Lsh, Cluster)) for n in p.walk())
+    return any(isinstance(n, (Lsh, Cluster)) for n in p.nodes())
 
 
 def terms(p: Pattern) -> list[Pattern]:
@@ -78,7 +78,7 @@ def key_of(term: Pattern) -> Pattern | None:
 def active_heads(body: Pattern, heads: int) -> list[bool] | None:
     """Which heads a (specialized) share body can allow a pair in: False where every heads(...)
     slot it reaches for that head makes it empty; None when it has no heads(...)."""
-    if not any(isinstance(n, Heads) for n in body.walk()):
+    if not any(isinstance(n, Heads) for n in body.nodes()):
         return None
     pick = lambda p, h: pick(p.pick(h), h) if isinstance(p, Heads) else p.map_children(lambda c: pick(c, h))
     return [not isinstance(passes.simplify(pick(body, h)), Empty) for h in range(heads)]

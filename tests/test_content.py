@@ -61,7 +61,7 @@ def reference_masks(kern, share_bodies, n_q, n_k, q_offset, q, k):
     B, H = q.shape[:2]
     space = TableSpace(n_q, n_k, q_offset, H, B, inputs={"q": q, "k": k})
     pos, keys = np.arange(n_q) + q_offset, np.arange(n_k)
-    body = sparsec.passes.specialize(kern.ir, n_q, n_k)
+    body = sparsec.passes.specialize(kern.ir, n_q, n_k, q_offset, H)
     out = np.zeros((len(share_bodies) + 1, B, H, n_q, n_k), bool)
     for b in range(B):
         for h in range(H):
@@ -78,7 +78,7 @@ def test_shares_are_disjoint_and_cover_the_pattern(src, n_q, n_k, offset, seed):
     """Every allowed pair is in exactly one share, and no share has a pair the pattern lacks."""
     try:
         kern = sparsec.compile(f"pattern p = {src}")
-        bodies = [sparsec.passes.specialize(s.body, n_q, n_k) for s in kern.shares]
+        bodies = [sparsec.passes.specialize(s.body, n_q, n_k, offset, 2) for s in kern.shares]
     except sparsec.SparsecError:
         return
     gen = torch.Generator().manual_seed(seed)
@@ -87,7 +87,7 @@ def test_shares_are_disjoint_and_cover_the_pattern(src, n_q, n_k, offset, seed):
     assert np.array_equal(shares.sum(0), whole.astype(int))
     for share, s in zip(kern.shares, shares):
         if share.key is not None:    # a sorted share only has pairs its buckets agree on
-            key = reference_masks(kern, [sparsec.passes.specialize(share.key, n_q, n_k)], n_q, n_k, offset, q.numpy(), k.numpy())[0][0]
+            key = reference_masks(kern, [sparsec.passes.specialize(share.key, n_q, n_k, offset, 2)], n_q, n_k, offset, q.numpy(), k.numpy())[0][0]
             assert not (s & ~key).any()
 
 
@@ -174,7 +174,7 @@ def test_sorted_layouts_are_sound(src, kind):
     n_q, n_k, bm, bn = 53, 61, 8, 16
     gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
     q, k, _ = draw_inputs(kind, 2, 2, 1, n_q, n_k, 16, torch.float32, gen)
-    bodies = [sparsec.passes.specialize(s.body, n_q, n_k) for s in kern.shares]
+    bodies = [sparsec.passes.specialize(s.body, n_q, n_k, n_k - n_q, 2) for s in kern.shares]
     masks, _ = reference_masks(kern, bodies, n_q, n_k, n_k - n_q, q.numpy(), k.numpy())
     for (share, lay, order), mask in zip(kern.share_layouts(q, k, bm, bn), masks):   # what a call builds
         if order is None:
@@ -242,7 +242,7 @@ def test_sorted_shares_visit_about_their_density():
     kern = sparsec.compile("pattern p = lsh(16)")
     q, k = torch.randn(1, 1, 512, 32), torch.randn(1, 1, 512, 32)
     call = check_call("p", kern.needs, q, k, k, None, None, {})
-    node = kern.shares[0].key.specialize({"n": 512, "n_k": 512, "n_q": 512})
+    node = sparsec.passes.specialize(kern.shares[0].key, 512, 512, 0, 1)
     order = routing.SortedOrder.of(routing.content_values([node], q, k, call, {})[node])
     lay = order.layout(16, 16, True).to_host(512, 512, 0)
     assert lay.tile_density() < 0.2, lay
@@ -261,7 +261,7 @@ def test_topk_layouts_from_the_selection_are_sound(src, kind):
     gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
     q, k, _ = draw_inputs(kind, 2, 2, 1, n_q, n_k, 16, torch.float32, gen)
     call = check_call("p", kern.needs, q, k, k, None, q_offset, {})
-    body = sparsec.passes.specialize(kern.ir, n_q, n_k)
+    body = sparsec.passes.specialize(kern.ir, n_q, n_k, q_offset, 2)
     space = TableSpace(n_q, n_k, q_offset, 2, 2, inputs={"content": routing.content_values(body.walk(), q, k, call, {})})
     for bm, bn in ((8, 8), (16, 4)):
         host = build_layout(body, n_q, n_k, bm, bn, q_offset, 2, space=space).classes()

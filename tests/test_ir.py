@@ -49,6 +49,12 @@ def test_random_programs_round_trip(src):
     assert reparse(kern.ir) == kern.ir
 
 
+def lengths(n_q, n_k, offset, heads):
+    """What Pattern.specialize reads: the lengths, the call's row positions and its heads."""
+    off = n_k - n_q if offset is None else offset
+    return {"n": n_k, "n_k": n_k, "n_q": n_q, "rows": (off, off + n_q - 1), "heads": heads}
+
+
 def masks(body, n_q, n_k, offset, heads):
     off = n_k - n_q if offset is None else offset
     pos, keys = np.arange(n_q) + off, np.arange(n_k)
@@ -62,7 +68,7 @@ def test_passes_preserve_the_mask(src, shape):
         d = sparsec.compile(f"pattern p = {src}").source_ir
     except sparsec.SparsecError:
         return
-    env = {"n": n_k, "n_k": n_k, "n_q": n_q}
+    env = lengths(n_q, n_k, offset, heads)
     before = masks(fold_constants(d).body.specialize(env), n_q, n_k, offset, heads)
     after = masks(canonicalize(fold_constants(d)).body.specialize(env), n_q, n_k, offset, heads)
     assert (before == after).all()
@@ -142,9 +148,9 @@ def test_fold_constants_preserves_the_mask(w, c, shape):
     n_q, n_k, offset, heads = shape
     src = f"param w = {w}\nlet c = {c} + w // 4\nlet s = isqrt(n) + 1\npattern p = band(w) + chunk(c) & stride(s) + sink(c - 1)"
     d = sparsec.compile(src).source_ir
-    env = {"n": n_k, "n_k": n_k, "n_q": n_q}
+    env = lengths(n_q, n_k, offset, heads)
     for b in d.bindings:
         env[b.name] = E.evaluate(b.value, env)
     before = masks(d.body.specialize(env), n_q, n_k, offset, heads)
-    after = masks(fold_constants(d).body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q}), n_q, n_k, offset, heads)
+    after = masks(fold_constants(d).body.specialize(lengths(n_q, n_k, offset, heads)), n_q, n_k, offset, heads)
     assert (before == after).all()

@@ -155,7 +155,7 @@ def test_document_layouts_built_on_device_equal_the_host_ones(src, lengths, shuf
     if shuffle:   # ids not sorted: a document need not be contiguous
         seg = np.random.default_rng(len(seg)).permutation(seg.T).T.copy()
     kern = sparsec.compile(f"pattern p = {src}")
-    body = passes.specialize(kern.ir, n_q, n)
+    body = passes.specialize(kern.ir, n_q, n, n - n_q, 2)
     (static,) = static_part(body)
     heads = 2
     docs = DocumentLayouts.of(None if static is None else build_layout(static, n_q, n, *tile, n - n_q, heads),

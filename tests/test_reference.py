@@ -182,7 +182,7 @@ def test_masks_read_positions_in_any_order(src, n_q, n_k, offset, seed):
     give the same pairs whatever the order of the grid's positions and keys."""
     try:
         kern = sparsec.compile(f"pattern p = {src}")
-        body = sparsec.passes.specialize(kern.ir, n_q, n_k)
+        body = sparsec.passes.specialize(kern.ir, n_q, n_k, offset, 2)
     except sparsec.SparsecError:
         return
     rng = np.random.default_rng(seed)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import SparsecError
 from . import expr as E
+from .limits import INT_MAX
 from .pattern import Pattern, value
 from .tiles import FULL, PARTIAL, TileSet, all_tiles, expand_ranges, runtime_value
 
@@ -110,13 +111,14 @@ class ContentPattern(Pattern):
         return q, np.asarray(runtime_value(runtime, "k", self.keyword), np.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Lsh(ContentPattern):
     buckets: E.Expr
     rounds: E.Expr
     seed: E.Expr
     keyword: ClassVar[str] = "lsh"
     limits: ClassVar = {"buckets": (2, "at least 2"), "rounds": (1, "at least 1"), "seed": (0, "at least 0")}
+    ceilings: ClassVar = {"buckets": 1 << 16, "rounds": 64, "seed": INT_MAX}   # rotations: (rounds, D, buckets/2)
 
     def show(self):
         return f"lsh({E.show(self.buckets)}, rounds={E.show(self.rounds)}, seed={E.show(self.seed)})"
@@ -140,7 +142,7 @@ class Lsh(ContentPattern):
         return self.sym(self.rounds, env) * env["n"] ** 2 / self.sym(self.buckets, env)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LshRound(Lsh):
     """Round `round` of an lsh alone: bucket equality in that round only. Compiler-internal, not
     source syntax: a multi-round lsh runs one share per round, each sorted by its own buckets."""
@@ -157,13 +159,14 @@ class LshRound(Lsh):
         return env["n"] ** 2 / self.sym(self.buckets, env)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cluster(ContentPattern):
     k: E.Expr
     iters: E.Expr
     seed: E.Expr
     keyword: ClassVar[str] = "cluster"
     limits: ClassVar = {"k": (1, "at least 1"), "iters": (0, "at least 0"), "seed": (0, "at least 0")}
+    ceilings: ClassVar = {"k": 1 << 16, "iters": 1000, "seed": INT_MAX}   # an iteration scores keys x k centroids
 
     def show(self):
         return f"cluster({E.show(self.k)}, iters={E.show(self.iters)}, seed={E.show(self.seed)})"
@@ -180,7 +183,7 @@ class Cluster(ContentPattern):
         return env["n"] ** 2 / self.sym(self.k, env)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TopK(ContentPattern):
     """Each query block I keeps the k key blocks J with the largest mean(q_I) . mean(k_J)."""
     k: E.Expr

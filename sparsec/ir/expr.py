@@ -9,6 +9,7 @@ import numpy as np
 import sympy
 
 from ..errors import Span, SparsecError
+from .limits import EXACT, INT_MAX
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,17 @@ def _real(fn, name, ok):
 
 
 def _ceil(x, span):
-    return np.ceil(x).astype(np.int64) if _is_array(x) else math.ceil(x)
+    return np.ceil(x).astype(np.int64) if _is_array(x) else math.ceil(_finite(x, span))
 
 
 def _floor(x, span):
-    return np.floor(x).astype(np.int64) if _is_array(x) else math.floor(x)
+    return np.floor(x).astype(np.int64) if _is_array(x) else math.floor(_finite(x, span))
+
+
+def _finite(x, span):
+    if not math.isfinite(x):
+        raise SparsecError(f"expected a finite number, found {x}", span)
+    return x
 
 
 @dataclass(frozen=True)
@@ -86,24 +93,32 @@ class Op:
     sympy: Callable[..., Any] | None   # (*sympy args) -> sympy expr
     infix: tuple[str, int] | None = None  # (symbol, precedence) for operators
     triton: Callable[..., str] | None = None  # (*Triton source of args) -> Triton source; floor // and %
+    interval: Callable[..., Any] | None = None  # (span, *argument ranges) -> range; see `bounds`
 
 
 # precedence, loosest first: or 1, and 2, not 3, comparison 4, + - 5, & 6, * // % 7, unary - 8, ** 9
 OPS: dict[str, Op] = {
     "+": Op((2, 2), "num", "num", lambda s, a, b: a + b, lambda a, b: a + b, ("+", 5),
-       triton=lambda a, b: f"({a} + {b})"),
+       triton=lambda a, b: f"({a} + {b})",
+       interval=lambda s, a, b: (a[0] + b[0], a[1] + b[1])),
     "-": Op((2, 2), "num", "num", lambda s, a, b: a - b, lambda a, b: a - b, ("-", 5),
-       triton=lambda a, b: f"({a} - {b})"),
+       triton=lambda a, b: f"({a} - {b})",
+       interval=lambda s, a, b: (a[0] - b[1], a[1] - b[0])),
     "*": Op((2, 2), "num", "num", lambda s, a, b: a * b, lambda a, b: a * b, ("*", 7),
-       triton=lambda a, b: f"({a} * {b})"),
+       triton=lambda a, b: f"({a} * {b})",
+       interval=lambda s, a, b: _corners(lambda x, y: x * y, a, b)),
     "//": Op((2, 2), "num", "num", lambda s, a, b: a // _divisor(b, s),
              lambda a, b: sympy.floor(a / b), ("//", 7),
-       triton=lambda a, b: f"_floordiv({a}, {b})"),
+       triton=lambda a, b: f"_floordiv({a}, {b})",
+       interval=lambda s, a, b: _corners(lambda x, y: x // y, a, _nonzero(b, s))),
     "%": Op((2, 2), "num", "num", lambda s, a, b: a % _divisor(b, s), sympy.Mod, ("%", 7),
-       triton=lambda a, b: f"_mod({a}, {b})"),
-    "**": Op((2, 2), "num", "num", lambda s, a, b: _power(a, b, s), lambda a, b: a ** b, ("**", 9)),
+       triton=lambda a, b: f"_mod({a}, {b})",
+       interval=lambda s, a, b: _modulo_range(_nonzero(b, s))),
+    "**": Op((2, 2), "num", "num", lambda s, a, b: _power(a, b, s), lambda a, b: a ** b, ("**", 9),
+       interval=lambda s, a, b: _power_range(a, b, s)),
     "neg": Op((1, 1), "num", "num", lambda s, a: -a, lambda a: -a, ("-", 8),
-       triton=lambda a: f"(-{a})"),
+       triton=lambda a: f"(-{a})",
+       interval=lambda s, a: (-a[1], -a[0])),
     "==": Op((2, 2), "bool", "num", lambda s, a, b: a == b, sympy.Eq, ("==", 4),
        triton=lambda a, b: f"({a} == {b})"),
     "!=": Op((2, 2), "bool", "num", lambda s, a, b: a != b, sympy.Ne, ("!=", 4),
@@ -123,27 +138,37 @@ OPS: dict[str, Op] = {
     "not": Op((1, 1), "bool", "bool", lambda s, a: np.logical_not(a), sympy.Not, ("not", 3),
        triton=lambda a: f"({a} == 0)"),
     "min": Op((2, -1), "num", "num", lambda s, *a: _fold(np.minimum, min, a), sympy.Min,
-       triton=lambda *a: _nest("tl.minimum", a)),
+       triton=lambda *a: _nest("tl.minimum", a),
+       interval=lambda s, *a: (min(x[0] for x in a), min(x[1] for x in a))),
     "max": Op((2, -1), "num", "num", lambda s, *a: _fold(np.maximum, max, a), sympy.Max,
-       triton=lambda *a: _nest("tl.maximum", a)),
+       triton=lambda *a: _nest("tl.maximum", a),
+       interval=lambda s, *a: (max(x[0] for x in a), max(x[1] for x in a))),
     "abs": Op((1, 1), "num", "num", lambda s, a: abs(a), sympy.Abs,
-       triton=lambda a: f"tl.abs({a})"),
+       triton=lambda a: f"tl.abs({a})",
+       interval=lambda s, a: (max(0, a[0], -a[1]), max(-a[0], a[1]))),
     "isqrt": Op((1, 1), "num", "num", lambda s, a: _isqrt(a, s), lambda a: sympy.floor(sympy.sqrt(a)),
-       triton=lambda a: f"_isqrt({a})"),
+       triton=lambda a: f"_isqrt({a})",
+       interval=lambda s, a: tuple(math.isqrt(int(x)) for x in _domain(a, 0, "isqrt", s))),
     "ilog2": Op((1, 1), "num", "num", lambda s, a: _ilog2(a, s), lambda a: sympy.floor(sympy.log(a, 2)),
-       triton=lambda a: f"_ilog2({a})"),
+       triton=lambda a: f"_ilog2({a})",
+       interval=lambda s, a: tuple(int(x).bit_length() - 1 for x in _domain(a, 1, "ilog2", s))),
     "ceil_div": Op((2, 2), "num", "num", lambda s, a, b: -((-a) // _divisor(b, s)),
                    lambda a, b: sympy.ceiling(a / b),
-       triton=lambda a, b: f"(-_floordiv(-{a}, {b}))"),
+       triton=lambda a, b: f"(-_floordiv(-{a}, {b}))",
+       interval=lambda s, a, b: _corners(lambda x, y: -((-x) // y), a, _nonzero(b, s))),
     "sqrt": Op((1, 1), "num", "num", lambda s, a: _real(np.sqrt, "sqrt", lambda x: x >= 0)(a, s), sympy.sqrt,
-       triton=lambda a: f"tl.sqrt(_real({a}))"),
+       triton=lambda a: f"tl.sqrt(_real({a}))",
+       interval=lambda s, a: tuple(math.sqrt(x) for x in _domain(a, 0, "sqrt", s))),
     "log2": Op((1, 1), "num", "num", lambda s, a: _real(np.log2, "log2", lambda x: x > 0)(a, s),
                lambda a: sympy.log(a, 2),
-       triton=lambda a: f"tl.log2(_real({a}))"),
+       triton=lambda a: f"tl.log2(_real({a}))",
+       interval=lambda s, a: tuple(math.log2(x) for x in _domain(a, 0, "log2", s, strict=True))),
     "ceil": Op((1, 1), "num", "num", lambda s, a: _ceil(a, s), sympy.ceiling,
-       triton=lambda a: f"tl.ceil(_real({a})).to(tl.int64)"),
+       triton=lambda a: f"tl.ceil(_real({a})).to(tl.int64)",
+       interval=lambda s, a: (math.ceil(a[0]), math.ceil(a[1]))),
     "floor": Op((1, 1), "num", "num", lambda s, a: _floor(a, s), sympy.floor,
-       triton=lambda a: f"tl.floor(_real({a})).to(tl.int64)"),
+       triton=lambda a: f"tl.floor(_real({a})).to(tl.int64)",
+       interval=lambda s, a: (math.floor(a[0]), math.floor(a[1]))),
 }
 FUNCTIONS = tuple(name for name, op in OPS.items() if op.infix is None)
 
@@ -166,14 +191,99 @@ def _fold(array_fn, scalar_fn, values):
 
 def _power(a, b, span):
     if _is_array(b) or _is_array(a):
+        if np.any(np.asarray(b) < 0):
+            raise SparsecError("** needs an exponent of at least 0 here (a negative power of an integer is "
+                               "not an integer)", span)
         return np.power(a, b)
     if isinstance(a, int) and isinstance(b, int) and b >= 0:
-        if b > 4096 or (abs(a) > 1 and b * math.log2(abs(a)) > 4096):
-            raise SparsecError("integer power too large", span)
+        if abs(a) > 1 and b * math.log2(abs(a)) > 257:   # past EXACT: no need to compute it
+            raise SparsecError(f"integer overflow: the power is about 2**{int(b * math.log2(abs(a)))}; constants "
+                               f"and arguments must stay below 2**256", span)
         return a ** b
     if a == 0 and b < 0:
         raise SparsecError("division by zero", span)
-    return float(a) ** float(b)
+    try:
+        return float(a) ** float(b)
+    except (OverflowError, ValueError):
+        raise SparsecError("this power is not a finite real number", span) from None
+
+
+# ---- ranges (where(...) is checked over its rows and keys before it is evaluated) -----------------
+
+def _corners(fn, a, b):
+    values = [fn(x, y) for x in a for y in b]
+    return min(values), max(values)
+
+
+def _nonzero(b, span):
+    if b[0] <= 0 <= b[1]:
+        raise SparsecError(f"this divisor can be 0 (it ranges over {_range(b)} here)", span)
+    return b
+
+
+def _modulo_range(b):
+    return (0, b[1]) if b[0] > 0 else (b[0], 0)
+
+
+def _domain(a, low, name, span, strict=False):
+    if a[0] < low or (strict and a[0] <= low):
+        bound = f"above {low}" if strict else f"at least {low}"
+        raise SparsecError(f"{name} needs an argument {bound}, and this one ranges over {_range(a)} here", span)
+    return a
+
+
+def _power_range(a, b, span):
+    if b[0] < 0:
+        raise SparsecError("** needs an exponent of at least 0 here (a negative power of an integer is not an "
+                           "integer)", span)
+    top = max(abs(a[0]), abs(a[1]))
+    if top > 1 and b[1] * math.log2(top) > 64:
+        raise SparsecError(f"integer overflow: this power reaches about 2**{int(b[1] * math.log2(top))} here, "
+                           f"beyond the 64-bit integers the language computes with", span)
+    values = [x ** y for x in a for y in b] + ([0] if a[0] <= 0 <= a[1] else [])
+    return min(values), max(values)
+
+
+def _range(r) -> str:
+    return f"{_short(r[0])}..{_short(r[1])}"
+
+
+def _short(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.6g}"
+    return str(x) if abs(x) < 1 << 64 else f"about {'-' if x < 0 else ''}2**{abs(x).bit_length() - 1}"
+
+
+def bounds(e: Expr, ranges: dict[str, tuple], memo: dict | None = None) -> tuple:
+    """(lowest, highest) value of e when each name lies in its range, checking every integer
+    sub-expression stays within the 64-bit integers and every divisor, isqrt, ilog2, sqrt and
+    log2 argument within its domain over those ranges (a located error otherwise). Booleans are
+    (0, 1). Exact for one variable at a time, conservative for several (interval arithmetic)."""
+    memo = {} if memo is None else memo
+    if id(e) in memo:
+        return memo[id(e)][0]
+    if isinstance(e, Const):
+        out, real = (e.value, e.value), isinstance(e.value, float)
+        if not real and abs(e.value) > INT_MAX:
+            raise SparsecError(f"{_short(e.value)} does not fit the 64-bit integers where(...) computes with",
+                               e.span)
+    elif isinstance(e, Var):
+        if e.name not in ranges:
+            raise SparsecError(f"'{e.name}' has no value here", e.span)
+        out, real = ranges[e.name], False
+    else:
+        args = [bounds(a, ranges, memo) for a in e.args]
+        real = any(memo[id(a)][1] for a in e.args) and e.op not in ("ceil", "floor", "isqrt", "ilog2")
+        real = real or e.op in ("sqrt", "log2")
+        op = OPS[e.op]
+        out = (0, 1) if op.kind == "bool" else op.interval(e.span, *args)
+        if real and not all(math.isfinite(x) for x in out):
+            raise SparsecError(f"this real expression is not finite here (it ranges over {_range(out)})", e.span)
+        if not real and not (-INT_MAX <= out[0] and out[1] <= INT_MAX):
+            raise SparsecError(f"integer overflow: {show(e)} ranges over {_range(out)} here, beyond the 64-bit "
+                               f"integers the language computes with", e.span)
+    memo[id(e)] = (out, real, e)   # e kept alive, so its id stays its own
+    return out
 
 
 # ---- views --------------------------------------------------------------------------------------
@@ -224,39 +334,82 @@ def kind(e: Expr) -> str:
     return OPS[e.op].kind
 
 
-def names(e: Expr) -> frozenset[str]:
+def names(e: Expr, memo: dict | None = None) -> frozenset[str]:
     if isinstance(e, Var):
         return frozenset([e.name])
-    if isinstance(e, Apply):
-        return frozenset().union(*(names(a) for a in e.args))
-    return frozenset()
+    if not isinstance(e, Apply):
+        return frozenset()
+    memo = {} if memo is None else memo
+    if id(e) not in memo:
+        memo[id(e)] = (frozenset().union(*(names(a, memo) for a in e.args)), e)
+    return memo[id(e)][0]
 
 
-def evaluate(e: Expr, env: dict[str, Any]):
-    """Value of `e` with the names in env; numpy arrays broadcast (used by where(...))."""
+def depth(e: Expr, memo: dict | None = None) -> int:
+    """Nested operations in e (0 for a name or a constant)."""
+    if not isinstance(e, Apply):
+        return 0
+    memo = {} if memo is None else memo
+    if id(e) not in memo:
+        memo[id(e)] = (1 + max(depth(a, memo) for a in e.args), e)
+    return memo[id(e)][0]
+
+
+def checked(value, e: Expr):
+    """value, unless it is an integer of EXACT or more in magnitude (a located error)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and abs(value) >= EXACT:
+        raise SparsecError(f"integer overflow: {show(e)} is {_short(int(value))}; constants and arguments must "
+                           f"stay below 2**256", e.span)
+    return value
+
+
+def evaluate(e: Expr, env: dict[str, Any], memo: dict | None = None):
+    """Value of `e` with the names in env; numpy arrays broadcast (used by where(...)). Shared
+    sub-expressions (lets) are evaluated once. Every scalar integer is checked against the 64-bit
+    range; arrays are only evaluated after `bounds` has checked them."""
     if isinstance(e, Const):
         return e.value
     if isinstance(e, Var):
         if e.name not in env:
             raise SparsecError(f"'{e.name}' has no value here", e.span)
         return env[e.name]
-    return OPS[e.op].evaluate(e.span, *(evaluate(a, env) for a in e.args))
+    memo = {} if memo is None else memo
+    if id(e) not in memo:
+        value = checked(OPS[e.op].evaluate(e.span, *(evaluate(a, env, memo) for a in e.args)), e)
+        memo[id(e)] = (value, e)
+    return memo[id(e)][0]
 
 
-def substitute(e: Expr, env: dict[str, Expr]) -> Expr:
-    """Replace names by expressions, then fold every sub-expression that became constant."""
+def substitute(e: Expr, env: dict[str, Expr], memo: dict | None = None) -> Expr:
+    """Replace names by expressions, then fold every sub-expression that became constant. A
+    name used twice stays one shared sub-expression (memo), so let chains cost their length."""
     if isinstance(e, Var):
         return env.get(e.name, e)
     if isinstance(e, Const):
         return e
-    args = tuple(substitute(a, env) for a in e.args)
+    memo = {} if memo is None else memo
+    if id(e) in memo:
+        return memo[id(e)][0]
+    args = tuple(substitute(a, env, memo) for a in e.args)
+    out = Apply(e.op, args, span=e.span)  # reals stay symbolic until an integer is needed
     if all(isinstance(a, Const) for a in args):
-        value = OPS[e.op].evaluate(e.span, *(a.value for a in args))
+        value = checked(OPS[e.op].evaluate(e.span, *(a.value for a in args)), e)
         if isinstance(value, (bool, np.bool_)):
-            return Const(bool(value), span=e.span)
-        if isinstance(value, (int, np.integer)):
-            return Const(int(value), span=e.span)
-    return Apply(e.op, args, span=e.span)  # reals stay symbolic until an integer is needed
+            out = Const(bool(value), span=e.span)
+        elif isinstance(value, (int, np.integer)):
+            out = Const(int(value), span=e.span)
+    memo[id(e)] = (out, e)
+    return out
+
+
+def size(e: Expr, memo: dict | None = None) -> int:
+    """Operations in e written out as a tree (a shared sub-expression counts each time)."""
+    if not isinstance(e, Apply):
+        return 1
+    memo = {} if memo is None else memo
+    if id(e) not in memo:
+        memo[id(e)] = (1 + sum(size(a, memo) for a in e.args), e)
+    return memo[id(e)][0]
 
 
 def integer(e: Expr, env: dict[str, Any]) -> int:
@@ -267,16 +420,19 @@ def integer(e: Expr, env: dict[str, Any]) -> int:
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(value):
             raise SparsecError(f"expected a finite number, found {value}", e.span)
-        return math.floor(value)
+        return checked(math.floor(value), e)
     return int(value)
 
 
-def to_sympy(e: Expr, symbols: dict[str, Any]):
+def to_sympy(e: Expr, symbols: dict[str, Any], memo: dict | None = None):
     if isinstance(e, Const):
         return sympy.true if e.value is True else sympy.false if e.value is False else sympy.Integer(e.value)
     if isinstance(e, Var):
         return symbols.get(e.name, sympy.Symbol(e.name, integer=True))
-    return OPS[e.op].sympy(*(to_sympy(a, symbols) for a in e.args))
+    memo = {} if memo is None else memo
+    if id(e) not in memo:
+        memo[id(e)] = (OPS[e.op].sympy(*(to_sympy(a, symbols, memo) for a in e.args)), e)
+    return memo[id(e)][0]
 
 
 def to_triton(e: Expr, names: dict[str, str]) -> str:

@@ -9,6 +9,7 @@ import sympy
 
 from ..errors import Span, SparsecError
 from . import expr as E
+from .limits import saturate
 from .tiles import EMPTY, FULL, PARTIAL, Grid, TileSet, Tiling, all_tiles
 
 CHUNK_PAIRS = 1 << 22  # token pairs evaluated at once by dense fallbacks, to bound their memory
@@ -20,7 +21,7 @@ def value(e: E.Expr):
     return e.value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pattern:
     """A node of the pattern IR. Each subclass keeps all of its rules together:
 
@@ -39,9 +40,30 @@ class Pattern:
 
     keyword: ClassVar[str] = ""                       # the primitive's name in the language
     limits: ClassVar[dict[str, tuple[int, str]]] = {}  # argument -> (lowest allowed value, wording)
+    ceilings: ClassVar[dict[str, int]] = {}            # argument -> highest allowed value (work grows with it)
+    exact: ClassVar[frozenset[str]] = frozenset({"seed"})  # arguments never saturated (limits.py)
     head_dependent: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset()      # runtime inputs (segment_ids, q, k)
     token_level: ClassVar[bool] = False                # defined on tokens only: not inside blocks()
+
+    # ---- identity: by value, spans aside; the hash is cached, so that comparing two different
+    # patterns costs one hash comparison however large (and however shared) they are
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if f.compare)
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((type(self), self._key()))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self):
+            return NotImplemented
+        return hash(self) == hash(other) and self._key() == other._key()
 
     # ---- structure (generic over the dataclass fields) ----
     def children(self) -> tuple["Pattern", ...]:
@@ -55,13 +77,19 @@ class Pattern:
         return tuple(out)
 
     def map_children(self, fn: Callable[["Pattern"], "Pattern"]) -> "Pattern":
+        """The node with fn applied to each child; the node itself when no child changes, so that
+        passes keep shared sub-patterns shared and an unchanged tree compares by identity."""
         changes = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Pattern):
-                changes[f.name] = fn(v)
+                new = fn(v)
+                if new is not v:
+                    changes[f.name] = new
             elif isinstance(v, tuple) and v and isinstance(v[0], Pattern):
-                changes[f.name] = tuple(fn(c) for c in v)
+                new = tuple(fn(c) for c in v)
+                if any(a is not b for a, b in zip(new, v)):
+                    changes[f.name] = new
         return replace(self, **changes) if changes else self
 
     def arguments(self) -> dict[str, E.Expr]:
@@ -85,18 +113,43 @@ class Pattern:
         return replace(self, **changes) if changes else self
 
     def walk(self):
+        """Every node in pre-order, a shared sub-pattern once per use (what lowering numbers)."""
         yield self
         for c in self.children():
             yield from c.walk()
+
+    def nodes(self):
+        """Every distinct node in pre-order, a shared sub-pattern once: named patterns used many
+        times make a DAG whose walk can be exponentially longer than the program."""
+        seen, todo = set(), [self]
+        while todo:
+            node = todo.pop()
+            if id(node) not in seen:
+                seen.add(id(node))
+                yield node
+                todo.extend(reversed(node.children()))
+
+    def tree_size(self, memo: dict | None = None) -> int:
+        """Nodes once written out as a tree (len(list(walk()))), counted on the DAG."""
+        memo = {} if memo is None else memo
+        if id(self) not in memo:
+            memo[id(self)] = (1 + sum(c.tree_size(memo) for c in self.children()), self)
+        return memo[id(self)][0]
+
+    def tree_depth(self, memo: dict | None = None) -> int:
+        memo = {} if memo is None else memo
+        if id(self) not in memo:
+            memo[id(self)] = (1 + max((c.tree_depth(memo) for c in self.children()), default=0), self)
+        return memo[id(self)][0]
 
     def uses_head(self) -> bool:
         return type(self).head_dependent
 
     def varies_with_head(self) -> bool:
-        return any(n.uses_head() for n in self.walk())
+        return any(n.uses_head() for n in self.nodes())
 
     def runtime_needs(self) -> frozenset[str]:
-        return frozenset().union(*(type(n).needs for n in self.walk()))
+        return frozenset().union(*(type(n).needs for n in self.nodes()))
 
     # ---- views with defaults ----
     def show(self) -> str:
@@ -108,14 +161,36 @@ class Pattern:
             e = getattr(self, name)
             if isinstance(e, E.Const) and not isinstance(e.value, bool) and e.value < lowest:
                 raise SparsecError(f"{self.keyword}: {name} must be {wording}, got {e.value}", e.span or self.span)
+        for name, highest in self.ceilings.items():
+            e = getattr(self, name)
+            if isinstance(e, E.Const) and not isinstance(e.value, bool) and e.value > highest:
+                raise SparsecError(f"{self.keyword}: {name} must be at most {highest}, got {e.value}", e.span or self.span)
 
     def specialize(self, env: dict[str, Any]) -> "Pattern":
-        """Every argument evaluated for concrete n_q and n_k (reals rounded down), then checked."""
+        """Every argument evaluated for concrete lengths (reals rounded down) and checked, then
+        saturated (limits.saturate: the same mask, and every argument fits the kernels' int32).
+        env: n, n_q, n_k, `rows` (the range of row coordinates: positions, or block indices
+        inside blocks) and `heads`."""
         node = self.map_arguments(lambda e: E.Const(
             bool(E.evaluate(e, env)) if E.kind(e) == "bool" else E.integer(e, env), span=e.span))
         node = node.map_children(lambda c: c.specialize(env))
         node.check()
-        return node
+        return node.saturated()
+
+    def saturated(self) -> "Pattern":
+        """The node with its integer arguments (but `exact` ones) clamped to +-SATURATED."""
+        sat = lambda e: E.Const(saturate(e.value), span=e.span) \
+            if isinstance(e, E.Const) and type(e.value) is int else e
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in self.exact:
+                continue
+            if isinstance(v, E.Expr):
+                changes[f.name] = sat(v)
+            elif isinstance(v, tuple) and v and isinstance(v[0], E.Expr):
+                changes[f.name] = tuple(map(sat, v))
+        return replace(self, **changes) if changes else self
 
     def mask(self, grid: Grid) -> np.ndarray:
         raise NotImplementedError
@@ -161,7 +236,7 @@ def density(c, n):
 # cost: a union counts its parts' pairs (an upper bound); intersection and difference treat their
 # parts as independent, so densities multiply (an estimate; see docs/ir.md).
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Union(Pattern):
     parts: tuple[Pattern, ...]
 
@@ -189,7 +264,7 @@ class Union(Pattern):
         return "(" + " | ".join(cx.sub(p) for p in self.parts) + ")"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Intersection(Pattern):
     parts: tuple[Pattern, ...]
 
@@ -229,7 +304,7 @@ def subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(b == FULL, EMPTY, np.where(b == EMPTY, a, np.minimum(a, PARTIAL))).astype(np.int8)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Difference(Pattern):
     left: Pattern
     right: Pattern
@@ -259,7 +334,7 @@ class Difference(Pattern):
         return f"({left} & ({cx.sub(self.right)} == 0))"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Heads(Pattern):
     """Head h uses parts[h mod len(parts)]."""
     parts: tuple[Pattern, ...]
@@ -296,7 +371,7 @@ class Heads(Pattern):
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Blocks(Pattern):
     """Block granularity: the body is read on block indices i // size, j // size."""
     size: E.Expr
@@ -309,7 +384,7 @@ class Blocks(Pattern):
 
     def check(self):
         super().check()
-        for node in self.body.walk():
+        for node in self.body.nodes():
             if type(node).token_level:
                 raise SparsecError(f"{node.keyword} is defined on tokens and cannot be used inside blocks(...)",
                                    node.span or self.span)
@@ -318,8 +393,10 @@ class Blocks(Pattern):
         b = E.integer(self.size, env)
         node = replace(self, size=E.Const(b, span=self.size.span))
         node.check()  # before dividing by b
-        inner = dict(env, n=-(-env["n"] // b), n_k=-(-env["n_k"] // b), n_q=-(-env["n_q"] // b))
-        return replace(node, body=self.body.specialize(inner))
+        rows = env["rows"]
+        inner = dict(env, n=-(-env["n"] // b), n_k=-(-env["n_k"] // b), n_q=-(-env["n_q"] // b),
+                     rows=(rows[0] // b, rows[1] // b))
+        return replace(node, body=self.body.specialize(inner)).saturated()
 
     def mask(self, grid):
         inner, row_of, col_of = grid.coarsen(value(self.size))

@@ -72,7 +72,7 @@ class OffsetPattern(RangePattern):
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Full(OffsetPattern):
     keyword: ClassVar[str] = "full"
 
@@ -92,7 +92,7 @@ class Full(OffsetPattern):
         return cx.constant(True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Empty(OffsetPattern):
     """No pair at all: the language's `empty`, which canonical forms need to be printable."""
     keyword: ClassVar[str] = "empty"
@@ -113,7 +113,7 @@ class Empty(OffsetPattern):
         return cx.constant(False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Causal(OffsetPattern):
     keyword: ClassVar[str] = "causal"
 
@@ -134,7 +134,7 @@ class Causal(OffsetPattern):
         return f"({d} >= 0)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Band(OffsetPattern):
     """before <= p - j <= ... i.e. p - before <= j <= p + after; band(w) is band(w, w)."""
     before: E.Expr
@@ -173,7 +173,7 @@ class Band(OffsetPattern):
         return f"(({d} >= {cx.num(E.substitute(E.Apply('neg', (self.after,)), {}))}) & ({d} <= {cx.num(self.before)}))"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dilated(OffsetPattern):
     """|p - j| <= w * d and (p - j) % d == 0: w positions per side, every d-th."""
     w: E.Expr
@@ -200,11 +200,11 @@ class Dilated(OffsetPattern):
         return n * (2 * w + 1) - d * w * (w + 1)
 
     def lower_offset(self, cx, d):
-        s = cx.num(self.d)
-        return f"((tl.abs({d}) <= {cx.num(self.w)} * {s}) & (_mod({d}, {s}) == 0))"
+        reach = cx.num(E.substitute(E.Apply("*", (self.w, self.d)), {}))   # one saturated product
+        return f"((tl.abs({d}) <= {reach}) & (_mod({d}, {cx.num(self.d)}) == 0))"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Stride(OffsetPattern):
     s: E.Expr
     keyword: ClassVar[str] = "stride"
@@ -227,7 +227,7 @@ class Stride(OffsetPattern):
         return f"(_mod({d}, {cx.num(self.s)}) == 0)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LogSparse(OffsetPattern):
     """d = p - j is 0 or a power of two (LogSparse Transformer, causal)."""
     keyword: ClassVar[str] = "logsparse"
@@ -311,7 +311,7 @@ def _count_below(lo, hi, g):
     return np.clip(np.minimum(hi, g - 1) - lo + 1, 0, None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Global(RowsOrColumns):
     """The first g positions attend everywhere and are attended from everywhere."""
     g: E.Expr
@@ -334,7 +334,7 @@ class Global(RowsOrColumns):
         return cx.let(f"{cx.cols} < {cx.num(self.g)}", "global_cols")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GlobalSet(RowsOrColumns):
     """global([a, b, ...]): the listed positions are global rows and columns."""
     positions: tuple[E.Expr, ...]
@@ -377,7 +377,7 @@ class GlobalSet(RowsOrColumns):
         return {"members": members.astype(np.int32), "count": len(members)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Last(RowsOrColumns):
     """The last g key positions (n_k - g ...) as global rows and columns."""
     g: E.Expr
@@ -395,13 +395,17 @@ class Last(RowsOrColumns):
         return 2 * g * n - g**2
 
     def lower_rows(self, cx):
-        return cx.let(f"{cx.rows} >= {cx.n_k} - {cx.num(self.g)}", "last_rows", hoist=True)
+        return cx.let(f"{cx.rows} >= {self.first(cx)}", "last_rows", hoist=True)
 
     def lower_cols(self, cx):
-        return cx.let(f"{cx.cols} >= {cx.n_k} - {cx.num(self.g)}", "last_cols")
+        return cx.let(f"{cx.cols} >= {self.first(cx)}", "last_cols")
+
+    def first(self, cx) -> str:
+        """n_k - g, the first of the last g positions, as one saturated argument."""
+        return cx.num(E.substitute(E.Apply("-", (E.Var("n_k"), self.g)), {}))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sink(RowsOrColumns):
     """j < g: the first g keys are seen by every query (attention sinks)."""
     g: E.Expr
@@ -424,7 +428,7 @@ class Sink(RowsOrColumns):
         return cx.let(f"{cx.cols} < {cx.num(self.g)}", "sink_cols")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Chunk(RangePattern):
     """p // c == j // c: attention within aligned chunks of c positions."""
     c: E.Expr

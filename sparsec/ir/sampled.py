@@ -6,7 +6,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..errors import SparsecError
 from . import expr as E
+from .limits import INT_MAX
 from .pattern import CHUNK_PAIRS, Pattern, value
 from .tiles import EMPTY, FULL, PARTIAL, TileSet, all_tiles, expand_ranges, runtime_value, tiles_of_pairs
 
@@ -40,13 +42,14 @@ def random_keys(seed: int, head: int, rows: np.ndarray, r: int, n_k: int) -> np.
     return picks
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Random(Pattern):
     """Each row of each head allows exactly min(r, n_k) keys drawn by random_keys(seed, head, row)."""
     r: E.Expr
     seed: E.Expr
     keyword: ClassVar[str] = "random"
     limits: ClassVar = {"r": (0, "at least 0"), "seed": (0, "at least 0")}
+    ceilings: ClassVar = {"seed": INT_MAX}   # the generator hashes 64-bit seeds
     head_dependent: ClassVar[bool] = True
 
     def show(self):
@@ -81,7 +84,7 @@ class Random(Pattern):
         rows, count = cx.table(self, "rows", pointer=False), cx.table(self, "count", pointer=False)
         at = cx.let(f"{cx.rows} - {row0}", "random_at", hoist=True)
         ok = cx.let(f"({at} >= 0) & ({at} < {rows})", "random_ok", hoist=True)
-        row_keys = cx.let(f"{keys} + ({cx.head} * {rows} + {at}) * {count}", "random_row", hoist=True)
+        row_keys = cx.let(f"{keys} + ({cx.head}.to(tl.int64) * {rows} + {at}) * {count}", "random_row", hoist=True)
         hit = cx.let("tl.zeros([BLOCK_M, BLOCK_N], tl.int1)", "random")
         cx.loop(f"for t in range({count}):", [  # the row's t-th drawn key, compared with every column
             f"drawn = tl.load({row_keys} + t, mask={ok}, other=-1)",
@@ -106,7 +109,7 @@ def _tile_pairs(t, qt, kt):
     return rows[:, :, None], cols[:, None, :], valid
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Where(Pattern):
     """An arbitrary predicate over i (the position), j, h, n_q and n_k: evaluated pair by pair."""
     cond: E.Expr
@@ -119,8 +122,18 @@ class Where(Pattern):
         return "h" in E.names(self.cond)
 
     def specialize(self, env):
+        """n, n_q and n_k substituted; then every sub-expression checked over this call's rows,
+        keys and heads (expr.bounds): a value beyond 64 bits, a divisor that can be 0, a root or
+        logarithm outside its domain is an error here, never a wrapped or NaN value later."""
         known = {k: E.Const(v) for k, v in env.items() if k in ("n", "n_q", "n_k")}
-        return replace(self, cond=E.substitute(self.cond, known))
+        cond = E.substitute(self.cond, known)
+        ranges = {"i": env["rows"], "j": (0, env["n_k"] - 1), "h": (0, env["heads"] - 1)}
+        try:
+            E.bounds(cond, ranges)
+        except SparsecError as e:
+            raise SparsecError(f"{e.message} (where rows i are {ranges['i'][0]}..{ranges['i'][1]}, keys j "
+                               f"0..{ranges['j'][1]} and heads h 0..{ranges['h'][1]})", e.span) from None
+        return replace(self, cond=cond)
 
     def _eval(self, rows, cols, head, n_q, n_k):
         env = {"i": rows, "j": cols, "h": head, "n": n_k, "n_q": n_q, "n_k": n_k}
@@ -151,7 +164,8 @@ class Where(Pattern):
         # int64 coordinates: products such as i * j overflow 32 bits at long lengths
         rows = cx.let(f"{cx.rows}.to(tl.int64)", "where_i", hoist=True)
         cols = cx.let(f"{cx.cols}.to(tl.int64)", "where_j")
-        cond = cx.num(self.cond, {"i": f"{rows}[:, None]", "j": f"{cols}[None, :]", "h": cx.head})
+        head = cx.let(f"({cx.head}).to(tl.int64)", "where_h", hoist=True)
+        cond = cx.wide(self.cond, {"i": f"{rows}[:, None]", "j": f"{cols}[None, :]", "h": head})
         return f"({cond} & {cx.constant(True)})"  # & broadcasts a condition of h alone to the tile
 
 
@@ -164,7 +178,7 @@ def _extremes(seg: np.ndarray, lo: np.ndarray, hi: np.ndarray):
     return np.minimum.reduceat(part, lo), np.maximum.reduceat(part, lo)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Document(Pattern):
     """segment_ids[b, p] == segment_ids[b, j]: packed sequences attend within their document."""
     keyword: ClassVar[str] = "document"
@@ -206,7 +220,7 @@ class Document(Pattern):
         return env["n"] ** 2  # depends on the documents: an upper bound
 
     def lower(self, cx):
-        ids, stride = cx.table(self, "ids"), cx.table(self, "stride", pointer=False)
+        ids, stride = cx.table(self, "ids", dtype="int64"), cx.table(self, "stride", pointer=False)
         mine = cx.let(f"{ids} + {cx.batch}.to(tl.int64) * {stride}", "document_ids", hoist=True)
         rows = cx.let(f"tl.load({mine} + {cx.rows}, mask=({cx.rows} >= 0) & ({cx.rows} < {cx.n_k}), other=-1)",
                       "document_rows", hoist=True)
@@ -214,5 +228,5 @@ class Document(Pattern):
         return f"({rows}[:, None] == {cols}[None, :])"
 
     def tables(self, space):
-        seg = space.inputs["segment_ids"]  # (B, n_k), contiguous int32 on the kernel's device
+        seg = space.inputs["segment_ids"]  # (B, n_k), int64 as given (never narrowed: ids may be huge)
         return {"ids": seg, "stride": seg.shape[1]}
