@@ -13,6 +13,8 @@ from .ir.program import Definition
 from .templates import BACKWARD, FORWARD, HELPERS
 
 VERSION = 5  # bump when the generated code changes shape: part of the content hash
+SHALLOW = 16  # parentheses a generated expression may nest before it is bound to a name
+FAN_IN = 8    # operands of |, &, and, or, min, max in one generated statement
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,29 @@ class Lowering:
     node: int = -1                 # pre-order number of the node being lowered
 
     def sub(self, p: Pattern) -> str:
-        """Lower a child (children must be lowered once each, in `children()` order)."""
+        """Lower a child (children must be lowered once each, in `children()` order). A deeply
+        parenthesized predicate is bound to a name: Python parses at most 200 nested parentheses."""
         here = self.out.visited
         self.out.visited += 1
         expr = p.lower(replace(self, node=here))
-        assert self.out.visited == here + sum(1 for _ in p.walk()), f"{type(p).__name__} skipped a child"
-        return expr
+        assert self.out.visited == here + p.tree_size(), f"{type(p).__name__} skipped a child"
+        return self.shallow(expr)
+
+    def shallow(self, expr: str) -> str:
+        """expr, or a name bound to it when it nests more than SHALLOW parentheses."""
+        depth = deepest = 0
+        for c in expr:
+            depth += (c == "(") - (c == ")")
+            deepest = max(deepest, depth)
+        return self.let(expr, "part") if deepest > SHALLOW else expr
+
+    def join(self, op: str, terms: list[str]) -> str:
+        """terms combined by op (| or &), at most FAN_IN to a statement: Triton's code generator
+        recurses once per operator of a chain."""
+        while len(terms) > FAN_IN:
+            terms = [self.let("(" + f" {op} ".join(terms[k:k + FAN_IN]) + ")", "part")
+                     for k in range(0, len(terms), FAN_IN)]
+        return "(" + f" {op} ".join(terms) + ")"
 
     def num(self, e: E.Expr) -> str:
         """An integer argument of a primitive: a literal when constant, else a kernel parameter
@@ -124,7 +143,7 @@ class Lowering:
         lengths = {"n": self.n_k, "n_k": self.n_k, "n_q": self.n_q}
         wide = {k: self.let(f"({v}).to(tl.int64)", f"{k}64_", hoist=True) for k, v in lengths.items()
                 if k in E.names(e)}
-        return E.to_triton(e, {**wide, **names})
+        return E.to_triton(e, {**wide, **names}, self.shallow, FAN_IN)
 
     def let(self, expr: str, hint: str, hoist: bool = False) -> str:
         """Bind expr to a fresh name; hoist=True when it depends on rows only (computed once)."""

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import syntax as S
-from .errors import SparsecError
+from .errors import Span, SparsecError
+from .ir.limits import NESTING
 from .ir import expr as E
 from .ir import nodes as N
 from .ir.program import Binding, Definition
@@ -54,7 +55,7 @@ def _describe(node: S.Syntax) -> str:
         return f"{node.func}(...)"
     if isinstance(node, S.Name):
         return f"'{node.id}'"
-    return f"an expression with '{node.op}'"
+    return f"an expression with '{node.ops[0] if isinstance(node, S.Chain) else node.op}'"
 
 
 class Scope:
@@ -64,18 +65,13 @@ class Scope:
         self.numbers: dict[str, Binding] = {}
         self.patterns: dict[str, N.Pattern] = {}
         self.uses: dict[str, frozenset[str]] = {}  # name -> the numeric names its definition uses
+        self.depths: dict[int, tuple] = {}          # id(expression) -> (depth with lets inlined, it)
 
     # ---- patterns ----
     def pattern(self, node: S.Syntax) -> N.Pattern:
         sp = node.span
-        if isinstance(node, S.Binary) and node.op in ("+", "&"):
-            kind = N.Union if node.op == "+" else N.Intersection
-            left = self.pattern(node.left)
-            # a + b + c is one union; a left operand of the same kind (even a named one) joins it
-            parts = left.parts if type(left) is kind else (left,)
-            return kind(parts + (self.pattern(node.right),), span=sp)
-        if isinstance(node, S.Binary) and node.op == "-":
-            return N.Difference(self.pattern(node.left), self.pattern(node.right), span=sp)
+        if isinstance(node, S.Chain) and node.ops[0] in ("+", "-", "&"):
+            return self._combine(node)
         if isinstance(node, S.Name):
             if node.id in BARE:
                 return BARE[node.id](span=sp)
@@ -90,6 +86,22 @@ class Scope:
             return self.primitive(node)
         raise SparsecError(f"expected a pattern, found {_describe(node)}", sp)
 
+    def _combine(self, chain: S.Chain) -> N.Pattern:
+        """a + b + c is one n-ary union (likewise &), a - b a difference, left to right; a left
+        operand of the same kind (even a named one) joins the union or intersection."""
+        kinds = {"+": N.Union, "&": N.Intersection}
+        acc = self.pattern(chain.operands[0])
+        for k, (op, operand) in enumerate(zip(chain.ops, chain.operands[1:])):
+            right = self.pattern(operand)
+            span = _between(chain.operands[0], operand) or chain.span
+            if op == "-":
+                acc = N.Difference(acc, right, span=span)
+            else:
+                kind = kinds[op]
+                acc = kind((acc.parts if type(acc) is kind else (acc,)) + (right,), span=span)
+            self._deep(acc)
+        return acc
+
     def primitive(self, call: S.Call) -> N.Pattern:
         name, sp = call.func, call.span
         if name in BARE:
@@ -97,19 +109,19 @@ class Scope:
         if name == "heads":
             if call.keywords or not call.args:
                 raise SparsecError("heads takes one or more patterns: heads(p0, p1, ...)", sp)
-            return N.Heads(tuple(self.pattern(a) for a in call.args), span=sp)
+            return self._deep(N.Heads(tuple(self.pattern(a) for a in call.args), span=sp))
         if name == "global" and len(call.args) == 1 and isinstance(call.args[0], S.ListOf) and not call.keywords:
             items = call.args[0].items
             if not items:
                 raise SparsecError("global([...]) needs at least one position", call.args[0].span)
-            return N.GlobalSet(tuple(self.number(x) for x in items), span=sp)
+            return self._deep(N.GlobalSet(tuple(self.number(x) for x in items), span=sp))
         if name not in SIGNATURES:
             if name in E.FUNCTIONS:
                 raise SparsecError(f"{name}(...) is a number, expected a pattern", sp)
             raise SparsecError(f"unknown primitive '{name}'", sp)
         build, params = SIGNATURES[name]
         values = self.bind_arguments(call, params)
-        return build(**values, span=sp)
+        return self._deep(build(**values, span=sp))
 
     def bind_arguments(self, call: S.Call, params: tuple[Param, ...]) -> dict:
         usage = f"{call.func}({', '.join(p.name if p.default is REQUIRED else f'{p.name}=...' for p in params)})"
@@ -141,6 +153,8 @@ class Scope:
         return out
 
     # ---- numbers and conditions ----
+    # Each expression tracks its depth once its lets are written out (a let counts its own), so
+    # that no later pass recurses past NESTING levels: the limit is checked where it is passed.
     def number(self, node: S.Syntax, in_where: bool = False) -> E.Expr:
         sp = node.span
         if isinstance(node, S.Number):
@@ -148,7 +162,7 @@ class Scope:
         if isinstance(node, S.Unary) and node.op == "-":
             if isinstance(node.operand, S.Number):  # a literal -3 is one constant, as it prints
                 return E.Const(-node.operand.value, span=sp)
-            return E.Apply("neg", (self.number(node.operand, in_where),), span=sp)
+            return self._deep(E.Apply("neg", (self.number(node.operand, in_where),), span=sp))
         if isinstance(node, S.Name):
             if node.id in LENGTHS or node.id in self.numbers:
                 return E.Var(node.id, span=sp)
@@ -159,8 +173,15 @@ class Scope:
             if node.id in self.patterns or node.id in BARE:
                 raise SparsecError(f"'{node.id}' is a pattern, expected a number", sp)
             raise SparsecError(f"unknown name '{node.id}'", sp)
-        if isinstance(node, S.Binary) and node.op in ("+", "-", "*", "//", "%", "**"):
-            return E.Apply(node.op, (self.number(node.left, in_where), self.number(node.right, in_where)), span=sp)
+        if isinstance(node, S.Chain) and node.ops[0] in ("+", "-", "*", "//", "%"):
+            acc = self.number(node.operands[0], in_where)
+            for op, operand in zip(node.ops, node.operands[1:]):
+                acc = self._deep(E.Apply(op, (acc, self.number(operand, in_where)),
+                                         span=_between(node.operands[0], operand) or sp))
+            return acc
+        if isinstance(node, S.Binary) and node.op == "**":
+            return self._deep(E.Apply("**", (self.number(node.left, in_where), self.number(node.right, in_where)),
+                                      span=sp))
         if isinstance(node, S.Call) and node.func in E.FUNCTIONS:
             low, high = E.OPS[node.func].arity
             if node.keywords:
@@ -168,7 +189,7 @@ class Scope:
             if len(node.args) < low or (high >= 0 and len(node.args) > high):
                 want = f"{low}" if low == high else f"at least {low}"
                 raise SparsecError(f"{node.func} takes {want} argument(s), got {len(node.args)}", sp)
-            return E.Apply(node.func, tuple(self.number(a, in_where) for a in node.args), span=sp)
+            return self._deep(E.Apply(node.func, tuple(self.number(a, in_where) for a in node.args), span=sp))
         if isinstance(node, S.Call) and (node.func in SIGNATURES or node.func in ("heads",)):
             raise SparsecError(f"{node.func}(...) is a pattern, expected a number", sp)
         if isinstance(node, S.Call):
@@ -179,13 +200,31 @@ class Scope:
         sp = node.span
         if isinstance(node, S.Boolean):
             return E.Const(node.value, span=sp)
-        if isinstance(node, S.Binary) and node.op in ("and", "or"):
-            return E.Apply(node.op, (self.condition(node.left, in_where), self.condition(node.right, in_where)), span=sp)
+        if isinstance(node, S.Chain) and node.ops[0] in ("and", "or"):   # one n-ary and / or
+            return self._deep(E.Apply(node.ops[0], tuple(self.condition(a, in_where) for a in node.operands), span=sp))
         if isinstance(node, S.Unary) and node.op == "not":
-            return E.Apply("not", (self.condition(node.operand, in_where),), span=sp)
+            return self._deep(E.Apply("not", (self.condition(node.operand, in_where),), span=sp))
         if isinstance(node, S.Binary) and node.op in ("==", "!=", "<", "<=", ">", ">="):
-            return E.Apply(node.op, (self.number(node.left, in_where), self.number(node.right, in_where)), span=sp)
+            return self._deep(E.Apply(node.op, (self.number(node.left, in_where), self.number(node.right, in_where)),
+                                      span=sp))
         raise SparsecError(f"expected a condition (a comparison, and/or/not, true/false), found {_describe(node)}", sp)
+
+    def _deep(self, e):
+        """e (an expression or a pattern node), if its depth once lets and named patterns are
+        written out is within NESTING. Its parts' depths are known already: one step per node."""
+        parts = e.args if isinstance(e, E.Apply) else e.children() + tuple(e.arguments().values())
+        depth = 1 + max((self._depth(a) for a in parts), default=0)
+        if depth > NESTING:
+            what = "operations" if isinstance(e, E.Expr) else "parts"
+            raise SparsecError(f"this nests {depth} {what} deep once its lets and named patterns are written out "
+                               f"(the limit is {NESTING})", e.span)
+        self.depths[id(e)] = (depth, e)
+        return e
+
+    def _depth(self, e) -> int:
+        while isinstance(e, E.Var) and e.name in self.numbers:   # a let: the depth of its value
+            e = self.numbers[e.name].value
+        return self.depths[id(e)][0] if id(e) in self.depths else 0
 
     # ---- statements ----
     def statement(self, st: S.Statement) -> None:
@@ -210,6 +249,14 @@ class Scope:
                 need.add(name)
                 todo.extend(self.uses[name])
         return tuple(b for name, b in self.numbers.items() if name in need)
+
+
+def _between(first: S.Syntax, last: S.Syntax):
+    """The span from the start of `first` to the end of `last` (None if either has none)."""
+    a, b = first.span, last.span
+    if a is None or b is None:
+        return None
+    return Span(a.source, a.line, a.column, b.end_line, b.end_column)
 
 
 def _numeric_names(p: N.Pattern) -> frozenset[str]:

@@ -9,6 +9,7 @@ import lark
 from lark import Lark, Transformer, v_args
 
 from .errors import Source, Span, SparsecError
+from .ir.limits import NESTING
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,17 @@ class ListOf(Syntax):
 
 @dataclass(frozen=True)
 class Binary(Syntax):
-    op: str  # + - & * // % ** == != < <= > >= and or
+    op: str  # ** and the comparisons == != < <= > >= (which do not chain)
     left: Syntax
     right: Syntax
+
+
+@dataclass(frozen=True)
+class Chain(Syntax):
+    """operands[0] ops[0] operands[1] ops[1] ...: one left-associative precedence level (+ -, &,
+    * // %, and, or), kept flat so that a long union or sum is not a deep tree."""
+    ops: tuple[str, ...]
+    operands: tuple[Syntax, ...]
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ def dump(node: Syntax, indent: int = 0) -> str:
         return "\n".join([f"{pad}list{where}"] + [dump(k, indent + 1) for k in node.items])
     if isinstance(node, Binary):
         return "\n".join([f"{pad}{node.op}{where}", dump(node.left, indent + 1), dump(node.right, indent + 1)])
+    if isinstance(node, Chain):
+        return "\n".join([f"{pad}{' '.join(node.ops)}{where}"] + [dump(k, indent + 1) for k in node.operands])
     if isinstance(node, Unary):
         return f"{pad}{node.op}{where}\n" + dump(node.operand, indent + 1)
     raise TypeError(node)
@@ -106,10 +117,7 @@ def _parser() -> Lark:
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
-_BINARY = {"add": "+", "sub": "-", "intersect": "&", "mul": "*", "floordiv": "//", "mod": "%",
-           "power": "**", "and_": "and", "or_": "or"}
-
-
+_CHAINS = {"disj": "or", "conj": "and", "inter": "&"}   # levels with one operator; sum and product carry theirs
 class _Build(Transformer):
     """lark tree -> Syntax nodes; each method gets lark's `meta` for the span."""
 
@@ -123,13 +131,19 @@ class _Build(Transformer):
         return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
 
     def __default__(self, data, children, meta):
-        if data in _BINARY:
-            return Binary(_BINARY[data], children[0], children[1], span=self._span(meta))
+        if data in _CHAINS:
+            return Chain((_CHAINS[data],) * (len(children) - 1), tuple(children), span=self._span(meta))
+        if data in ("sum", "product"):   # operand (op operand)*, the ops built by addop / mulop
+            return Chain(tuple(children[1::2]), tuple(children[::2]), span=self._span(meta))
+        if data in ("addop", "mulop"):
+            return str(children[0])
+        if data == "power":
+            return Binary("**", children[0], children[1], span=self._span(meta))
         raise AssertionError(f"grammar rule without a builder: {data}")
 
     @v_args(meta=True)
-    def start(self, meta, stmts):
-        return Module(tuple(stmts), span=self._span(meta))
+    def start(self, meta, stmts):   # an empty program is reported at 1:1
+        return Module(tuple(stmts), span=self._span(meta) or Span(self.source, 1, 1, 1, 1))
 
     def _statement(kind):
         @v_args(meta=True)
@@ -142,7 +156,10 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def number(self, meta, children):
-        return Number(int(str(children[0]).replace("_", "")), span=self._span(meta))
+        digits = str(children[0]).replace("_", "")
+        if len(digits.lstrip("0")) > 78:   # past 2**256: not even converted (Python refuses 4300 digits)
+            raise SparsecError("integer literal too large: constants must stay below 2**256", self._span(meta))
+        return Number(int(digits), span=self._span(meta))
 
     @v_args(meta=True)
     def true(self, meta, _):
@@ -213,8 +230,25 @@ def _point(source: Source, line: int, column: int) -> Span:
     return Span(source, line, column, line, column + 1)
 
 
+def _check_nesting(tree: lark.Tree, source: Source) -> None:
+    """No more than NESTING levels of calls, unary operators, ** and parenthesized operands (a flat
+    chain is one level), found without recursion, so the builder's recursion stays shallow."""
+    todo = [(tree, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > NESTING:
+            m = node.meta
+            raise SparsecError(f"nested too deeply: more than {NESTING} levels of calls, operators and "
+                               f"parentheses (the limit; name the inner parts with let or pattern)",
+                               Span(source, m.line, m.column, m.end_line, m.end_column) if not m.empty else None)
+        step = 0 if node.data in ("arguments", "addop", "mulop", "start") else 1
+        todo.extend((c, depth + step) for c in node.children if isinstance(c, lark.Tree))
+
+
 def parse(text: str, filename: str = "<string>") -> Module:
-    """Parse a whole `.sa` program; every failure becomes a SparsecError at file:line:col."""
+    """Parse a whole `.sa` program; every failure becomes a SparsecError at file:line:col. A
+    leading UTF-8 byte order mark is read as nothing."""
+    text = text.removeprefix("\ufeff")
     source = Source(text, filename)
     try:
         tree = _parser().parse(text)
@@ -236,6 +270,7 @@ def parse(text: str, filename: str = "<string>") -> Module:
                                Span(source, tok.line, tok.column, tok.end_line, tok.end_column)) from None
         raise SparsecError(f"unexpected {str(tok)!r}, expected {_describe(e.expected)}",
                            Span(source, tok.line, tok.column, tok.end_line, tok.end_column)) from None
+    _check_nesting(tree, source)
     try:
         return _Build(source).transform(tree)
     except lark.exceptions.VisitError as e:

@@ -1,6 +1,7 @@
 """Integer, real and boolean expressions of the IR: printer, type, evaluator and sympy view per operator."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -63,9 +64,9 @@ def _ilog2(x, span):
 
 def _real(fn, name, ok):
     def apply(x, span):
-        if not np.all(ok(np.asarray(x))):
+        if not np.all(ok(np.asarray(x, dtype=np.float64 if not _is_array(x) else None))):
             raise SparsecError(f"{name} outside its domain", span)
-        return fn(x)
+        return fn(x) if _is_array(x) else float(fn(float(x)))   # a scalar: Python ints of any size
     return apply
 
 
@@ -131,10 +132,11 @@ OPS: dict[str, Op] = {
        triton=lambda a, b: f"({a} > {b})"),
     ">=": Op((2, 2), "bool", "num", lambda s, a, b: a >= b, sympy.Ge, (">=", 4),
        triton=lambda a, b: f"({a} >= {b})"),
-    "and": Op((2, 2), "bool", "bool", lambda s, a, b: np.logical_and(a, b), sympy.And, ("and", 2),
-       triton=lambda a, b: f"({a} & {b})"),
-    "or": Op((2, 2), "bool", "bool", lambda s, a, b: np.logical_or(a, b), sympy.Or, ("or", 1),
-       triton=lambda a, b: f"({a} | {b})"),
+    # and / or are n-ary: a chain `a or b or c` is one node (no short cut: every operand is evaluated)
+    "and": Op((2, -1), "bool", "bool", lambda s, *a: functools.reduce(np.logical_and, a), sympy.And, ("and", 2),
+       triton=lambda *a: f"({' & '.join(a)})"),
+    "or": Op((2, -1), "bool", "bool", lambda s, *a: functools.reduce(np.logical_or, a), sympy.Or, ("or", 1),
+       triton=lambda *a: f"({' | '.join(a)})"),
     "not": Op((1, 1), "bool", "bool", lambda s, a: np.logical_not(a), sympy.Not, ("not", 3),
        triton=lambda a: f"({a} == 0)"),
     "min": Op((2, -1), "num", "num", lambda s, *a: _fold(np.minimum, min, a), sympy.Min,
@@ -322,6 +324,8 @@ def show(e: Expr) -> str:
         return f"{wrap(e.args[0], 10)} ** {wrap(e.args[1], 8)}"
     if prec == 4:  # comparisons do not chain
         return f"{wrap(e.args[0], 5)} {symbol} {wrap(e.args[1], 5)}"
+    if e.op in ("and", "or"):  # n-ary: a nested and/or keeps its parentheses, so it parses back nested
+        return f" {symbol} ".join(wrap(a, prec + 1) for a in e.args)
     return f"{wrap(e.args[0], prec)} {symbol} {wrap(e.args[1], prec + 1)}"
 
 
@@ -435,9 +439,11 @@ def to_sympy(e: Expr, symbols: dict[str, Any], memo: dict | None = None):
     return memo[id(e)][0]
 
 
-def to_triton(e: Expr, names: dict[str, str]) -> str:
+def to_triton(e: Expr, names: dict[str, str], bind: Callable[[str], str] = lambda s: s, fan_in: int = 8) -> str:
     """Triton source for e, with each free name replaced by the Triton expression in `names`.
-    `//` and `%` go through floor helpers (Triton's own truncate toward zero)."""
+    `//` and `%` go through floor helpers (Triton's own truncate toward zero). bind(source) may
+    return a name bound to a sub-expression (the lowering keeps statements shallow with it); the
+    operands of an n-ary and, or, min, max are combined at most fan_in at a time."""
     if isinstance(e, Const):
         if isinstance(e.value, bool):
             return "True" if e.value else "False"
@@ -450,5 +456,12 @@ def to_triton(e: Expr, names: dict[str, str]) -> str:
         base, power = e.args
         if not (isinstance(power, Const) and isinstance(power.value, int) and 0 <= power.value <= 64):
             raise SparsecError("inside a kernel, ** needs a constant exponent between 0 and 64", e.span)
-        return "(" + " * ".join([to_triton(base, names)] * power.value) + ")" if power.value else "1"
-    return OPS[e.op].triton(*(to_triton(a, names) for a in e.args))
+        if not power.value:
+            return "1"
+        base = bind(to_triton(base, names, bind, fan_in))
+        return bind("(" + " * ".join([base] * power.value) + ")")
+    args = [to_triton(a, names, bind, fan_in) for a in e.args]
+    while len(args) > fan_in:   # n-ary: groups of fan_in, each bound
+        args = [bind(OPS[e.op].triton(*args[k:k + fan_in])) if len(args[k:k + fan_in]) > 1 else args[k]
+                for k in range(0, len(args), fan_in)]
+    return bind(OPS[e.op].triton(*args) if len(args) > 1 or OPS[e.op].arity[0] == 1 else args[0])

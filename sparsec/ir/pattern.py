@@ -261,7 +261,7 @@ class Union(Pattern):
         return sum(p.cost(env) for p in self.parts)  # an upper bound: overlaps count twice
 
     def lower(self, cx):
-        return "(" + " | ".join(cx.sub(p) for p in self.parts) + ")"
+        return cx.join("|", [cx.sub(p) for p in self.parts])
 
 
 @dataclass(frozen=True, eq=False)
@@ -296,7 +296,7 @@ class Intersection(Pattern):
         return sympy.expand(env['n']**2 * d)
 
     def lower(self, cx):
-        return "(" + " & ".join(cx.sub(p) for p in self.parts) + ")"
+        return cx.join("&", [cx.sub(p) for p in self.parts])
 
 
 def subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -366,8 +366,9 @@ class Heads(Pattern):
         # h is one scalar per program: every part is lowered, the select costs nothing per pair
         parts = [cx.sub(p) for p in self.parts]
         out = parts[-1]
-        for k in range(len(parts) - 2, -1, -1):
+        for k in range(len(parts) - 2, -1, -1):   # one select per statement, however many heads
             out = f"tl.where({cx.head} % {len(parts)} == {k}, {parts[k]}, {out})"
+            out = cx.let(out, "heads") if k else out
         return out
 
 

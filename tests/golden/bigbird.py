@@ -3,7 +3,7 @@
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: a04abc6c7274c36e
+# content hash: b88f97ecedce919f
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -15,6 +15,7 @@
 #   PARTIAL  key tiles where some pairs are allowed: the predicate below decides each pair
 #   h, b     the query head and batch row of this program; H query heads, G per K/V head
 # Table parameters (filled per call by the runtime from the IR's `tables` view)
+#   arg4_0                   int      from node 4: n_k - 1
 #   random5_keys             pointer  from node 5: keys
 #   random5_row0             int      from node 5: row0
 #   random5_rows             int      from node 5: rows
@@ -66,15 +67,16 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 @triton.jit
 def _load_rows(base, rows, offs_d, in_d, N, stride_n, stride_d):
-    """The tile (len(rows), HEAD_DIM_PAD) of a (N, HEAD_DIM) matrix, zero outside it."""
-    return tl.load(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
+    """The tile (len(rows), HEAD_DIM_PAD) of a (N, HEAD_DIM) matrix, zero outside it. Offsets are
+    int64: rows * stride passes 2^31 at n = 512K when the rows are (n, H, D) with H * D = 4096."""
+    return tl.load(base + rows[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d,
                    mask=(rows < N)[:, None] & in_d[None, :], other=0.0)
 
 
 @triton.jit
 def _load_cols(base, cols, offs_d, in_d, N, stride_n, stride_d):
     """The same tile transposed, (HEAD_DIM_PAD, len(cols)): K^T and V^T for the dots."""
-    return tl.load(base + cols[None, :] * stride_n + offs_d[:, None] * stride_d,
+    return tl.load(base + cols[None, :].to(tl.int64) * stride_n + offs_d[:, None] * stride_d,
                    mask=(cols < N)[None, :] & in_d[:, None], other=0.0)
 
 
@@ -152,7 +154,7 @@ def _row_stats(LSE, DELTA, bh, offs_m, N_Q):
     return lse2, tl.load(DELTA + at, mask=offs_m < N_Q, other=0.0)
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "SPLITS"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "SPLITS", "arg4_0", "random5_row0", "random5_rows", "random5_count"])
 def sparse_attention_forward(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -161,6 +163,7 @@ def sparse_attention_forward(
     stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
     N_Q, N_K, Q_OFFSET, H, G, QK_SCALE, SPLITS,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
+    arg4_0,
     random5_keys,
     random5_row0,
     random5_rows,
@@ -214,10 +217,10 @@ def sparse_attention_forward(
     # the pattern's predicate, the parts that depend on the query rows only
     block_rows0 = _floordiv(pos, 64)
     global_rows0 = block_rows0 < 1
-    last_rows0 = block_rows0 >= (-_floordiv(-N_K, 64)) - 1
+    last_rows0 = block_rows0 >= arg4_0
     random_at0 = block_rows0 - random5_row0
     random_ok0 = (random_at0 >= 0) & (random_at0 < random5_rows)
-    random_row0 = random5_keys + (h * random5_rows + random_at0) * random5_count
+    random_row0 = random5_keys + (h.to(tl.int64) * random5_rows + random_at0) * random5_count
 
     # PARTIAL key tiles: the predicate decides each pair
     start, end = _share(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), split, SPLITS)
@@ -229,7 +232,7 @@ def sparse_attention_forward(
         block_cols0 = _floordiv(keys, 64)
         d0 = block_rows0[:, None] - block_cols0[None, :]
         global_cols0 = block_cols0 < 1
-        last_cols0 = block_cols0 >= (-_floordiv(-N_K, 64)) - 1
+        last_cols0 = block_cols0 >= arg4_0
         random0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
         for t in range(random5_count):
             drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
@@ -242,7 +245,7 @@ def sparse_attention_forward(
     lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453  # base 2 -> natural log
     lse = tl.where(l_i == 0.0, float("-inf"), lse)
     o_base = O + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < N_Q) & in_d[None, :])
     tl.store(LSE + split.to(tl.int64) * stride_ls + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
@@ -271,7 +274,7 @@ def sparse_attention_backward_delta(
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "arg4_0", "random5_row0", "random5_rows", "random5_count"])
 def sparse_attention_backward_dq(
     Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -281,6 +284,7 @@ def sparse_attention_backward_dq(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
+    arg4_0,
     random5_keys,
     random5_row0,
     random5_rows,
@@ -322,10 +326,10 @@ def sparse_attention_backward_dq(
 
     block_rows0 = _floordiv(pos, 64)
     global_rows0 = block_rows0 < 1
-    last_rows0 = block_rows0 >= (-_floordiv(-N_K, 64)) - 1
+    last_rows0 = block_rows0 >= arg4_0
     random_at0 = block_rows0 - random5_row0
     random_ok0 = (random_at0 >= 0) & (random_at0 < random5_rows)
-    random_row0 = random5_keys + (h * random5_rows + random_at0) * random5_count
+    random_row0 = random5_keys + (h.to(tl.int64) * random5_rows + random_at0) * random5_count
 
     for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
         cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,7 +339,7 @@ def sparse_attention_backward_dq(
         block_cols0 = _floordiv(keys, 64)
         d0 = block_rows0[:, None] - block_cols0[None, :]
         global_cols0 = block_cols0 < 1
-        last_cols0 = block_cols0 >= (-_floordiv(-N_K, 64)) - 1
+        last_cols0 = block_cols0 >= arg4_0
         random0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
         for t in range(random5_count):
             drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
@@ -344,11 +348,11 @@ def sparse_attention_backward_dq(
         dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & in_d[None, :])
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "arg4_0", "random5_row0", "random5_rows", "random5_count"])
 def sparse_attention_backward_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -359,6 +363,7 @@ def sparse_attention_backward_dkdv(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
+    arg4_0,
     random5_keys,
     random5_row0,
     random5_rows,
@@ -409,14 +414,14 @@ def sparse_attention_backward_dkdv(
             # the predicate; its row-only parts change with every query tile here
             block_rows0 = _floordiv(pos, 64)
             global_rows0 = block_rows0 < 1
-            last_rows0 = block_rows0 >= (-_floordiv(-N_K, 64)) - 1
+            last_rows0 = block_rows0 >= arg4_0
             random_at0 = block_rows0 - random5_row0
             random_ok0 = (random_at0 >= 0) & (random_at0 < random5_rows)
-            random_row0 = random5_keys + (h * random5_rows + random_at0) * random5_count
+            random_row0 = random5_keys + (h.to(tl.int64) * random5_rows + random_at0) * random5_count
             block_cols0 = _floordiv(keys, 64)
             d0 = block_rows0[:, None] - block_cols0[None, :]
             global_cols0 = block_cols0 < 1
-            last_cols0 = block_cols0 >= (-_floordiv(-N_K, 64)) - 1
+            last_cols0 = block_cols0 >= arg4_0
             random0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
             for t in range(random5_count):
                 drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
@@ -426,8 +431,8 @@ def sparse_attention_backward_dkdv(
 
     mask = (cols[:, None] < N_K) & in_d[None, :]
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-    tl.store(dk_base + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(dk_base + cols[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * SM_SCALE).to(DK.dtype.element_ty), mask=mask)
     dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-    tl.store(dv_base + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(dv_base + cols[:, None].to(tl.int64) * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=mask)

@@ -3,7 +3,7 @@
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
 # tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 136dd79ce835c08d
+# content hash: 0c2104968839abf6
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -64,15 +64,16 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 @triton.jit
 def _load_rows(base, rows, offs_d, in_d, N, stride_n, stride_d):
-    """The tile (len(rows), HEAD_DIM_PAD) of a (N, HEAD_DIM) matrix, zero outside it."""
-    return tl.load(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
+    """The tile (len(rows), HEAD_DIM_PAD) of a (N, HEAD_DIM) matrix, zero outside it. Offsets are
+    int64: rows * stride passes 2^31 at n = 512K when the rows are (n, H, D) with H * D = 4096."""
+    return tl.load(base + rows[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d,
                    mask=(rows < N)[:, None] & in_d[None, :], other=0.0)
 
 
 @triton.jit
 def _load_cols(base, cols, offs_d, in_d, N, stride_n, stride_d):
     """The same tile transposed, (HEAD_DIM_PAD, len(cols)): K^T and V^T for the dots."""
-    return tl.load(base + cols[None, :] * stride_n + offs_d[:, None] * stride_d,
+    return tl.load(base + cols[None, :].to(tl.int64) * stride_n + offs_d[:, None] * stride_d,
                    mask=(cols < N)[None, :] & in_d[:, None], other=0.0)
 
 
@@ -150,7 +151,7 @@ def _row_stats(LSE, DELTA, bh, offs_m, N_Q):
     return lse2, tl.load(DELTA + at, mask=offs_m < N_Q, other=0.0)
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "SPLITS"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "SPLITS", "document2_stride"])
 def sparse_attention_forward(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -228,7 +229,7 @@ def sparse_attention_forward(
     lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453  # base 2 -> natural log
     lse = tl.where(l_i == 0.0, float("-inf"), lse)
     o_base = O + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < N_Q) & in_d[None, :])
     tl.store(LSE + split.to(tl.int64) * stride_ls + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
@@ -257,7 +258,7 @@ def sparse_attention_backward_delta(
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "document2_stride"])
 def sparse_attention_backward_dq(
     Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -318,11 +319,11 @@ def sparse_attention_backward_dq(
         dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & in_d[None, :])
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET"])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "document2_stride"])
 def sparse_attention_backward_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -388,8 +389,8 @@ def sparse_attention_backward_dkdv(
 
     mask = (cols[:, None] < N_K) & in_d[None, :]
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-    tl.store(dk_base + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(dk_base + cols[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * SM_SCALE).to(DK.dtype.element_ty), mask=mask)
     dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-    tl.store(dv_base + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(dv_base + cols[:, None].to(tl.int64) * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=mask)
