@@ -111,10 +111,10 @@ OPS: dict[str, Op] = {
     "//": Op((2, 2), "num", "num", lambda s, a, b: a // _divisor(b, s),
              lambda a, b: sympy.floor(a / b), ("//", 7),
        triton=lambda a, b: f"_floordiv({a}, {b})",
-       interval=lambda s, a, b: _corners(lambda x, y: x // y, a, _nonzero(b, s))),
+       interval=lambda s, a, b: _corners(lambda x, y: x // y, a, b)),
     "%": Op((2, 2), "num", "num", lambda s, a, b: a % _divisor(b, s), sympy.Mod, ("%", 7),
        triton=lambda a, b: f"_mod({a}, {b})",
-       interval=lambda s, a, b: _modulo_range(_nonzero(b, s))),
+       interval=lambda s, a, b: _modulo_range(b)),
     "**": Op((2, 2), "num", "num", lambda s, a, b: _power(a, b, s), lambda a, b: a ** b, ("**", 9),
        interval=lambda s, a, b: _power_range(a, b, s)),
     "neg": Op((1, 1), "num", "num", lambda s, a: -a, lambda a: -a, ("-", 8),
@@ -157,7 +157,7 @@ OPS: dict[str, Op] = {
     "ceil_div": Op((2, 2), "num", "num", lambda s, a, b: -((-a) // _divisor(b, s)),
                    lambda a, b: sympy.ceiling(a / b),
        triton=lambda a, b: f"(-_floordiv(-{a}, {b}))",
-       interval=lambda s, a, b: _corners(lambda x, y: -((-x) // y), a, _nonzero(b, s))),
+       interval=lambda s, a, b: _corners(lambda x, y: -((-x) // y), a, b)),
     "sqrt": Op((1, 1), "num", "num", lambda s, a: _real(np.sqrt, "sqrt", lambda x: x >= 0)(a, s), sympy.sqrt,
        triton=lambda a: f"tl.sqrt(_real({a}))",
        interval=lambda s, a: tuple(math.sqrt(x) for x in _domain(a, 0, "sqrt", s))),
@@ -278,6 +278,8 @@ def bounds(e: Expr, ranges: dict[str, tuple], memo: dict | None = None) -> tuple
         real = any(memo[id(a)][1] for a in e.args) and e.op not in ("ceil", "floor", "isqrt", "ilog2")
         real = real or e.op in ("sqrt", "log2")
         op = OPS[e.op]
+        if e.op in ("//", "%", "ceil_div"):
+            _nonzero(args[1], e.args[1].span or e.span)
         out = (0, 1) if op.kind == "bool" else op.interval(e.span, *args)
         if real and not all(math.isfinite(x) for x in out):
             raise SparsecError(f"this real expression is not finite here (it ranges over {_range(out)})", e.span)
