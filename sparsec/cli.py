@@ -66,19 +66,39 @@ def emit(args) -> None:
         if kern.source_ir.bindings:
             print(f"#   with the params and lets folded: {kern.cost}")
         return
-    lay = kern.layout(args.n, args.n_k, args.block[0], args.block[1], heads=args.heads,
-                      segment_ids=runtime_inputs(kern, args.n_k or args.n, args.heads).get("segment_ids"))
+    for title, lay in layouts(kern, args.n, args.n_k, args.block, args.heads):
+        if title:
+            print(f"# {title}")
+        print_layout(lay, args.rows)
+
+
+def layouts(kern: CompiledPattern, n: int, n_k: int | None, block, heads: int) -> list[tuple[str, object]]:
+    """(title, layout) to show: the pattern's layout, or for a content-based pattern the layouts a
+    call on seeded q and k builds, one per share (a sorted share's tiles are in bucket order)."""
+    inputs = runtime_inputs(kern, n_k or n, heads)
+    if "q" not in inputs:
+        return [("", kern.layout(n, n_k, block[0], block[1], heads=heads, segment_ids=inputs.get("segment_ids")))]
+    print(f"using synthetic inputs: {', '.join(inputs)} (seeded)")
+    q = torch.as_tensor(runtime_inputs(kern, n, heads)["q"], dtype=torch.float32)
+    k = torch.as_tensor(inputs["k"], dtype=torch.float32)
+    seg = {"segment_ids": torch.as_tensor(inputs["segment_ids"])} if "segment_ids" in inputs else {}
+    return [(f"share {i}, {'positional order' if order is None else 'rows sorted by ' + share.key.show()}: "
+             f"{share.body.show()}", lay)
+            for i, (share, lay, order) in enumerate(kern.share_layouts(q, k, *block, **seg))]
+
+
+def print_layout(lay, rows: int) -> None:
     print(lay)
     b, h, tq, tk = lay.shape
     print(f"# visited tiles: {lay.tiles_visited()} of {b * h * tq * tk} ({lay.tile_density():.2%}), "
           f"layout {lay.nbytes()} bytes")
     for head in range(h):
         print(f"# head {head}: query tile -> FULL key tiles | PARTIAL key tiles")
-        for t in range(min(tq, args.rows)):
+        for t in range(min(tq, rows)):
             full, part = lay.full.row(0, head, t), lay.partial.row(0, head, t)
             print(f"{t:5d}: {' '.join(map(str, full)) or '-'} | {' '.join(map(str, part)) or '-'}")
-        if tq > args.rows:
-            print(f"  ... {tq - args.rows} more query tiles (--rows)")
+        if tq > rows:
+            print(f"  ... {tq - rows} more query tiles (--rows)")
 
 
 def check(args) -> int:
@@ -171,7 +191,7 @@ def show(args) -> None:
     n = args.n
     inputs = runtime_inputs(kern, n, args.head + 1)
     mask = kern.mask(n, heads=args.head + 1, **inputs).numpy()[0, args.head]
-    lay = kern.layout(n, n, args.block[0], args.block[1], heads=args.head + 1, segment_ids=inputs.get("segment_ids"))
+    title, lay = layouts(kern, n, n, args.block, args.head + 1)[0]   # content-based: the first share's
     classes = lay.classes()[0, min(args.head, lay.shape[1] - 1)]
     cells = max(1, -(-n // args.pixels))  # downsample: each pixel shows the allowed fraction of a cell
     m = -(-n // cells) * cells
@@ -186,7 +206,8 @@ def show(args) -> None:
     left.set_ylabel("query i")
     colours = ListedColormap(["#f4f4f4", "#f5a623", "#1f5fa8"])
     right.imshow(classes, cmap=colours, vmin=0, vmax=2, interpolation="nearest")
-    right.set_title(f"block layout ({args.block[0]}x{args.block[1]} tiles, {lay.tile_density():.1%} visited)")
+    right.set_title(f"block layout ({args.block[0]}x{args.block[1]} tiles, {lay.tile_density():.1%} visited)"
+                    + (f"\n{title[:60]}" if title else ""))
     right.set_xlabel("key tile")
     right.set_ylabel("query tile")
     right.legend(handles=[Patch(color="#1f5fa8", label="FULL (no mask)"), Patch(color="#f5a623", label="PARTIAL (masked)"),

@@ -180,7 +180,12 @@ class Kernel:
     def layout(self, n_q: int, n_k: int | None = None, block_m: int = 64, block_n: int = 64,
                heads: int = 1, q_offset: int | None = None, segment_ids=None) -> BlockLayout:
         """The block layout for these lengths and tile sizes (heads: layouts differ per head when
-        the pattern does; otherwise one layout is shared, with a heads dimension of 1)."""
+        the pattern does; otherwise one layout is shared, with a heads dimension of 1). A
+        content-based pattern has none of its own (its tiles depend on q and k): an error that
+        points at share_layouts(q, k), the layouts a call builds."""
+        if {"q", "k"} & self.needs:
+            raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
+                             f"layout of its own; kern.share_layouts(q, k) gives the layouts a call builds")
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         heads = _int_arg("heads", heads, 1)

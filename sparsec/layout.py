@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -23,14 +24,16 @@ class TileLists:
         r = (b * self.shape[1] + h) * self.shape[2] + t
         return self.indices[self.ptr[r]: self.ptr[r + 1]]
 
-    @staticmethod
-    def from_pairs(rows: list[tuple[np.ndarray, np.ndarray]], shape) -> "TileLists":
-        """rows: per (batch, head), the (tile, index) pairs sorted by tile then index."""
-        counts = [np.bincount(t, minlength=shape[2]) for t, _ in rows]
-        ptr = np.zeros(shape[0] * shape[1] * shape[2] + 1, np.int64)
-        np.cumsum(np.concatenate(counts) if counts else [], out=ptr[1:])
-        indices = np.concatenate([i for _, i in rows]).astype(np.int32) if rows else np.zeros(0, np.int32)
-        return TileLists(ptr, indices, shape)
+    def transposed(self, tiles: int) -> "TileLists":
+        """The same tiles listed by index: per (batch, head, index) the rows' tiles, ascending.
+        A stable sort by the new row keeps each row's tiles in order (they were listed by row)."""
+        b, h, t = self.shape
+        owner = np.repeat(np.arange(b * h * t, dtype=np.int64), np.diff(self.ptr))
+        row = owner // t * tiles + self.indices
+        order = np.argsort(row, kind="stable")
+        ptr = np.zeros(b * h * tiles + 1, np.int64)
+        np.cumsum(np.bincount(row, minlength=b * h * tiles), out=ptr[1:])
+        return TileLists(ptr, (owner % t)[order].astype(np.int32), (b, h, tiles))
 
 
 @dataclass(frozen=True)
@@ -45,14 +48,22 @@ class BlockLayout:
     q_offset: int
     full: TileLists       # per query tile, key tiles
     partial: TileLists
-    full_t: TileLists     # per key tile, query tiles (the backward's dK/dV walk)
-    partial_t: TileLists
+    key_tiles: int
+
+    @cached_property
+    def full_t(self) -> TileLists:
+        """Per key tile, its FULL query tiles (the backward's dK/dV walk), made when first asked for."""
+        return self.full.transposed(self.key_tiles)
+
+    @cached_property
+    def partial_t(self) -> TileLists:
+        return self.partial.transposed(self.key_tiles)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(batch, heads, query tiles, key tiles)."""
         b, h, tq = self.full.shape
-        return b, h, tq, self.full_t.shape[2]
+        return b, h, tq, self.key_tiles
 
     def classes(self) -> np.ndarray:
         """The dense (batch, heads, query tiles, key tiles) grid of EMPTY/PARTIAL/FULL (small n)."""
@@ -76,7 +87,9 @@ class BlockLayout:
         return self.tiles_visited() / max(1, b * h * tq * tk)
 
     def nbytes(self) -> int:
-        return sum(x.ptr.nbytes + x.indices.nbytes for x in (self.full, self.partial, self.full_t, self.partial_t))
+        """Bytes of the four lists (a transposed list holds the same indices, with its own pointers)."""
+        b, h, _, tk = self.shape
+        return sum(2 * x.indices.nbytes + x.ptr.nbytes + 8 * (b * h * tk + 1) for x in (self.full, self.partial))
 
     def __repr__(self) -> str:
         b, h, tq, tk = self.shape
@@ -85,36 +98,41 @@ class BlockLayout:
                 f"partial={len(self.partial.indices)})")
 
 
+CHUNK_CANDIDATES = 1 << 20   # query tiles are built in bands of about this many candidate tiles
+
+
 def build_layout(body: Pattern, n_q: int, n_k: int, block_m: int, block_n: int, q_offset: int,
                  heads: int = 1, segment_ids: np.ndarray | None = None, space=None) -> BlockLayout:
     """Analytic layout of a specialized pattern body, one TileSet per (batch, head) that differs.
-    space: a TableSpace whose runtime inputs (content selections, segment ids) vary per batch row."""
+    space: a TableSpace whose runtime inputs (content selections, segment ids) vary per batch row.
+    Query tiles are classified a band at a time (every rule reads only its tiling's arrays), and
+    each band kept as int32 lists: memory is the layout's plus one band's, however dense it is."""
     n_heads = heads if body.varies_with_head() else 1
     batches = [None] if segment_ids is None else list(segment_ids)
     if space is not None:
         batches = [[space.per_head(b, h) for h in range(n_heads)] for b in range(space.batch)]
-    sets: list[TileSet] = []
+    tq, tk = -(-n_q // block_m), -(-n_k // block_n)
+    counts: dict[int, list] = {FULL: [], PARTIAL: []}    # per band, tiles per query tile
+    indices: dict[int, list] = {FULL: [], PARTIAL: []}   # per band, their key tiles in row order
     for seg in batches:
         for h in range(n_heads):
             runtime = seg[h] if space is not None else Runtime(segment_ids=seg)
             t = Tiling.regular(n_q, n_k, block_m, block_n, q_offset, head=h, runtime=runtime)
-            sets.append(body.tiles(t))
-    tq, tk = -(-n_q // block_m), -(-n_k // block_n)
-    rows_shape, cols_shape = (len(batches), n_heads, tq), (len(batches), n_heads, tk)
+            bands = -(-min(body.estimate(t), tq * tk) // CHUNK_CANDIDATES)   # one, unless it is dense
+            band = max(1, -(-tq // max(1, bands)))
+            for first in range(0, tq, band):
+                tiles = body.tiles(t.rows(first, first + band))
+                for cls in (FULL, PARTIAL):
+                    pick = tiles.cls == cls
+                    counts[cls].append(np.bincount(tiles.qt[pick], minlength=min(band, tq - first)))
+                    indices[cls].append(tiles.kt[pick].astype(np.int32))
 
-    def lists(cls: int, transposed: bool) -> TileLists:
-        pairs = []
-        for s in sets:
-            pick = s.cls == cls
-            q, k = s.qt[pick], s.kt[pick]
-            if transposed:
-                order = np.lexsort((q, k))
-                q, k = k[order], q[order]
-            pairs.append((q, k))
-        return TileLists.from_pairs(pairs, cols_shape if transposed else rows_shape)
+    def lists(cls: int) -> TileLists:
+        ptr = np.zeros(len(batches) * n_heads * tq + 1, np.int64)
+        np.cumsum(np.concatenate(counts[cls]), out=ptr[1:])
+        return TileLists(ptr, np.concatenate(indices[cls]), (len(batches), n_heads, tq))
 
-    return BlockLayout(n_q, n_k, block_m, block_n, q_offset,
-                       lists(FULL, False), lists(PARTIAL, False), lists(FULL, True), lists(PARTIAL, True))
+    return BlockLayout(n_q, n_k, block_m, block_n, q_offset, lists(FULL), lists(PARTIAL), tk)
 
 
 def tile_classes(mask: np.ndarray, block_m: int, block_n: int) -> np.ndarray:

@@ -72,9 +72,9 @@ def _topk(node: TopK, q, k, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = (q_offset + n_q - 1) // size - first + 1
     q_sum = torch.zeros((B, H, rows, D), dtype=q.dtype, device=q.device).index_add_(2, row_of, q)
     blocks = -(-n_k // size)
-    k_sum = torch.nn.functional.pad(k, (0, 0, 0, blocks * size - n_k)).view(B, H, blocks, size, D).sum(3)
-    k_count = torch.full((blocks,), float(size), dtype=k.dtype, device=k.device)
-    k_count[-1] = n_k - (blocks - 1) * size
+    block_of = torch.div(torch.arange(n_k, device=k.device), size, rounding_mode="floor")   # no padding to a
+    k_sum = torch.zeros((B, H, blocks, D), dtype=k.dtype, device=k.device).index_add_(2, block_of, k)   # block
+    k_count = torch.bincount(block_of, minlength=blocks).to(k.dtype)
     score = (q_sum @ k_sum.transpose(-1, -2)) / k_count   # ranks J as mean . mean does (see TopK.selection)
     cols = torch.arange(blocks, device=q.device)
     candidate = (cols[None, :] < (torch.arange(rows, device=q.device) + first)[:, None]) if value(node.causal) \

@@ -299,7 +299,7 @@ class DeviceLayout:
             ptr, indices = (x.cpu().numpy() for x in pair)
             return TileLists(ptr.astype(np.int64), indices[: ptr[-1]], (B, H, tiles))
         return BlockLayout(n_q, n_k, self.block_m, self.block_n, q_offset, lists(self.full, tq),
-                           lists(self.partial, tq), lists(self.full_t, tk), lists(self.partial_t, tk))
+                           lists(self.partial, tq), tk)
 
 
 def tile_extremes(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

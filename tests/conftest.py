@@ -7,6 +7,8 @@ settings.register_profile("ci", deadline=None, max_examples=60,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", deadline=None, max_examples=1000,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("fuzz", deadline=None, max_examples=60,   # test_fuzz.py's long profile; the rest as ci
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # on a GPU, tests run the default tiles: tuning every shape they draw would take hours (the
 # tuner's own tests say autotune=True where they mean it)
@@ -29,9 +31,23 @@ LEAVES = [
     st.builds("last({})".format, small),
     st.builds("sink({})".format, small),
     st.builds("random({}, seed={})".format, small, small),
-    st.builds("where(i % {} == j % 3 or i < j - {})".format, positive, small),
-    st.builds("where(h == 1 and j >= {})".format, small),
 ]
+# where(...) in the shapes conditions.plan reads analytically (rows, keys, key matches, and/or/not)
+# and the pairwise fallback; their tiles are sound, and exact for rows or keys alone
+EXACT_WHERE = [
+    st.builds("where(h == 1 and j >= {})".format, small),
+    st.builds("where(i % {} < {} or i == {})".format, positive, small, small),
+    st.builds("where(not (j % {} == {}))".format, positive, small),
+]
+WHERE = EXACT_WHERE + [
+    st.builds("where(i % {} == j % 3 or i < j - {})".format, positive, small),
+    st.builds("where(i // {} == j // {} and not (i % 2 == h % 2))".format, positive, positive),
+    st.builds("where(i < {} and j < {} or i == n - 1 and j == {})".format, small, small, small),
+    st.builds("where(j // {} != (i + {}) // 3)".format, positive, small),
+    st.builds("where(i % {} == j % {} and i - j < {})".format, positive, positive, small),
+]
+EXACT_LEAVES = LEAVES + EXACT_WHERE
+LEAVES = LEAVES + WHERE
 
 
 def _compose(children):

@@ -4,10 +4,11 @@ import pytest
 from hypothesis import given, strategies as st
 
 import sparsec
+from sparsec import layout as layout_module
 from sparsec.ir.tiles import EMPTY, FULL, PARTIAL
 from sparsec.layout import tile_classes
 
-from conftest import LEAVES, patterns, shapes, tiles
+from conftest import EXACT_LEAVES, LEAVES, patterns, shapes, tiles
 
 
 def compiled(src):
@@ -43,15 +44,35 @@ def test_layouts_are_sound(src, shape, tile):
     assert (expand(lay, got, mask) == mask).all()
 
 
-@given(st.one_of(LEAVES), shapes(), tiles, st.integers(1, 4))
+@given(st.one_of(EXACT_LEAVES), shapes(), tiles, st.integers(1, 4))
 def test_primitive_layouts_are_exact(leaf, shape, tile, b):
-    """A primitive's tiles are classified exactly, token level and inside blocks(b, ...)."""
+    """A primitive's tiles are classified exactly, token level and inside blocks(b, ...); where(...)
+    of the rows alone or the keys alone too (other conditions are sound: test_layouts_are_sound)."""
     for src in (leaf, f"blocks({b}, {leaf})"):
         kern = compiled(src)
         if kern is None:
             continue
         _, got, truth, _ = layout_and_truth(kern, shape, tile)
         assert (got == truth).all(), src
+
+
+@given(patterns, shapes(), tiles)
+def test_layouts_built_a_band_at_a_time_are_the_same(src, shape, tile):
+    """build_layout classifies query tiles in bands (memory: one band's); bands of one query tile
+    must give the layout built in one piece."""
+    kern = compiled(src)
+    if kern is None:
+        return
+    n_q, n_k, offset, heads = shape
+    whole = kern.layout(n_q, n_k, *tile, heads=heads, q_offset=offset)
+    saved = layout_module.CHUNK_CANDIDATES
+    layout_module.CHUNK_CANDIDATES = 1
+    try:
+        banded = kern.layout(n_q, n_k, *tile, heads=heads, q_offset=offset)
+    finally:
+        layout_module.CHUNK_CANDIDATES = saved
+    for a, b in ((whole.full, banded.full), (whole.partial, banded.partial)):
+        assert np.array_equal(a.ptr, b.ptr) and np.array_equal(a.indices, b.indices)
 
 
 @given(patterns, shapes(), tiles)

@@ -10,9 +10,10 @@ import sympy
 from ..errors import Span, SparsecError
 from . import expr as E
 from .limits import saturate
-from .tiles import EMPTY, FULL, PARTIAL, Grid, TileSet, Tiling, all_tiles
+from .tiles import EMPTY, FULL, PARTIAL, Grid, TileSet, Tiling, all_tiles, expand_ranges
 
 CHUNK_PAIRS = 1 << 22  # token pairs evaluated at once by dense fallbacks, to bound their memory
+CHUNK_TILES = 1 << 20  # candidate tiles classified at once by an intersection or difference
 
 
 def value(e: E.Expr):
@@ -205,6 +206,12 @@ class Pattern:
     def estimate(self, t: Tiling) -> int:
         return t.shape[0] * t.shape[1]
 
+    def key_range(self, t: Tiling) -> tuple[np.ndarray, np.ndarray] | None:
+        """[first, last) key tiles per query tile holding every tile this pattern can list, when
+        it is one range per query tile (bands, causal, chunks, sorted key matches), else None:
+        an intersection enumerates only where its parts' ranges overlap."""
+        return None
+
     def cost(self, env: dict[str, Any]) -> sympy.Expr:
         """env maps n, n_q and n_k to the sympy length (all equal: the cost is for square masks)."""
         raise NotImplementedError
@@ -257,6 +264,13 @@ class Union(Pattern):
     def estimate(self, t):
         return sum(p.estimate(t) for p in self.parts)
 
+    def key_range(self, t):   # the hull of the parts' ranges (a superset, used only when smaller)
+        ranges = [p.key_range(t) for p in self.parts]
+        if any(r is None for r in ranges):
+            return None
+        first = np.minimum.reduce([r[0] for r in ranges])
+        return first, np.maximum(np.maximum.reduce([r[1] for r in ranges]), first)
+
     def cost(self, env):
         return sum(p.cost(env) for p in self.parts)  # an upper bound: overlaps count twice
 
@@ -275,13 +289,22 @@ class Intersection(Pattern):
         return np.logical_and.reduce([p.mask(grid) for p in self.parts])
 
     def tiles(self, t):
-        # enumerate only the sparsest part; the others classify its candidates
+        """Enumerate the fewest candidates: the sparsest part's tiles, or the overlap of the parts'
+        key ranges when that is smaller; the other parts classify them, a chunk at a time."""
         order = sorted(self.parts, key=lambda p: p.estimate(t))
+        overlap = self.key_range(t)
+        if overlap is not None and int((overlap[1] - overlap[0]).sum()) <= order[0].estimate(t):
+            qt, kt = expand_ranges(*overlap)
+            return TileSet.build(t, qt, kt, classify_chunked(self.parts, t, qt, kt, np.full(len(qt), FULL, np.int8)))
         base = order[0].tiles(t)
-        cls = base.cls
-        for p in order[1:]:
-            cls = np.minimum(cls, p.classify(t, base.qt, base.kt))
-        return TileSet.build(t, base.qt, base.kt, cls)
+        return TileSet.build(t, base.qt, base.kt, classify_chunked(order[1:], t, base.qt, base.kt, base.cls.copy()))
+
+    def key_range(self, t):
+        ranges = [r for r in (p.key_range(t) for p in self.parts) if r is not None]
+        if not ranges:
+            return None
+        first = np.maximum.reduce([r[0] for r in ranges])
+        return first, np.maximum(np.minimum.reduce([r[1] for r in ranges]), first)
 
     def classify(self, t, qt, kt):
         return np.minimum.reduce([p.classify(t, qt, kt) for p in self.parts])
@@ -297,6 +320,16 @@ class Intersection(Pattern):
 
     def lower(self, cx):
         return cx.join("&", [cx.sub(p) for p in self.parts])
+
+
+def classify_chunked(parts, t: Tiling, qt: np.ndarray, kt: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """cls lowered to each part's class of the candidates (in place), CHUNK_TILES at a time, so the
+    classifiers' temporaries stay small however many candidates there are."""
+    for s in range(0, len(qt), CHUNK_TILES):
+        for p in parts:
+            np.minimum(cls[s:s + CHUNK_TILES], p.classify(t, qt[s:s + CHUNK_TILES], kt[s:s + CHUNK_TILES]),
+                       out=cls[s:s + CHUNK_TILES])
+    return cls
 
 
 def subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -318,6 +351,9 @@ class Difference(Pattern):
     def tiles(self, t):
         base = self.left.tiles(t)
         return TileSet.build(t, base.qt, base.kt, subtract(base.cls, self.right.classify(t, base.qt, base.kt)))
+
+    def key_range(self, t):
+        return self.left.key_range(t)
 
     def classify(self, t, qt, kt):
         return subtract(self.left.classify(t, qt, kt), self.right.classify(t, qt, kt))
@@ -358,6 +394,9 @@ class Heads(Pattern):
 
     def estimate(self, t):
         return self.pick(t.head).estimate(t)
+
+    def key_range(self, t):
+        return self.pick(t.head).key_range(t)
 
     def cost(self, env):
         return sympy.expand(sum(p.cost(env) for p in self.parts) / len(self.parts))
@@ -411,6 +450,9 @@ class Blocks(Pattern):
 
     def estimate(self, t):
         return self.body.estimate(t.coarsen(value(self.size)))
+
+    def key_range(self, t):   # the coarsened tiling has the same tiles: the same tile numbers
+        return self.body.key_range(t.coarsen(value(self.size)))
 
     def cost(self, env):
         b = self.sym(self.size, env)

@@ -40,6 +40,10 @@ class RangePattern(Pattern):
     def estimate(self, t):
         return int(sum((last - first).sum() for first, last in self.key_ranges(t)))
 
+    def key_range(self, t):
+        ranges = self.key_ranges(t)
+        return ranges[0] if len(ranges) == 1 else None
+
 
 class OffsetPattern(RangePattern):
     """A predicate of the offset p - j alone. Over a tile the offsets are exactly the integers

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
 
 from ..errors import SparsecError
+from . import conditions
 from . import expr as E
 from .limits import INT_MAX
-from .pattern import CHUNK_PAIRS, Pattern, value
-from .tiles import EMPTY, FULL, PARTIAL, TileSet, all_tiles, expand_ranges, runtime_value, tiles_of_pairs
+from .pattern import Pattern, value
+from .tiles import TileSet, runtime_value, tiles_of_pairs
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -99,19 +101,10 @@ class Random(Pattern):
         return {"keys": keys.astype(np.int32), "row0": space.first_row, "rows": len(rows), "count": m}
 
 
-def _tile_pairs(t, qt, kt):
-    """Padded token coordinates of each tile: rows (C, BM, 1), cols (C, 1, BN) and their validity."""
-    bm = int((t.q_hi - t.q_lo).max()) + 1
-    bn = int((t.k_hi - t.k_lo).max()) + 1
-    rows = t.q_lo[qt][:, None] + np.arange(bm)
-    cols = t.k_lo[kt][:, None] + np.arange(bn)
-    valid = (rows <= t.q_hi[qt][:, None])[:, :, None] & (cols <= t.k_hi[kt][:, None])[:, None, :]
-    return rows[:, :, None], cols[:, None, :], valid
-
-
 @dataclass(frozen=True, eq=False)
 class Where(Pattern):
-    """An arbitrary predicate over i (the position), j, h, n_q and n_k: evaluated pair by pair."""
+    """An arbitrary predicate over i (the position), j, h, n_q and n_k. Its tiles come from the
+    shape of the condition (conditions.plan); what mixes i and j otherwise is read pair by pair."""
     cond: E.Expr
     keyword: ClassVar[str] = "where"
 
@@ -135,27 +128,28 @@ class Where(Pattern):
                                f"0..{ranges['j'][1]} and heads h 0..{ranges['h'][1]})", e.span) from None
         return replace(self, cond=cond)
 
-    def _eval(self, rows, cols, head, n_q, n_k):
-        env = {"i": rows, "j": cols, "h": head, "n": n_k, "n_q": n_q, "n_k": n_k}
-        out = E.evaluate(self.cond, env)
-        return np.broadcast_to(np.asarray(out, bool), np.broadcast_shapes(np.shape(rows), np.shape(cols)))
+    @cached_property
+    def plan(self) -> Pattern:
+        """The condition as row, column, key-match and pairwise parts (conditions.py), whose
+        tiles cost what they visit; only the views of tiles use it."""
+        return conditions.plan(self.cond)
 
     def mask(self, grid):
-        return self._eval(grid.pos[:, None], grid.keys[None, :], grid.head, grid.n_q, grid.n_k).copy()
+        out = E.evaluate(self.cond, {"i": grid.pos[:, None], "j": grid.keys[None, :], "h": grid.head,
+                                     "n": grid.n_k, "n_q": grid.n_q, "n_k": grid.n_k})
+        return np.broadcast_to(np.asarray(out, bool), (len(grid.pos), len(grid.keys))).copy()
+
+    def tiles(self, t):
+        return self.plan.tiles(t)
 
     def classify(self, t, qt, kt):
-        out = np.empty(len(qt), np.int8)
-        if not len(qt):
-            return out
-        area = int((t.q_hi - t.q_lo).max() + 1) * int((t.k_hi - t.k_lo).max() + 1)
-        step = max(1, CHUNK_PAIRS // area)
-        for s in range(0, len(qt), step):
-            rows, cols, valid = _tile_pairs(t, qt[s:s + step], kt[s:s + step])
-            ok = self._eval(rows, cols, t.head, t.n_q, t.n_k)
-            anyv = (ok & valid).any(axis=(1, 2))
-            allv = (ok | ~valid).all(axis=(1, 2))
-            out[s:s + step] = np.where(allv, FULL, np.where(anyv, PARTIAL, EMPTY))
-        return out
+        return self.plan.classify(t, qt, kt)
+
+    def estimate(self, t):
+        return self.plan.estimate(t)
+
+    def key_range(self, t):
+        return self.plan.key_range(t)
 
     def cost(self, env):
         return env["n"] ** 2  # no closed form: an upper bound
@@ -167,15 +161,6 @@ class Where(Pattern):
         head = cx.let(f"({cx.head}).to(tl.int64)", "where_h", hoist=True)
         cond = cx.wide(self.cond, {"i": f"{rows}[:, None]", "j": f"{cols}[None, :]", "h": head})
         return f"({cond} & {cx.constant(True)})"  # & broadcasts a condition of h alone to the tile
-
-
-def _extremes(seg: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-    """Min and max of seg over each tile; top-level tiles are ordered and contiguous, so
-    reduceat over the tile starts (cut at the last tile's end) reduces exactly each tile."""
-    if not len(lo):
-        return seg[:0], seg[:0]
-    part = seg[: hi[-1] + 1]
-    return np.minimum.reduceat(part, lo), np.maximum.reduceat(part, lo)
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,25 +181,26 @@ class Document(Pattern):
         seg = self._ids(grid.runtime, grid.pos, grid.pos)
         return seg[grid.pos][:, None] == seg[grid.keys][None, :]
 
-    def _ranges(self, t):
+    def sides(self, t) -> conditions.Sides:
+        """A key match of the ids at the query positions with the ids at the keys (conditions.py):
+        packed (sorted) ids give each query tile one key range, found by binary search."""
         seg = self._ids(t.runtime, t.q_lo, t.q_hi)
-        return (seg, *_extremes(seg, t.q_lo, t.q_hi), *_extremes(seg, t.k_lo, t.k_hi))
+        rows = np.arange(int(t.q_lo.min()), int(t.q_hi.max()) + 1) if len(t.q_lo) else np.zeros(0, np.int64)
+        keys = np.arange(len(seg))
+        return conditions.Sides.of(t, rows, seg[rows], keys, seg)
 
     def classify(self, t, qt, kt):
-        _, q_min, q_max, k_min, k_max = self._ranges(t)
-        meet = (q_min[qt] <= k_max[kt]) & (k_min[kt] <= q_max[qt])
-        same = (q_min[qt] == q_max[qt]) & (k_min[kt] == k_max[kt]) & (q_min[qt] == k_min[kt])
-        return np.where(same, FULL, np.where(meet, PARTIAL, EMPTY)).astype(np.int8)
+        return self.sides(t).classes(qt, kt)
 
     def tiles(self, t):
-        seg, q_min, q_max, _, _ = self._ranges(t)
-        if np.all(seg[1:] >= seg[:-1]):  # sorted ids (packed documents): each tile meets a key range
-            lo = np.searchsorted(seg, q_min, side="left")
-            hi = np.searchsorted(seg, q_max, side="right") - 1
-            qt, kt = expand_ranges(*t.key_tiles(lo, hi))
-        else:
-            qt, kt = all_tiles(t)
-        return TileSet.build(t, qt, kt, self.classify(t, qt, kt))
+        return self.sides(t).tiles(t)
+
+    def estimate(self, t):
+        return self.sides(t).estimate(t)
+
+    def key_range(self, t):
+        how, ranges = self.sides(t).candidates(t)
+        return ranges if how == "rows" else None
 
     def cost(self, env):
         return env["n"] ** 2  # depends on the documents: an upper bound

@@ -127,6 +127,10 @@ class Tiling:
     def shape(self) -> tuple[int, int]:
         return len(self.q_lo), len(self.k_lo)
 
+    def rows(self, first: int, last: int) -> "Tiling":
+        """Query tiles first..last - 1 alone (numbered from 0), with every key tile."""
+        return replace(self, q_lo=self.q_lo[first:last], q_hi=self.q_hi[first:last])
+
     def coarsen(self, b: int) -> "Tiling":
         return replace(self, q_lo=self.q_lo // b, q_hi=self.q_hi // b, k_lo=self.k_lo // b,
                        k_hi=self.k_hi // b, n_q=-(-self.n_q // b), n_k=-(-self.n_k // b), runtime=Runtime())
@@ -159,8 +163,11 @@ class TileSet:
         qt, kt = np.asarray(qt, np.int64), np.asarray(kt, np.int64)
         cls = np.broadcast_to(np.asarray(cls, np.int8), qt.shape)
         keep = cls > EMPTY
-        qt, kt, cls = qt[keep], kt[keep], cls[keep]
+        if not keep.all():
+            qt, kt, cls = qt[keep], kt[keep], cls[keep]
         key = qt * tiling.shape[1] + kt
+        if len(key) < 2 or bool((key[1:] > key[:-1]).all()):   # enumerated in order already: no sort
+            return TileSet(qt, kt, np.ascontiguousarray(cls))
         order = np.lexsort((-cls, key))
         key, cls = key[order], cls[order]
         first = np.ones(len(key), bool)
@@ -179,10 +186,11 @@ class TileSet:
 
 def expand_ranges(first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges [first[r], last[r]): (r, t) for every t in each range, without a Python loop."""
-    counts = (last - first).astype(np.int64)
+    counts = np.maximum(last - first, 0).astype(np.int64)
     owner = np.repeat(np.arange(len(first), dtype=np.int64), counts)
     starts = np.cumsum(counts) - counts
-    t = np.arange(counts.sum(), dtype=np.int64) - np.repeat(starts, counts) + np.repeat(first, counts)
+    t = np.arange(int(counts.sum()), dtype=np.int64)
+    t += (np.asarray(first, np.int64) - starts)[owner]   # one gather instead of two repeats
     return owner, t
 
 
