@@ -313,3 +313,13 @@ def test_gpu_content_patterns_match_dense(src, dtype):
             err = (g.double() - w).abs().max().item() / max(1.0, w.abs().max().item())
             tol = TOLERANCE[dtype] if name == "o" else GRAD_TOLERANCE[dtype]
             assert not g.isnan().any() and err < tol, f"{name}: relative error {err:.2e}"
+
+
+def test_a_content_based_pattern_has_no_layout_of_its_own():
+    """kern.layout listed every tile PARTIAL for lsh/cluster/topk (16.7M tiles at 256K); it now
+    says where the layouts are: share_layouts(q, k), the ones a call builds."""
+    kern = sparsec.compile("pattern p = lsh(8) & causal + band(2)")
+    with pytest.raises(ValueError, match=r"content-based.*share_layouts\(q, k\)"):
+        kern.layout(64)
+    q = torch.randn(1, 1, 64, 16)
+    assert len(kern.share_layouts(q, q)) == 2

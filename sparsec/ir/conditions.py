@@ -36,9 +36,9 @@ def plan(cond: E.Expr, negate: bool = False) -> Pattern:
     """A pattern of the nodes below with the pairs of where(cond) (of where(not cond) when negate)."""
     rows, cols = _uses(cond)
     if not cols:
-        return RowCondition(_negated(cond, negate))
+        return LineCondition(_negated(cond, negate), "i")
     if not rows:
-        return KeyCondition(_negated(cond, negate))
+        return LineCondition(_negated(cond, negate), "j")
     if isinstance(cond, E.Apply) and cond.op == "not":
         return plan(cond.args[0], not negate)
     if isinstance(cond, E.Apply) and cond.op in ("and", "or"):
@@ -85,64 +85,46 @@ def _min_max(values: np.ndarray, base: int, lo: np.ndarray, hi: np.ndarray) -> t
     return picked.min(axis=1), picked.max(axis=1)
 
 
-def _product(t, rows: np.ndarray, cols: np.ndarray, full: np.ndarray) -> TileSet:
+def _product(rows: np.ndarray, cols: np.ndarray, full: np.ndarray) -> TileSet:
     """The tiles rows x cols (sorted, unique), FULL where `full` (rows x cols) says so."""
     qt, kt = np.repeat(rows, len(cols)), np.tile(cols, len(rows))
     return TileSet(qt, kt, np.where(full.ravel(), FULL, PARTIAL).astype(np.int8))
 
 
 @dataclass(frozen=True, eq=False)
-class RowCondition(Pattern):
-    """cond(i) (with h and the lengths): whole rows allowed or not."""
+class LineCondition(Pattern):
+    """cond of the rows alone (on = "i", with h and the lengths: whole query rows allowed or not)
+    or of the keys alone (on = "j": whole key columns)."""
     cond: E.Expr
+    on: str
     keyword: ClassVar[str] = "where"
 
-    def rows(self, t):
-        at = _span(t.q_lo, t.q_hi)
-        return _any_all(_values(self.cond, "i", at, t.head, t.n_q, t.n_k).astype(bool), _first(at), t.q_lo, t.q_hi)
+    def lines(self, t) -> tuple[np.ndarray, np.ndarray]:
+        """Whether some / every row (or key) of each query (key) tile is allowed."""
+        lo, hi = (t.q_lo, t.q_hi) if self.on == "i" else (t.k_lo, t.k_hi)
+        at = _span(lo, hi)
+        return _any_all(_values(self.cond, self.on, at, t.head, t.n_q, t.n_k).astype(bool), _first(at), lo, hi)
 
     def mask(self, grid):
-        ok = _values(self.cond, "i", grid.pos, grid.head, grid.n_q, grid.n_k).astype(bool)
-        return np.broadcast_to(ok[:, None], (len(grid.pos), len(grid.keys))).copy()
+        ok = _values(self.cond, self.on, grid.pos if self.on == "i" else grid.keys, grid.head, grid.n_q,
+                     grid.n_k).astype(bool)
+        return np.broadcast_to(ok[:, None] if self.on == "i" else ok[None, :], (len(grid.pos), len(grid.keys))).copy()
 
     def tiles(self, t):
-        some, every = self.rows(t)
-        rows = np.flatnonzero(some)
-        return _product(t, rows, np.arange(t.shape[1]), np.repeat(every[rows], t.shape[1]))
+        some, every = self.lines(t)
+        hit = np.flatnonzero(some)
+        tq, tk = t.shape
+        if self.on == "i":
+            return _product(hit, np.arange(tk), np.repeat(every[hit], tk))
+        return _product(np.arange(tq), hit, np.tile(every[hit], tq))
 
     def classify(self, t, qt, kt):
-        some, every = self.rows(t)
-        return np.where(every[qt], FULL, np.where(some[qt], PARTIAL, EMPTY)).astype(np.int8)
+        some, every = self.lines(t)
+        at = qt if self.on == "i" else kt
+        return np.where(every[at], FULL, np.where(some[at], PARTIAL, EMPTY)).astype(np.int8)
 
     def estimate(self, t):
-        return int(self.rows(t)[0].sum()) * t.shape[1]
-
-
-@dataclass(frozen=True, eq=False)
-class KeyCondition(Pattern):
-    """cond(j): whole columns allowed or not."""
-    cond: E.Expr
-    keyword: ClassVar[str] = "where"
-
-    def cols(self, t):
-        at = _span(t.k_lo, t.k_hi)
-        return _any_all(_values(self.cond, "j", at, t.head, t.n_q, t.n_k).astype(bool), _first(at), t.k_lo, t.k_hi)
-
-    def mask(self, grid):
-        ok = _values(self.cond, "j", grid.keys, grid.head, grid.n_q, grid.n_k).astype(bool)
-        return np.broadcast_to(ok[None, :], (len(grid.pos), len(grid.keys))).copy()
-
-    def tiles(self, t):
-        some, every = self.cols(t)
-        cols = np.flatnonzero(some)
-        return _product(t, np.arange(t.shape[0]), cols, np.tile(every[cols], t.shape[0]))
-
-    def classify(self, t, qt, kt):
-        some, every = self.cols(t)
-        return np.where(every[kt], FULL, np.where(some[kt], PARTIAL, EMPTY)).astype(np.int8)
-
-    def estimate(self, t):
-        return int(self.cols(t)[0].sum()) * t.shape[0]
+        return int(self.lines(t)[0].sum()) * t.shape[1 if self.on == "i" else 0]
 
 
 @dataclass(frozen=True)
@@ -207,8 +189,28 @@ class Sides:
         return int((ranges[1] - ranges[0]).sum()) if how else t.shape[0] * t.shape[1]
 
 
+class MatchedKeys:
+    """The tile views of a pattern read as a key match: it gives its Sides on a tiling."""
+
+    def sides(self, t) -> Sides:
+        raise NotImplementedError
+
+    def classify(self, t, qt, kt):
+        return self.sides(t).classes(qt, kt)
+
+    def tiles(self, t):
+        return self.sides(t).tiles(t)
+
+    def estimate(self, t):
+        return self.sides(t).estimate(t)
+
+    def key_range(self, t):
+        how, ranges = self.sides(t).candidates(t)
+        return ranges if how == "rows" else None
+
+
 @dataclass(frozen=True, eq=False)
-class KeyMatch(Pattern):
+class KeyMatch(MatchedKeys, Pattern):
     """f(i) == g(j): a row key equals a column key (chunks, segments, periodic classes). A tile
     is EMPTY when its ranges of f and g miss each other, FULL when both are one and the same
     value. When g (or f) never decreases, each query (key) tile meets one range of the other side,
@@ -226,19 +228,6 @@ class KeyMatch(Pattern):
         fv = _values(self.f, "i", grid.pos, grid.head, grid.n_q, grid.n_k)
         gv = _values(self.g, "j", grid.keys, grid.head, grid.n_q, grid.n_k)
         return fv[:, None] == gv[None, :]
-
-    def classify(self, t, qt, kt):
-        return self.sides(t).classes(qt, kt)
-
-    def tiles(self, t):
-        return self.sides(t).tiles(t)
-
-    def estimate(self, t):
-        return self.sides(t).estimate(t)
-
-    def key_range(self, t):
-        how, ranges = self.sides(t).candidates(t)
-        return ranges if how == "rows" else None
 
 
 def _tile_pairs(t, qt, kt):

@@ -164,7 +164,7 @@ class Where(Pattern):
 
 
 @dataclass(frozen=True, eq=False)
-class Document(Pattern):
+class Document(conditions.MatchedKeys, Pattern):
     """segment_ids[b, p] == segment_ids[b, j]: packed sequences attend within their document."""
     keyword: ClassVar[str] = "document"
     needs: ClassVar[frozenset[str]] = frozenset({"segment_ids"})
@@ -188,19 +188,6 @@ class Document(Pattern):
         rows = np.arange(int(t.q_lo.min()), int(t.q_hi.max()) + 1) if len(t.q_lo) else np.zeros(0, np.int64)
         keys = np.arange(len(seg))
         return conditions.Sides.of(t, rows, seg[rows], keys, seg)
-
-    def classify(self, t, qt, kt):
-        return self.sides(t).classes(qt, kt)
-
-    def tiles(self, t):
-        return self.sides(t).tiles(t)
-
-    def estimate(self, t):
-        return self.sides(t).estimate(t)
-
-    def key_range(self, t):
-        how, ranges = self.sides(t).candidates(t)
-        return ranges if how == "rows" else None
 
     def cost(self, env):
         return env["n"] ** 2  # depends on the documents: an upper bound
