@@ -1,6 +1,7 @@
 """Content-based parts at call time, on the tensors' device: bucket ids, clusters and top-k
 selections in torch; the sorted order of a share and the layout of its bucket ranges; the merge
-of shares by log-sum-exp. Nothing here is n x n: ids are O(n D), layouts O(tiles visited)."""
+of shares by log-sum-exp. Nothing here is n x n: ids are O(n D) (computed a block of rows at a
+time), layouts O(tiles visited); top-k scores are (query blocks x key blocks), ranked in slices."""
 from __future__ import annotations
 
 import functools
@@ -25,73 +26,105 @@ def _seeded(draw, *args) -> torch.Tensor:
     return torch.from_numpy(draw(*args))
 
 
-def _lsh(node: Lsh, q, k, given) -> tuple[torch.Tensor, torch.Tensor]:
+ROWS_AT_ONCE = 1 << 14       # rows of q or k made float64 and scored at once
+SCORES_AT_ONCE = 1 << 22     # top-k scores (query blocks x key blocks) ranked at once
+
+
+def _float64_rows(x: torch.Tensor, group: int = 1):
+    """(start, end, rows): x's rows a block at a time, in float64, each K/V head repeated for the
+    `group` query heads it serves; memory is one block's, whatever n."""
+    for s in range(0, x.shape[2], ROWS_AT_ONCE):
+        part = x[:, :, s:s + ROWS_AT_ONCE].double()
+        yield s, s + part.shape[2], part.repeat_interleave(group, dim=1) if group > 1 else part
+
+
+def _lsh(node: Lsh, q, k, group: int, given) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucket ids (B, H, rounds, n): argmax over [x R_r, -x R_r] per round (ties: the smaller id)."""
     if given is None:
         given = _seeded(rotations, value(node.seed), value(node.rounds), q.shape[-1], value(node.buckets))
     rot = given.to(device=q.device, dtype=torch.float64)
 
-    def ids(x):
-        out = []
-        for r in rot:   # argmax of [xR, -xR] without building it: the first max, or the first min
-            xr = x @ r
-            high, low = xr.argmax(-1, keepdim=True), xr.argmin(-1, keepdim=True)
-            first = xr.gather(-1, high) >= -xr.gather(-1, low)    # a tie goes to the first half
-            out.append(torch.where(first, high, low + xr.shape[-1])[..., 0])
-        return torch.stack(out, 2).int()
-    return ids(q), ids(k)
+    def ids(x, g):
+        out = torch.empty((x.shape[0], x.shape[1] * g, len(rot), x.shape[2]), dtype=torch.int32, device=x.device)
+        for s, e, rows in _float64_rows(x, g):
+            for r, turn in enumerate(rot):   # argmax of [xR, -xR] without building it: the first max, or min
+                xr = rows @ turn
+                high, low = xr.argmax(-1, keepdim=True), xr.argmin(-1, keepdim=True)
+                first = xr.gather(-1, high) >= -xr.gather(-1, low)    # a tie goes to the first half
+                out[:, :, r, s:e] = torch.where(first, high, low + xr.shape[-1])[..., 0]
+        return out
+    return ids(q, 1), ids(k, group)
 
 
-def _cluster(node: Cluster, q, k, given) -> tuple[torch.Tensor, torch.Tensor]:
+def _cluster(node: Cluster, q, k, group: int, given) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster ids (B, H, 1, n): the nearest centroid by cosine; centroids given (H, C, D), or
-    `iters` rounds of spherical k-means on each (b, h)'s keys from the seeded start."""
-    kn = _unit(k)
+    `iters` rounds of spherical k-means on each (b, h)'s keys from the seeded start (the keys
+    scored a block at a time: memory O(block x clusters))."""
+    B, H = q.shape[:2]
     if given is not None:
-        mu = given.to(device=q.device, dtype=torch.float64)[None].expand(q.shape[0], -1, -1, -1)
+        mu = given.to(device=q.device, dtype=torch.float64)[None].expand(B, -1, -1, -1)
     else:
         start = _seeded(spherical_start, value(node.seed), value(node.k), q.shape[-1]).to(q.device)
-        mu = start.expand(q.shape[0], q.shape[1], -1, -1)
+        mu = start.expand(B, H, -1, -1)
         for _ in range(value(node.iters)):
-            assign = (kn @ mu.transpose(-1, -2)).argmax(-1)
-            sums = torch.zeros_like(mu).scatter_add_(2, assign[..., None].expand_as(kn), kn)
+            sums = torch.zeros_like(mu)
+            for _, _, rows in _float64_rows(k, group):
+                kn = _unit(rows)
+                assign = (kn @ mu.transpose(-1, -2)).argmax(-1)
+                sums.scatter_add_(2, assign[..., None].expand_as(kn), kn)
             norm = sums.norm(dim=-1, keepdim=True)
             mu = torch.where(norm > 0, sums / torch.where(norm > 0, norm, 1.0), mu)  # empty: stays
-    ids = lambda unit_x: (unit_x @ mu.transpose(-1, -2)).argmax(-1)[:, :, None].int()
-    return ids(_unit(q)), ids(kn)
+
+    def ids(x, g):
+        out = torch.empty((B, H, 1, x.shape[2]), dtype=torch.int32, device=x.device)
+        for s, e, rows in _float64_rows(x, g):
+            out[:, :, 0, s:e] = (_unit(rows) @ mu.transpose(-1, -2)).argmax(-1)
+        return out
+    return ids(q, 1), ids(k, group)
 
 
-def _topk(node: TopK, q, k, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk(node: TopK, q, k, group: int, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """chosen (B, H, I, J) bool and its table (B, H, I, t) of key blocks, padded with -1: each
     query block I of the call keeps the `k` key blocks J with the largest mean(q_I) . mean(k_J)
-    (ties: the smaller J), among J < I with causal=true."""
+    (ties: the smaller J), among J < I with causal=true. Ranked SCORES_AT_ONCE scores at a time."""
     size, top = value(node.block), value(node.k)
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
     first = q_offset // size
     row_of = torch.div(torch.arange(n_q, device=q.device) + q_offset, size, rounding_mode="floor") - first
     rows = (q_offset + n_q - 1) // size - first + 1
-    q_sum = torch.zeros((B, H, rows, D), dtype=q.dtype, device=q.device).index_add_(2, row_of, q)
+    q_sum = torch.zeros((B, H, rows, D), dtype=torch.float64, device=q.device)
+    for s, e, part in _float64_rows(q):
+        q_sum.index_add_(2, row_of[s:e], part)
     blocks = -(-n_k // size)
     block_of = torch.div(torch.arange(n_k, device=k.device), size, rounding_mode="floor")   # no padding to a
-    k_sum = torch.zeros((B, H, blocks, D), dtype=k.dtype, device=k.device).index_add_(2, block_of, k)   # block
-    k_count = torch.bincount(block_of, minlength=blocks).to(k.dtype)
-    score = (q_sum @ k_sum.transpose(-1, -2)) / k_count   # ranks J as mean . mean does (see TopK.selection)
+    k_sum = torch.zeros((B, H, blocks, D), dtype=torch.float64, device=k.device)           # whole block
+    for s, e, part in _float64_rows(k, group):
+        k_sum.index_add_(2, block_of[s:e], part)
+    k_count = torch.bincount(block_of, minlength=blocks).double()
+    width = min(top, blocks)
+    chosen = torch.zeros((B, H, rows, blocks), dtype=torch.bool, device=q.device)
+    table = torch.empty((B, H, rows, width), dtype=torch.int32, device=q.device)
     cols = torch.arange(blocks, device=q.device)
-    candidate = (cols[None, :] < (torch.arange(rows, device=q.device) + first)[:, None]) if value(node.causal) \
-        else torch.ones((rows, blocks), dtype=torch.bool, device=q.device)
-    score = torch.where(candidate, score, float("-inf"))
-    order = torch.sort(-score, dim=-1, stable=True).indices[..., :min(top, blocks)]
-    picked = candidate.expand(B, H, -1, -1).gather(-1, order)
-    chosen = torch.zeros(score.shape, dtype=torch.bool, device=q.device).scatter_(-1, order, picked)
-    return chosen, torch.where(picked, order, -1).int().contiguous()
+    step = max(1, SCORES_AT_ONCE // max(1, B * H * blocks))
+    for r in range(0, rows, step):
+        at = torch.arange(r, min(rows, r + step), device=q.device)
+        score = (q_sum[:, :, at] @ k_sum.transpose(-1, -2)) / k_count   # ranks J as mean . mean does
+        candidate = (cols[None, :] < (at + first)[:, None]) if value(node.causal) \
+            else torch.ones((len(at), blocks), dtype=torch.bool, device=q.device)
+        score = torch.where(candidate, score, float("-inf"))
+        order = torch.sort(-score, dim=-1, stable=True).indices[..., :width]
+        picked = candidate.expand(B, H, -1, -1).gather(-1, order)
+        chosen[:, :, at] = torch.zeros(score.shape, dtype=torch.bool, device=q.device).scatter_(-1, order, picked)
+        table[:, :, at] = torch.where(picked, order, -1).int()
+    return chosen, table
 
 
 def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple[torch.Tensor, ...]]:
     """Each content node's ids or selection for this call, on q's device, computed in float64
-    from q and k (k of each query head's group), leading dims (B, H)."""
+    from q and k (k of each query head's group), leading dims (B, H), a block of rows at a time."""
     group = call.heads // call.kv_heads
-    q64, k64 = q.detach().double(), k.detach().double()
-    k64 = k64.repeat_interleave(group, dim=1) if group > 1 else k64
+    q, k = q.detach(), k.detach()
     out: dict[Pattern, tuple[torch.Tensor, ...]] = {}
     for node in nodes:
         if node in out or not isinstance(node, ContentPattern):
@@ -99,14 +132,14 @@ def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple
         if isinstance(node, LshRound):
             whole = Lsh(node.buckets, node.rounds, node.seed)
             if whole not in out:
-                out[whole] = _lsh(whole, q64, k64, inputs.get("rotations"))
+                out[whole] = _lsh(whole, q, k, group, inputs.get("rotations"))
             out[node] = tuple(x[:, :, node.round: node.round + 1].contiguous() for x in out[whole])
         elif isinstance(node, Lsh):
-            out[node] = _lsh(node, q64, k64, inputs.get("rotations"))
+            out[node] = _lsh(node, q, k, group, inputs.get("rotations"))
         elif isinstance(node, Cluster):
-            out[node] = _cluster(node, q64, k64, inputs.get("centroids"))
+            out[node] = _cluster(node, q, k, group, inputs.get("centroids"))
         elif isinstance(node, TopK):
-            out[node] = _topk(node, q64, k64, call.q_offset)
+            out[node] = _topk(node, q, k, group, call.q_offset)
     return out
 
 

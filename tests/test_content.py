@@ -323,3 +323,24 @@ def test_a_content_based_pattern_has_no_layout_of_its_own():
         kern.layout(64)
     q = torch.randn(1, 1, 64, 16)
     assert len(kern.share_layouts(q, q)) == 2
+
+
+@pytest.mark.parametrize("src", ["lsh(8, rounds=2)", "cluster(5, iters=3)", "topk(2, block=4)",
+                                 "topk(3, block=3, causal=true)"])
+def test_ids_and_selections_a_block_of_rows_at_a_time_are_the_same(src, monkeypatch):
+    """content_values scores ROWS_AT_ONCE rows (and SCORES_AT_ONCE top-k scores) at a time so its
+    memory does not grow with n x buckets or n x clusters; tiny blocks must give the same ids
+    (integer-valued inputs: every product and sum is exact, whatever the order)."""
+    kern = sparsec.compile(f"pattern p = {src}")
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    q, k, _ = draw_inputs("ties", 2, 4, 2, 37, 41, 16, torch.float32, gen)
+    call = check_call("p", kern.needs, q, k, k, None, None, {})
+    body = sparsec.passes.specialize(kern.ir, 37, 41, call.q_offset, 4)
+    given = {"rotations": torch.randint(-2, 3, (2, 16, 4), generator=gen).float()} if "lsh" in src else {}
+    whole = routing.content_values(list(body.nodes()), q, k, call, given)
+    monkeypatch.setattr(routing, "ROWS_AT_ONCE", 5)
+    monkeypatch.setattr(routing, "SCORES_AT_ONCE", 7)
+    blocked = routing.content_values(list(body.nodes()), q, k, call, given)
+    for node in whole:
+        for a, b in zip(whole[node], blocked[node]):
+            assert torch.equal(a, b), src
