@@ -91,7 +91,7 @@ class Scope:
         operand of the same kind (even a named one) joins the union or intersection."""
         kinds = {"+": N.Union, "&": N.Intersection}
         acc = self.pattern(chain.operands[0])
-        for k, (op, operand) in enumerate(zip(chain.ops, chain.operands[1:])):
+        for op, operand in zip(chain.ops, chain.operands[1:]):
             right = self.pattern(operand)
             span = _between(chain.operands[0], operand) or chain.span
             if op == "-":

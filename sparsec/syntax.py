@@ -9,7 +9,7 @@ import lark
 from lark import Lark, Transformer, v_args
 
 from .errors import Source, Span, SparsecError
-from .ir.limits import NESTING
+from .ir.limits import EXACT, NESTING
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,8 @@ def _parser() -> Lark:
 
 
 _CHAINS = {"disj": "or", "conj": "and", "inter": "&"}   # levels with one operator; sum and product carry theirs
+
+
 class _Build(Transformer):
     """lark tree -> Syntax nodes; each method gets lark's `meta` for the span."""
 
@@ -157,7 +159,8 @@ class _Build(Transformer):
     @v_args(meta=True)
     def number(self, meta, children):
         digits = str(children[0]).replace("_", "")
-        if len(digits.lstrip("0")) > 78:   # past 2**256: not even converted (Python refuses 4300 digits)
+        # past 2**256 (78 digits): refused, the longest before conversion (Python refuses 4300 digits)
+        if len(digits.lstrip("0")) > 78 or int(digits) >= EXACT:
             raise SparsecError("integer literal too large: constants must stay below 2**256", self._span(meta))
         return Number(int(digits), span=self._span(meta))
 
@@ -239,7 +242,7 @@ def _check_nesting(tree: lark.Tree, source: Source) -> None:
         if depth > NESTING:
             m = node.meta
             raise SparsecError(f"nested too deeply: more than {NESTING} levels of calls, operators and "
-                               f"parentheses (the limit; name the inner parts with let or pattern)",
+                               f"parentheses (the limit)",
                                Span(source, m.line, m.column, m.end_line, m.end_column) if not m.empty else None)
         step = 0 if node.data in ("arguments", "addop", "mulop", "start") else 1
         todo.extend((c, depth + step) for c in node.children if isinstance(c, lark.Tree))

@@ -150,10 +150,10 @@ OPS: dict[str, Op] = {
        interval=lambda s, a: (max(0, a[0], -a[1]), max(-a[0], a[1]))),
     "isqrt": Op((1, 1), "num", "num", lambda s, a: _isqrt(a, s), lambda a: sympy.floor(sympy.sqrt(a)),
        triton=lambda a: f"_isqrt({a})",
-       interval=lambda s, a: tuple(math.isqrt(int(x)) for x in _domain(a, 0, "isqrt", s))),
+       interval=lambda s, a: tuple(math.isqrt(int(x)) for x in _domain(a, 0, "isqrt", s, below=1 << 62))),
     "ilog2": Op((1, 1), "num", "num", lambda s, a: _ilog2(a, s), lambda a: sympy.floor(sympy.log(a, 2)),
        triton=lambda a: f"_ilog2({a})",
-       interval=lambda s, a: tuple(int(x).bit_length() - 1 for x in _domain(a, 1, "ilog2", s))),
+       interval=lambda s, a: tuple(int(x).bit_length() - 1 for x in _domain(a, 1, "ilog2", s, below=1 << 62))),
     "ceil_div": Op((2, 2), "num", "num", lambda s, a, b: -((-a) // _divisor(b, s)),
                    lambda a, b: sympy.ceiling(a / b),
        triton=lambda a, b: f"(-_floordiv(-{a}, {b}))",
@@ -227,9 +227,12 @@ def _modulo_range(b):
     return (0, b[1]) if b[0] > 0 else (b[0], 0)
 
 
-def _domain(a, low, name, span, strict=False):
-    if a[0] < low or (strict and a[0] <= low):
+def _domain(a, low, name, span, strict=False, below=None):
+    """a, if it lies in the operator's domain; `below`: isqrt and ilog2 of 64-bit arrays take
+    arguments under 2**62, where their float estimate and its correction cannot overflow."""
+    if a[0] < low or (strict and a[0] <= low) or (below is not None and a[1] >= below):
         bound = f"above {low}" if strict else f"at least {low}"
+        bound += " and below 2**62" if below is not None else ""
         raise SparsecError(f"{name} needs an argument {bound}, and this one ranges over {_range(a)} here", span)
     return a
 
