@@ -261,7 +261,7 @@ def _between(first: S.Syntax, last: S.Syntax):
 
 def _numeric_names(p: N.Pattern) -> frozenset[str]:
     memo: dict = {}
-    return frozenset().union(*(E.names(e, memo) for node in p.nodes() for e in node.arguments().values()))
+    return frozenset().union(*(E.names(e, memo=memo) for node in p.nodes() for e in node.arguments().values()))
 
 
 def elaborate(module: S.Module, pattern: str | None = None) -> Definition:

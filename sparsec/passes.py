@@ -11,7 +11,7 @@ from typing import Callable
 from .ir import expr as E
 from .ir import nodes as N
 from .errors import SparsecError
-from .ir.limits import EXPR_NODES, IR_NODES, NESTING, check_lengths
+from .ir.limits import EXPR_NODES, IR_NODES, check_lengths
 from .ir.program import Definition
 
 
@@ -23,7 +23,7 @@ def fold_constants(d: Definition) -> Definition:
     env: dict[str, E.Expr] = {}
     memo: dict = {}
     for b in d.bindings:
-        env[b.name] = E.substitute(b.value, env, memo)
+        env[b.name] = E.substitute(b.value, env, memo=memo)
     body = _fold(d.body, env, memo, {})
     for node in body.nodes():
         for e in node.arguments().values():
@@ -34,31 +34,27 @@ def fold_constants(d: Definition) -> Definition:
 
 def _fold(p: N.Pattern, env, memo: dict, done: dict) -> N.Pattern:
     if id(p) not in done:
-        done[id(p)] = (p.map_arguments(lambda e: E.substitute(e, env, memo))
+        done[id(p)] = (p.map_arguments(lambda e: E.substitute(e, env, memo=memo))
                        .map_children(lambda c: _fold(c, env, memo, done)), p)
     return done[id(p)][0]
 
 
 def _check_expression(e: E.Expr) -> None:
-    """Arguments stay small enough to print, hash and evaluate (lets may double them each line)."""
-    count, deep = E.size(e), E.depth(e)
-    if count > EXPR_NODES or deep > NESTING:
-        what = f"{count} operations" if count > EXPR_NODES else f"operations nested {deep} deep"
-        limit = f"{EXPR_NODES} operations" if count > EXPR_NODES else f"{NESTING} levels"
-        raise SparsecError(f"this expression has {what} once its lets are written out (the limit is {limit})",
-                           e.span)
+    """Arguments stay small enough to print, hash and evaluate (lets may double them each line;
+    their depth elaboration has bounded already)."""
+    _within(E.size(e), EXPR_NODES, "this expression", "operations once its lets are written out", e.span)
 
 
 def check_size(d: Definition) -> Definition:
     """The pattern written out as a tree (shared named parts once per use, as the kernels and the
-    printer see it) stays within IR_NODES nodes and NESTING levels."""
-    count, deep = d.body.tree_size(), d.body.tree_depth()
-    if count > IR_NODES or deep > NESTING:
-        what = f"{count} nodes" if count > IR_NODES else f"parts nested {deep} deep"
-        limit = f"{IR_NODES} nodes" if count > IR_NODES else f"{NESTING} levels"
-        raise SparsecError(f"pattern {d.name} has {what} once its named parts are written out (the limit is "
-                           f"{limit})", d.span)
+    printer see it) stays within IR_NODES nodes; elaboration has bounded its depth."""
+    _within(d.body.tree_size(), IR_NODES, f"pattern {d.name}", "nodes once its named parts are written out", d.span)
     return d
+
+
+def _within(count: int, limit: int, what: str, unit: str, span) -> None:
+    if count > limit:
+        raise SparsecError(f"{what} has {count} {unit} (the limit is {limit} {unit.split()[0]})", span)
 
 
 # ---- canonical form ------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def _first(at: np.ndarray) -> int:
     return int(at[0]) if len(at) else 0
 
 
-def _span(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def coordinates(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Every coordinate from the first tile's start to the last tile's end (tiles are ordered)."""
     return np.arange(int(lo.min()), int(hi.max()) + 1, dtype=np.int64) if len(lo) else np.zeros(0, np.int64)
 
@@ -102,7 +102,7 @@ class LineCondition(Pattern):
     def lines(self, t) -> tuple[np.ndarray, np.ndarray]:
         """Whether some / every row (or key) of each query (key) tile is allowed."""
         lo, hi = (t.q_lo, t.q_hi) if self.on == "i" else (t.k_lo, t.k_hi)
-        at = _span(lo, hi)
+        at = coordinates(lo, hi)
         return _any_all(_values(self.cond, self.on, at, t.head, t.n_q, t.n_k).astype(bool), _first(at), lo, hi)
 
     def mask(self, grid):
@@ -220,7 +220,7 @@ class KeyMatch(MatchedKeys, Pattern):
     keyword: ClassVar[str] = "where"
 
     def sides(self, t) -> Sides:
-        rows, cols = _span(t.q_lo, t.q_hi), _span(t.k_lo, t.k_hi)
+        rows, cols = coordinates(t.q_lo, t.q_hi), coordinates(t.k_lo, t.k_hi)
         return Sides.of(t, rows, _values(self.f, "i", rows, t.head, t.n_q, t.n_k),
                         cols, _values(self.g, "j", cols, t.head, t.n_q, t.n_k))
 

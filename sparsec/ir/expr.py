@@ -191,11 +191,13 @@ def _fold(array_fn, scalar_fn, values):
     return scalar_fn(values)
 
 
+NEGATIVE_POWER = "** needs an exponent of at least 0 here (a negative power of an integer is not an integer)"
+
+
 def _power(a, b, span):
     if _is_array(b) or _is_array(a):
         if np.any(np.asarray(b) < 0):
-            raise SparsecError("** needs an exponent of at least 0 here (a negative power of an integer is "
-                               "not an integer)", span)
+            raise SparsecError(NEGATIVE_POWER, span)
         return np.power(a, b)
     if isinstance(a, int) and isinstance(b, int) and b >= 0:
         if abs(a) > 1 and b * math.log2(abs(a)) > 257:   # past EXACT: no need to compute it
@@ -239,8 +241,7 @@ def _domain(a, low, name, span, strict=False, below=None):
 
 def _power_range(a, b, span):
     if b[0] < 0:
-        raise SparsecError("** needs an exponent of at least 0 here (a negative power of an integer is not an "
-                           "integer)", span)
+        raise SparsecError(NEGATIVE_POWER, span)
     top = max(abs(a[0]), abs(a[1]))
     if top > 1 and b[1] * math.log2(top) > 64:
         raise SparsecError(f"integer overflow: this power reaches about 2**{int(b[1] * math.log2(top))} here, "
@@ -259,38 +260,54 @@ def _short(x) -> str:
     return str(x) if abs(x) < 1 << 64 else f"about {'-' if x < 0 else ''}2**{abs(x).bit_length() - 1}"
 
 
-def bounds(e: Expr, ranges: dict[str, tuple], memo: dict | None = None) -> tuple:
+def once_per_node(fn):
+    """fn(e, *args, memo=...) computed once per operation object: lets make an expression a DAG,
+    whose tree can be exponentially larger than the program. The memo keeps each node alive, so
+    its id stays its own while the memo is in use."""
+    @functools.wraps(fn)
+    def run(e, *args, memo: dict | None = None):
+        if not isinstance(e, Apply):
+            return fn(e, *args, memo=memo)
+        memo = {} if memo is None else memo
+        if id(e) not in memo:
+            memo[id(e)] = (fn(e, *args, memo=memo), e)
+        return memo[id(e)][0]
+    return run
+
+
+def bounds(e: Expr, ranges: dict[str, tuple]) -> tuple:
     """(lowest, highest) value of e when each name lies in its range, checking every integer
     sub-expression stays within the 64-bit integers and every divisor, isqrt, ilog2, sqrt and
     log2 argument within its domain over those ranges (a located error otherwise). Booleans are
     (0, 1). Exact for one variable at a time, conservative for several (interval arithmetic)."""
-    memo = {} if memo is None else memo
-    if id(e) in memo:
-        return memo[id(e)][0]
+    return _bounds(e, ranges)[0]
+
+
+@once_per_node
+def _bounds(e: Expr, ranges: dict[str, tuple], memo=None) -> tuple[tuple, bool]:
+    """(range, whether e is real)."""
     if isinstance(e, Const):
-        out, real = (e.value, e.value), isinstance(e.value, float)
+        real = isinstance(e.value, float)
         if not real and abs(e.value) > INT_MAX:
             raise SparsecError(f"{_short(e.value)} does not fit the 64-bit integers where(...) computes with",
                                e.span)
-    elif isinstance(e, Var):
+        return (e.value, e.value), real
+    if isinstance(e, Var):
         if e.name not in ranges:
             raise SparsecError(f"'{e.name}' has no value here", e.span)
-        out, real = ranges[e.name], False
-    else:
-        args = [bounds(a, ranges, memo) for a in e.args]
-        real = any(memo[id(a)][1] for a in e.args) and e.op not in ("ceil", "floor", "isqrt", "ilog2")
-        real = real or e.op in ("sqrt", "log2")
-        op = OPS[e.op]
-        if e.op in ("//", "%", "ceil_div"):
-            _nonzero(args[1], e.args[1].span or e.span)
-        out = (0, 1) if op.kind == "bool" else op.interval(e.span, *args)
-        if real and not all(math.isfinite(x) for x in out):
-            raise SparsecError(f"this real expression is not finite here (it ranges over {_range(out)})", e.span)
-        if not real and not (-INT_MAX <= out[0] and out[1] <= INT_MAX):
-            raise SparsecError(f"integer overflow: {show(e)} ranges over {_range(out)} here, beyond the 64-bit "
-                               f"integers the language computes with", e.span)
-    memo[id(e)] = (out, real, e)   # e kept alive, so its id stays its own
-    return out
+        return ranges[e.name], False
+    parts = [_bounds(a, ranges, memo=memo) for a in e.args]
+    real = e.op in ("sqrt", "log2") or (any(r for _, r in parts) and e.op not in ("ceil", "floor", "isqrt", "ilog2"))
+    op = OPS[e.op]
+    if e.op in ("//", "%", "ceil_div"):
+        _nonzero(parts[1][0], e.args[1].span or e.span)
+    out = (0, 1) if op.kind == "bool" else op.interval(e.span, *(r for r, _ in parts))
+    if real and not all(math.isfinite(x) for x in out):
+        raise SparsecError(f"this real expression is not finite here (it ranges over {_range(out)})", e.span)
+    if not real and not (-INT_MAX <= out[0] and out[1] <= INT_MAX):
+        raise SparsecError(f"integer overflow: {show(e)} ranges over {_range(out)} here, beyond the 64-bit "
+                           f"integers the language computes with", e.span)
+    return out, real
 
 
 # ---- views --------------------------------------------------------------------------------------
@@ -343,25 +360,13 @@ def kind(e: Expr) -> str:
     return OPS[e.op].kind
 
 
-def names(e: Expr, memo: dict | None = None) -> frozenset[str]:
+@once_per_node
+def names(e: Expr, memo=None) -> frozenset[str]:
     if isinstance(e, Var):
         return frozenset([e.name])
     if not isinstance(e, Apply):
         return frozenset()
-    memo = {} if memo is None else memo
-    if id(e) not in memo:
-        memo[id(e)] = (frozenset().union(*(names(a, memo) for a in e.args)), e)
-    return memo[id(e)][0]
-
-
-def depth(e: Expr, memo: dict | None = None) -> int:
-    """Nested operations in e (0 for a name or a constant)."""
-    if not isinstance(e, Apply):
-        return 0
-    memo = {} if memo is None else memo
-    if id(e) not in memo:
-        memo[id(e)] = (1 + max(depth(a, memo) for a in e.args), e)
-    return memo[id(e)][0]
+    return frozenset().union(*(names(a, memo=memo) for a in e.args))
 
 
 def checked(value, e: Expr):
@@ -372,58 +377,47 @@ def checked(value, e: Expr):
     return value
 
 
-def evaluate(e: Expr, env: dict[str, Any], memo: dict | None = None):
-    """Value of `e` with the names in env; numpy arrays broadcast (used by where(...)). Shared
-    sub-expressions (lets) are evaluated once. Every scalar integer is checked against the 64-bit
-    range; arrays are only evaluated after `bounds` has checked them."""
+@once_per_node
+def evaluate(e: Expr, env: dict[str, Any], memo=None):
+    """Value of `e` with the names in env; numpy arrays broadcast (used by where(...)). Every
+    scalar integer is checked against EXACT; arrays are only evaluated after `bounds` has checked
+    them."""
     if isinstance(e, Const):
         return e.value
     if isinstance(e, Var):
         if e.name not in env:
             raise SparsecError(f"'{e.name}' has no value here", e.span)
         return env[e.name]
-    memo = {} if memo is None else memo
-    if id(e) not in memo:
-        value = checked(OPS[e.op].evaluate(e.span, *(evaluate(a, env, memo) for a in e.args)), e)
-        memo[id(e)] = (value, e)
-    return memo[id(e)][0]
+    return checked(OPS[e.op].evaluate(e.span, *(evaluate(a, env, memo=memo) for a in e.args)), e)
 
 
-def substitute(e: Expr, env: dict[str, Expr], memo: dict | None = None) -> Expr:
+@once_per_node
+def substitute(e: Expr, env: dict[str, Expr], memo=None) -> Expr:
     """Replace names by expressions, then fold every sub-expression that became constant. A
-    name used twice stays one shared sub-expression (memo), so let chains cost their length."""
+    name used twice stays one shared sub-expression, so let chains cost their length."""
     if isinstance(e, Var):
         return env.get(e.name, e)
     if isinstance(e, Const):
         return e
-    memo = {} if memo is None else memo
-    if id(e) in memo:
-        return memo[id(e)][0]
-    args = tuple(substitute(a, env, memo) for a in e.args)
-    out = Apply(e.op, args, span=e.span)  # reals stay symbolic until an integer is needed
+    args = tuple(substitute(a, env, memo=memo) for a in e.args)
     if all(isinstance(a, Const) for a in args):
         value = checked(OPS[e.op].evaluate(e.span, *(a.value for a in args)), e)
         if isinstance(value, (bool, np.bool_)):
-            out = Const(bool(value), span=e.span)
-        elif isinstance(value, (int, np.integer)):
-            out = Const(int(value), span=e.span)
-    memo[id(e)] = (out, e)
-    return out
+            return Const(bool(value), span=e.span)
+        if isinstance(value, (int, np.integer)):
+            return Const(int(value), span=e.span)
+    return Apply(e.op, args, span=e.span)  # reals stay symbolic until an integer is needed
 
 
-def size(e: Expr, memo: dict | None = None) -> int:
+@once_per_node
+def size(e: Expr, memo=None) -> int:
     """Operations in e written out as a tree (a shared sub-expression counts each time)."""
-    if not isinstance(e, Apply):
-        return 1
-    memo = {} if memo is None else memo
-    if id(e) not in memo:
-        memo[id(e)] = (1 + sum(size(a, memo) for a in e.args), e)
-    return memo[id(e)][0]
+    return 1 + sum(size(a, memo=memo) for a in e.args) if isinstance(e, Apply) else 1
 
 
-def integer(e: Expr, env: dict[str, Any]) -> int:
+def integer(e: Expr, env: dict[str, Any], memo: dict | None = None) -> int:
     """An argument's value where an integer is needed: reals are rounded down (spec section 2)."""
-    value = evaluate(e, env)
+    value = evaluate(e, env, memo=memo)
     if isinstance(value, (bool, np.bool_)):
         raise SparsecError("expected an integer, found a boolean", e.span)
     if isinstance(value, (float, np.floating)):
@@ -433,15 +427,13 @@ def integer(e: Expr, env: dict[str, Any]) -> int:
     return int(value)
 
 
-def to_sympy(e: Expr, symbols: dict[str, Any], memo: dict | None = None):
+@once_per_node
+def to_sympy(e: Expr, symbols: dict[str, Any], memo=None):
     if isinstance(e, Const):
         return sympy.true if e.value is True else sympy.false if e.value is False else sympy.Integer(e.value)
     if isinstance(e, Var):
         return symbols.get(e.name, sympy.Symbol(e.name, integer=True))
-    memo = {} if memo is None else memo
-    if id(e) not in memo:
-        memo[id(e)] = (OPS[e.op].sympy(*(to_sympy(a, symbols, memo) for a in e.args)), e)
-    return memo[id(e)][0]
+    return OPS[e.op].sympy(*(to_sympy(a, symbols, memo=memo) for a in e.args))
 
 
 def to_triton(e: Expr, names: dict[str, str], bind: Callable[[str], str] = lambda s: s, fan_in: int = 8) -> str:

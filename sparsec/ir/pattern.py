@@ -137,12 +137,6 @@ class Pattern:
             memo[id(self)] = (1 + sum(c.tree_size(memo) for c in self.children()), self)
         return memo[id(self)][0]
 
-    def tree_depth(self, memo: dict | None = None) -> int:
-        memo = {} if memo is None else memo
-        if id(self) not in memo:
-            memo[id(self)] = (1 + max((c.tree_depth(memo) for c in self.children()), default=0), self)
-        return memo[id(self)][0]
-
     def uses_head(self) -> bool:
         return type(self).head_dependent
 
@@ -172,8 +166,9 @@ class Pattern:
         saturated (limits.saturate: the same mask, and every argument fits the kernels' int32).
         env: n, n_q, n_k, `rows` (the range of row coordinates: positions, or block indices
         inside blocks) and `heads`."""
+        memo: dict = {}   # arguments share sub-expressions (band(w) is band(w, w))
         node = self.map_arguments(lambda e: E.Const(
-            bool(E.evaluate(e, env)) if E.kind(e) == "bool" else E.integer(e, env), span=e.span))
+            bool(E.evaluate(e, env, memo=memo)) if E.kind(e) == "bool" else E.integer(e, env, memo), span=e.span))
         node = node.map_children(lambda c: c.specialize(env))
         node.check()
         return node.saturated()

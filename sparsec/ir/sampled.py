@@ -185,8 +185,7 @@ class Document(conditions.MatchedKeys, Pattern):
         """A key match of the ids at the query positions with the ids at the keys (conditions.py):
         packed (sorted) ids give each query tile one key range, found by binary search."""
         seg = self._ids(t.runtime, t.q_lo, t.q_hi)
-        rows = np.arange(int(t.q_lo.min()), int(t.q_hi.max()) + 1) if len(t.q_lo) else np.zeros(0, np.int64)
-        keys = np.arange(len(seg))
+        rows, keys = conditions.coordinates(t.q_lo, t.q_hi), np.arange(len(seg))
         return conditions.Sides.of(t, rows, seg[rows], keys, seg)
 
     def cost(self, env):
