@@ -15,7 +15,7 @@ B=1, H=2, n=16384, D=64, fp32 on CPU, this times (forward only, no grad)
     against (a different function, so it has no error to report).
 Repeats run round-robin over the implementations (cpu_forward.py's loop), so that load from other processes
 hits them alike. A fifth entry in the same loop runs sparsec's pipeline stage by stage (hash, sort, layout,
-plan, gather, attention, scatter: the calls `Kernel.__call__` makes; checked once to give exactly what `kern`
+plan, gather, attention, scatter: the calls `CompiledPattern.__call__` makes; checked once to give exactly what `kern`
 gives), and the report gives each stage's median and its share of their sum: how much of sparsec's time is
 hashing, sorting and layout building rather than attention. It also reports the mask density (allowed pairs
 over n^2, from the bucket counts) and the density of visited 64x64 tiles after sorting, which is what the
@@ -59,12 +59,15 @@ from torch.nn.attention.flex_attention import (
 )
 
 import sparsec
-from sparsec import cpu as sparsec_cpu
 from sparsec import passes
-from sparsec import routing
-from sparsec import runtime as R
+from sparsec.layout import DeviceLayout, SortedOrder
+from sparsec.runtime import content as content_ids
+from sparsec.runtime import cpu as sparsec_cpu
+from sparsec.runtime.call import check_call, default_config
+from sparsec.runtime.launch import GeneratedAttention, table_values
+from sparsec.runtime.loader import load_kernel
 from sparsec.ir.tiles import TableSpace
-from sparsec.shares import offset_bounds
+from sparsec.passes.shares import offset_bounds
 
 ROOT, CPU = cf.ROOT, torch.device("cpu")
 STAGES = ("hash", "sort", "layout", "plan", "gather", "attention", "scatter")
@@ -78,7 +81,7 @@ DEFAULTS = {"cpu": {"dtype": "float32", "backend": "cpu", "flex_block": [128]},
 # ---- sparsec, stage by stage ------------------------------------------------------------------------
 
 class Staged:
-    """sparsec's forward for a one-share content pattern, as `Kernel.__call__` runs it, one stage at a time:
+    """sparsec's forward for a one-share content pattern, as `CompiledPattern.__call__` runs it, one stage at a time:
     each call appends {stage: seconds} to `log` (timed between syncs on CUDA)."""
 
     def __init__(self, kern, q, k, v, backend: str):
@@ -86,18 +89,18 @@ class Staged:
             raise ValueError(f"the stage breakdown needs one sorted share; {kern.name} has "
                              f"{[s.key for s in kern.shares]}")
         self.q, self.k, self.v, self.backend = q, k, v, backend
-        self.call = R.check_call(kern.name, kern.needs, q, k, v, None, None, {})
+        self.call = check_call(kern.name, kern.needs, q, k, v, None, None, {})
         c = self.call
         self.share = kern.shares[0]
         self.body, self.key = (passes.specialize(x, c.n_q, c.n_k, c.q_offset, c.heads)
                                for x in (self.share.body, self.share.key))
         self.nodes = list(self.body.walk())
         self.offsets = offset_bounds(self.body)  # None for lsh alone: no band or causal to skip tiles by
-        self.config = R.default_config(backend, c)
+        self.config = default_config(backend, c)
         self.sorted_call = replace(c, kv_heads=c.heads)  # each query head sorts its own K/V rows
         if backend != "cpu":
-            self.gen = kern.generated(self.config, 0)
-            self.module = R.load_kernel(self.gen, kern.name, backend == "interpret")
+            self.gen = kern.generated(0)
+            self.module = load_kernel(self.gen, kern.name, backend == "interpret")
         self.log: list[dict[str, float]] = []
         self.last: dict = {}
 
@@ -109,11 +112,11 @@ class Staged:
             out, times[name] = cf.timed(fn, dev)
             return out
 
-        values = stage("hash", lambda: routing.content_values(self.nodes, q, k, c, {}))
-        order = stage("sort", lambda: routing.SortedOrder.of(values[self.key]))
+        values = stage("hash", lambda: content_ids.content_values(self.nodes, q, k, c, {}))
+        order = stage("sort", lambda: SortedOrder.of(values[self.key]))
         lay = stage("layout", lambda: order.layout(self.config.block_m, self.config.block_n, self.share.full,
                                                    self.offsets, c.q_offset))
-        inputs = {"content": values}   # what Kernel._runner gives the plan and tables once ids are computed
+        inputs = {"content": values}   # what pipeline.bind gives the plan and tables once ids are computed
         sc = self.sorted_call
         if self.backend == "cpu":
             def plan():
@@ -124,19 +127,19 @@ class Staged:
                 return sparsec_cpu.CpuAttention(p, sc.scale), host
             runner, host = stage("plan", plan)
         else:  # the kernel's table values (the lsh body reads none: next to nothing), then the bound kernel
-            runner = stage("plan", lambda: R.GeneratedAttention(
-                self.module, lay, R.table_values(self.gen, self.body, sc, inputs), sc,
+            runner = stage("plan", lambda: GeneratedAttention(
+                self.module, lay, table_values(self.gen, self.body, sc, inputs), sc, self.config,
                 self.backend == "interpret", (order.q_pos, order.k_pos)))
             host = None
-        qs, ks, vs = stage("gather", lambda: order.gather(q, k, v, c))
+        qs, ks, vs = stage("gather", lambda: content_ids.gather(order, q, k, v, c.heads // c.kv_heads))
         o_s, lse_s = stage("attention", lambda: runner.forward(qs, ks, vs))
-        o, _ = stage("scatter", lambda: order.scatter(o_s, lse_s))
+        o, _ = stage("scatter", lambda: content_ids.scatter(order, o_s, lse_s))
         self.log.append(times)
         self.last = {"values": values, "order": order, "layout": lay, "host": host}
         return o
 
 
-def visited_tiles(lay: R.DeviceLayout) -> int:
+def visited_tiles(lay: DeviceLayout) -> int:
     """Tiles a DeviceLayout visits, FULL and PARTIAL, from its CSR row pointers."""
     return int(lay.full[0][-1]) + int(lay.partial[0][-1])
 
@@ -440,8 +443,8 @@ NOTES = {
     "sparsec_speedup": "peer median / sparsec median (> 1: sparsec is faster)",
     "sparsec": "kern(q, k, v, backend=...) end to end: the layout depends on q and k, so every call hashes, sorts, "
                "builds the layout (and on the CPU the plan) anew; first_call_s is the first such call",
-    "stage_breakdown": "the calls Kernel.__call__ makes for a one-share content pattern, timed one by one in the "
-                       "same round-robin loop: hash = routing.content_values (float64 projections, argmax), sort = "
+    "stage_breakdown": "the calls CompiledPattern.__call__ makes for a one-share content pattern, timed one by one in the "
+                       "same round-robin loop: hash = runtime.content.content_values (float64 projections, argmax), sort = "
                        "SortedOrder.of, layout = SortedOrder.layout (tiles whose bucket ranges meet), plan = CPU: "
                        "DeviceLayout.to_host + cpu.plan (tile groups, the mask of PARTIAL tiles); CUDA: the "
                        "kernel's table values, gather / scatter = the sorted order's copies of q, k, v and O, "

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import sparsec
+from sparsec.reference import attention
 
 ROOT, PATTERNS, CPU = cf.ROOT, cf.PATTERNS, torch.device("cpu")
 GRADS = ("o", "dq", "dk", "dv")
@@ -72,14 +73,13 @@ def inputs(n: int, H: int, D: int, device=CPU, dtype=torch.float32):
 
 
 def reference(q, k, v, do, mask, scale: float) -> dict[str, torch.Tensor]:
-    """O, dQ, dK, dV by float64 autograd through dense masked softmax attention, one head at a time
+    """O, dQ, dK, dV by float64 autograd through dense masked softmax attention (sparsec.reference.attention), one head at a time
     (bounded memory), on q's device (the mask may be on the CPU). Every row of these patterns has an
     allowed key, so no row is all -inf."""
     out = {g: torch.empty(q.shape, dtype=torch.float64, device=q.device) for g in GRADS}
     for h in range(q.shape[1]):
         qh, kh, vh = (x[0, h].detach().double().requires_grad_() for x in (q, k, v))
-        s = (qh @ kh.T * scale).masked_fill(~mask[0, h].to(q.device), float("-inf"))
-        o = torch.softmax(s, -1) @ vh
+        o = attention(qh, kh, vh, mask[0, h].to(q.device), scale)[0]
         grads = torch.autograd.grad(o, (qh, kh, vh), do[0, h].double())
         for g, x in zip(GRADS, (o.detach(), *grads)):
             out[g][0, h] = x

@@ -46,8 +46,9 @@ from torch.nn.attention.flex_attention import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # use the checkout's sparsec without installing it
 import sparsec
-from sparsec.bench import cpu_seconds, machine, peak_memory_mb, round_robin, sync, timed  # noqa: F401 (used here and by the others)
-from sparsec.ir.sampled import random_keys
+from sparsec.reference import attention
+from sparsec.tools.bench import cpu_seconds, machine, peak_memory_mb, round_robin, sync, timed  # noqa: F401 (re-exported)
+from sparsec.ir.random import random_keys
 
 PATTERNS = {"band(256) + global(16)": "pattern p = band(256) + global(16)",
             "bigbird": str(ROOT / "patterns/bigbird.sa")}  # blocks(64, band(1) + global(1) + last(1) + random(3))
@@ -111,15 +112,13 @@ def result_path(cpu_stem: str, gpu_stem: str, device: str) -> str:
 # ---- one pattern ------------------------------------------------------------------------------------
 
 def reference(q, k, v, mask, scale: float) -> torch.Tensor:
-    """Masked softmax attention in float64, per head and row chunk (bounded memory)."""
-    q, k, v = q.double(), k.double(), v.double()
-    out = torch.empty_like(q)
+    """sparsec.reference.attention (float64 masked softmax), per head and row chunk (bounded memory)."""
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     step = max(1, (1 << 25) // k.shape[2])
     for h in range(q.shape[1]):
         for r in range(0, q.shape[2], step):
-            s = (q[0, h, r: r + step] @ k[0, h].T) * scale
-            s.masked_fill_(~mask[0, h, r: r + step], float("-inf"))
-            out[0, h, r: r + step] = torch.softmax(s, -1) @ v[0, h]
+            out[:1, h: h + 1, r: r + step] = attention(q[:1, h: h + 1, r: r + step], k[:1, h: h + 1],
+                                                       v[:1, h: h + 1], mask[:1, h: h + 1, r: r + step], scale)[0]
     return out
 
 

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # use the checkout's sparsec without installing it
 import sparsec
-from sparsec import bench
+from sparsec.tools import bench
 
 PATTERNS = {"band(1024) + global(16)": "pattern p = band(1024) + global(16)",   # 16 dense rows in 16K
             "causal": "pattern p = causal",                                     # work grows down the rows

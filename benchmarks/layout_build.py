@@ -81,7 +81,7 @@ def make_mask_mod(n: int):
     (two int64 columns of key blocks per query block: O(n) memory, unlike a (blocks x blocks) table)."""
     import numpy as np
     import torch
-    from sparsec.ir.sampled import random_keys
+    from sparsec.ir.random import random_keys
     blocks = -(-n // RANDOM_BLOCK)
     picks = torch.from_numpy(random_keys(seed=0, head=0, rows=np.arange(blocks), r=2, n_k=blocks))
     p0, p1 = picks[:, 0].contiguous(), picks[:, 1].contiguous()
@@ -179,8 +179,8 @@ GOAL_N, GOAL_S, GOAL_MB = 1 << 20, 1.0, 200.0
 
 def library() -> list[tuple[str, str]]:
     """(file, pattern) for every pattern statement of patterns/*.sa."""
-    from sparsec.elaborate import pattern_names
-    from sparsec.syntax import parse
+    from sparsec.grammar.elaborate import pattern_names
+    from sparsec.grammar.syntax import parse
     return [(str(path.relative_to(ROOT)), name) for path in sorted((ROOT / "patterns").glob("*.sa"))
             for name in pattern_names(parse(path.read_text(), str(path)))]
 
@@ -193,7 +193,7 @@ def worker_library(spec: str, n: int, repeats: int) -> dict:
     import numpy as np
     import torch
     import sparsec
-    from sparsec import bench
+    from sparsec.tools import bench
     path, name = spec.split(":")
     kern = sparsec.compile(str(ROOT / path), pattern=name)
     after_imports = rss_mb()

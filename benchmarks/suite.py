@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # use the checkout's sparsec without installing it
 import sparsec
-from sparsec import bench
+from sparsec.tools import bench
 
 GOAL_PATTERNS = {"band(1024) + global(16)": "pattern band_global = band(1024) + global(16)"}
 PRESETS = {"goals": dict(patterns=["band(1024) + global(16)", "bigbird", "full"], n=[16384, 65536])}

@@ -24,7 +24,7 @@ for stage in "${stages[@]}"; do
     tests) "$PY" -m pytest -q -m gpu tests/ ;;
     goals-forward)
       # the suite then finds this key cached (its tune_s ~ 0 there)
-      "$PY" -m sparsec.cli tune patterns/bigbird.sa --n 16384 --heads 16 --dim 128 --dtype bfloat16
+      "$PY" -m sparsec tune patterns/bigbird.sa --n 16384 --heads 16 --dim 128 --dtype bfloat16
       "$PY" benchmarks/suite.py --device cuda --preset goals --modes forward ;;
     goals-backward) "$PY" benchmarks/suite.py --device cuda --preset goals --modes forward+backward ;;
     library) "$PY" benchmarks/suite.py --device cuda ;;

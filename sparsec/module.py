@@ -6,19 +6,19 @@ import os
 import torch
 from torch import nn
 
-from .compiled import Kernel, compile
+from .compiled import CompiledPattern, compile
 
 
 class SparseSelfAttention(nn.Module):
     """Multi-head self-attention under a sparse pattern, for (B, n, embed_dim) inputs (batch first).
 
-    pattern: a compiled Kernel, a .sa path or program text (with `pattern_name` and the program's
+    pattern: a compiled CompiledPattern, a .sa path or program text (with `pattern_name` and the program's
     params as keyword arguments). num_kv_heads < num_heads gives grouped-query attention (1: MQA).
     The call takes the kernel's runtime inputs (segment_ids=, q_offset=, centroids=, rotations=),
     and for decoding a KV cache: past_kv=(k, v) of shape (B, num_kv_heads, n_past, head_dim) is
     prepended to this step's keys and values; use_cache=True also returns the extended cache."""
 
-    def __init__(self, pattern: Kernel | str | os.PathLike, embed_dim: int, num_heads: int,
+    def __init__(self, pattern: CompiledPattern | str | os.PathLike, embed_dim: int, num_heads: int,
                  num_kv_heads: int | None = None, bias: bool = True, pattern_name: str | None = None,
                  device=None, dtype=None, **params):
         super().__init__()
@@ -30,7 +30,7 @@ class SparseSelfAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if isinstance(pattern, Kernel):
+        if isinstance(pattern, CompiledPattern):
             if pattern_name is not None or params:
                 raise ValueError("pattern is already compiled: pattern_name= and params apply to a path or source")
             self.kernel = pattern

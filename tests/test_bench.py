@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sparsec
-from sparsec import bench, peers
-from sparsec.cli import main
+from sparsec.tools import bench, peers
+from sparsec.tools.cli import main
 
 CASES = [  # (pattern, n_q, n_k, heads, block)
     ("band(100) + global(16)", 1000, 1000, 2, 128),

@@ -7,11 +7,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import sparsec
-from sparsec import routing, selections
+from sparsec.layout import SortedOrder, selections
+from sparsec.runtime import content as content_ids
 from sparsec.ir.content import Cluster, Lsh, LshRound, TopK
 from sparsec.ir.tiles import FULL, EMPTY, Grid, TableSpace
 from sparsec.layout import build_layout, tile_classes
-from sparsec.runtime import check_call
+from sparsec.runtime.call import check_call
 
 from conftest import KERNEL_EXAMPLES, LEAVES
 from test_gradients import check_gradients
@@ -152,7 +153,7 @@ def test_device_ids_equal_the_reference(node, given, kind):
     if given == "centroids":
         inputs["centroids"] = torch.randn(4, 3, 16, generator=gen)
     call = check_call("p", frozenset({"q", "k"}), q, k, k, None, 0, inputs)
-    got = routing.content_values([node], q, k, call, inputs)[node]
+    got = content_ids.content_values([node], q, k, call, inputs)[node]
     want = reference_ids(node, q.numpy(), k.numpy(), **{name: x.numpy() for name, x in inputs.items()})
     assert np.array_equal(got[0].numpy(), want[0])
     if isinstance(node, TopK):
@@ -243,7 +244,7 @@ def test_sorted_shares_visit_about_their_density():
     q, k = torch.randn(1, 1, 512, 32), torch.randn(1, 1, 512, 32)
     call = check_call("p", kern.needs, q, k, k, None, None, {})
     node = sparsec.passes.specialize(kern.shares[0].key, 512, 512, 0, 1)
-    order = routing.SortedOrder.of(routing.content_values([node], q, k, call, {})[node])
+    order = SortedOrder.of(content_ids.content_values([node], q, k, call, {})[node])
     lay = order.layout(16, 16, True).to_host(512, 512, 0)
     assert lay.tile_density() < 0.2, lay
     assert lay.tiles_visited() >= kern.mask(512, q=q, k=k).float().mean() * 32 * 32
@@ -262,7 +263,7 @@ def test_topk_layouts_from_the_selection_are_sound(src, kind):
     q, k, _ = draw_inputs(kind, 2, 2, 1, n_q, n_k, 16, torch.float32, gen)
     call = check_call("p", kern.needs, q, k, k, None, q_offset, {})
     body = sparsec.passes.specialize(kern.ir, n_q, n_k, q_offset, 2)
-    space = TableSpace(n_q, n_k, q_offset, 2, 2, inputs={"content": routing.content_values(body.walk(), q, k, call, {})})
+    space = TableSpace(n_q, n_k, q_offset, 2, 2, inputs={"content": content_ids.content_values(body.walk(), q, k, call, {})})
     for bm, bn in ((8, 8), (16, 4)):
         host = build_layout(body, n_q, n_k, bm, bn, q_offset, 2, space=space).classes()
         device = selections.SelectionLayouts.of(body, n_q, n_k, q_offset, bm, bn, 2, torch.device("cpu"))
@@ -337,10 +338,10 @@ def test_ids_and_selections_a_block_of_rows_at_a_time_are_the_same(src, monkeypa
     call = check_call("p", kern.needs, q, k, k, None, None, {})
     body = sparsec.passes.specialize(kern.ir, 37, 41, call.q_offset, 4)
     given = {"rotations": torch.randint(-2, 3, (2, 16, 4), generator=gen).float()} if "lsh" in src else {}
-    whole = routing.content_values(list(body.nodes()), q, k, call, given)
-    monkeypatch.setattr(routing, "ROWS_AT_ONCE", 5)
-    monkeypatch.setattr(routing, "SCORES_AT_ONCE", 7)
-    blocked = routing.content_values(list(body.nodes()), q, k, call, given)
+    whole = content_ids.content_values(list(body.nodes()), q, k, call, given)
+    monkeypatch.setattr(content_ids, "ROWS_AT_ONCE", 5)
+    monkeypatch.setattr(content_ids, "SCORES_AT_ONCE", 7)
+    blocked = content_ids.content_values(list(body.nodes()), q, k, call, given)
     for node in whole:
         for a, b in zip(whole[node], blocked[node]):
             assert torch.equal(a, b), src

@@ -144,7 +144,7 @@ def assert_located(e: sparsec.SparsecError, text: str) -> None:
     assert lines[0].startswith(f"{e.span.source.filename}:{e.span.line}:{e.span.column}: error: "), str(e)
 
 
-def exercise(kern: sparsec.Kernel, interpret: bool) -> None:
+def exercise(kern: sparsec.CompiledPattern, interpret: bool) -> None:
     """A small call of every kind the program allows: mask, layout, the CPU path (and the
     interpreter in the long profile), with the runtime inputs the pattern needs."""
     n_q, n_k, heads = 19, 23, 2

@@ -156,7 +156,9 @@ def test_decode_steps_are_the_last_rows_of_the_full_computation(backend):
 def test_split_key_decoding_merges_to_the_full_rows(src):
     """Decoding with one to 16 query rows: the generated forward splits each row of key tiles over
     several programs (flash-decoding) and merges them by LSE; rows still equal the full computation."""
-    from sparsec.runtime import DeviceLayout, decode_splits, check_call
+    from sparsec.layout import DeviceLayout
+    from sparsec.runtime.launch import decode_splits
+    from sparsec.runtime.call import check_call
     kern = sparsec.compile(f"pattern p = {src}")
     seg = {"segment_ids": torch.as_tensor(np.repeat([0, 1, 2], [50, 90, 60]))[None]} if "document" in src else {}
     q, k, v = torch.randn(1, 2, 200, 16), torch.randn(1, 1, 200, 16), torch.randn(1, 1, 200, 16)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import sparsec
-from sparsec import layout as layout_module
+from sparsec.layout import build as layout_build
 from sparsec.ir.tiles import EMPTY, FULL, PARTIAL
 from sparsec.layout import tile_classes
 
@@ -65,12 +65,12 @@ def test_layouts_built_a_band_at_a_time_are_the_same(src, shape, tile):
         return
     n_q, n_k, offset, heads = shape
     whole = kern.layout(n_q, n_k, *tile, heads=heads, q_offset=offset)
-    saved = layout_module.CHUNK_CANDIDATES
-    layout_module.CHUNK_CANDIDATES = 1
+    saved = layout_build.CHUNK_CANDIDATES
+    layout_build.CHUNK_CANDIDATES = 1
     try:
         banded = kern.layout(n_q, n_k, *tile, heads=heads, q_offset=offset)
     finally:
-        layout_module.CHUNK_CANDIDATES = saved
+        layout_build.CHUNK_CANDIDATES = saved
     for a, b in ((whole.full, banded.full), (whole.partial, banded.partial)):
         assert np.array_equal(a.ptr, b.ptr) and np.array_equal(a.indices, b.indices)
 
@@ -168,7 +168,7 @@ def test_document_layouts_built_on_device_equal_the_host_ones(src, lengths, shuf
     """DocumentLayouts (torch, the tensors' device) against build_layout (numpy, host) and the dense mask."""
     import torch
     from sparsec import passes
-    from sparsec.documents import DocumentLayouts, static_part
+    from sparsec.layout.documents import DocumentLayouts, static_part
     from sparsec.layout import build_layout
     n = max(sum(row) for row in lengths)
     n_q = min(n_q, n)

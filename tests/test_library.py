@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.elaborate import pattern_names
-from sparsec.syntax import parse
+from sparsec.grammar.elaborate import pattern_names
+from sparsec.grammar.syntax import parse
 from test_kernel import check
 
 LIBRARY = Path(__file__).resolve().parent.parent / "patterns"

@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, strategies as st
 
 import sparsec
-from sparsec.ir.sampled import random_keys
+from sparsec.ir.random import random_keys
 from sparsec.ir.tiles import Grid
 
 from conftest import patterns

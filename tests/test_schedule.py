@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.runtime import DeviceLayout
+from sparsec.layout import DeviceLayout
 
 
 def expected_order(work: np.ndarray) -> list[int]:

@@ -2,7 +2,7 @@
 import pytest
 
 import sparsec
-from sparsec.syntax import dump, parse
+from sparsec.grammar.syntax import dump, parse
 
 
 def error_of(src: str, **params) -> str:

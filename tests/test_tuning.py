@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import sparsec
-from sparsec import runtime as R
-from sparsec import tuning
-from sparsec.cache import CacheError
+from sparsec.runtime.call import check_call, default_config
+from sparsec.runtime import tuning
+from sparsec.runtime.cache import CacheError
 from sparsec.codegen import TileConfig
 
 H100_SHARED = 233472 - 1024
@@ -232,32 +232,32 @@ def test_check_config():
         sparsec.compile("pattern p = causal", autotune="yes")
 
 
-def test_given_config_is_what_runs(monkeypatch):
-    """config= picks the generated module's tiles (interpreter) and the CPU path's tiles."""
-    loaded = []
-    real = R.load_kernel
-    monkeypatch.setattr(R, "load_kernel", lambda gen, *a: loaded.append(gen.source) or real(gen, *a))
-    kern = sparsec.compile("pattern p = band(20) + global(3)", config=TileConfig(32, 16, 2, 2))
+def test_given_config_is_what_runs():
+    """config= picks the tiles and launch options the generated kernels get (interpreter) and the
+    CPU path's tiles."""
+    config = TileConfig(32, 16, 2, 2)
+    kern = sparsec.compile("pattern p = band(20) + global(3)", config=config)
     q, k, v = (torch.randn(1, 2, 90, 32, dtype=torch.float64).float() for _ in range(3))
     mask = kern.mask(90, heads=2)
     ref = torch.softmax((q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, -torch.inf), -1) \
         @ v.double()
     for backend in ("interpret", "cpu"):
         assert (kern(q, k, v, backend=backend).double() - ref).abs().max() < 1e-4
-    assert loaded and all("BLOCK_M=32 BLOCK_N=16 num_warps=2 num_stages=2" in s for s in loaded)
-    assert any(key[0] == "plan" and key[2] == TileConfig(32, 16, 2, 2) for key in kern._cache if isinstance(key, tuple))
+    (bound,) = kern.bind(q, k, v, backend="interpret")
+    assert bound.runner.config == config and (bound.runner.lay.block_m, bound.runner.lay.block_n) == (32, 16)
+    assert any(key[0] == "plan" and key[2] == config for key in kern._cache if isinstance(key, tuple))
 
 
 def test_tune_without_a_gpu_is_a_notice(capsys):
     kern = sparsec.compile("pattern p = causal")
     q = torch.randn(1, 1, 64, 16)
-    assert kern.tune(q, q, q) == [R.default_config("cpu", R.check_call("p", frozenset(), q, q, q, None, None, {}))]
+    assert kern.tune(q, q, q) == [default_config("cpu", check_call("p", frozenset(), q, q, q, None, None, {}))]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "autotuner is skipped" in err
 
 
 def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
-    """The GPU path of Kernel._config with the device faked: the key, the persisted winner, the
+    """The GPU path of CompiledPattern._config with the device faked: the key, the persisted winner, the
     per-kernel memo, and autotune=False / config= bypassing the tuner."""
     monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
@@ -270,7 +270,7 @@ def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
         return lambda c: timed.append((c, training)) or fake(c)
     monkeypatch.setattr(tuning, "kernel_timer", fake_timer)
     q = torch.randn(1, 2, 500, 64, dtype=torch.float16)
-    call = R.check_call("p", frozenset(), q, q, q, None, None, {})
+    call = check_call("p", frozenset(), q, q, q, None, None, {})
     kern = sparsec.compile("pattern p = band(64) + global(8)", autotune=True)
     body = kern.shares[0].body
     chosen = kern._config(0, body, call, "triton", {}, None, (q, q, q))
@@ -297,7 +297,7 @@ def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
     assert sparsec.compile("pattern p = band(64)", config=fixed)._config(0, body, call, "triton", {}, None,
                                                                         (q, q, q)) == fixed
     off = sparsec.compile("pattern p = band(64)", autotune=False)
-    assert off._config(0, body, call, "triton", {}, None, (q, q, q)) == R.default_config("triton", call)
+    assert off._config(0, body, call, "triton", {}, None, (q, q, q)) == default_config("triton", call)
 
 
 @pytest.mark.gpu

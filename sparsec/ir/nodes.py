@@ -3,7 +3,9 @@ from .content import Cluster, Lsh, TopK
 from .pattern import Blocks, Difference, Heads, Intersection, Pattern, Union
 from .positional import (Band, Causal, Chunk, Dilated, Empty, Full, Global, GlobalSet, Last,
                          LogSparse, Sink, Stride)
-from .sampled import Document, Random, Where
+from .document import Document
+from .random import Random
+from .where import Where
 
 __all__ = ["Band", "Blocks", "Causal", "Chunk", "Cluster", "Difference", "Dilated", "Document", "Empty",
            "Full", "Global", "GlobalSet", "Heads", "Intersection", "Last", "LogSparse", "Lsh", "Pattern",

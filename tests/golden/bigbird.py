@@ -2,8 +2,8 @@
 #
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
-# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: b88f97ecedce919f
+# tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
+# content hash: bafe779c6c51aa76
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -22,8 +22,6 @@
 #   random5_count            int      from node 5: count
 import triton
 import triton.language as tl
-
-CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 # Triton's // and % truncate toward zero (and Python's, under the interpreter, may not):

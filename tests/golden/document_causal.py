@@ -2,8 +2,8 @@
 #
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
-# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 0c2104968839abf6
+# tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
+# content hash: e058ae4b5fc40ac2
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -19,8 +19,6 @@
 #   document2_stride         int      from node 2: stride
 import triton
 import triton.language as tl
-
-CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 # Triton's // and % truncate toward zero (and Python's, under the interpreter, may not):

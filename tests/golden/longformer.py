@@ -2,8 +2,8 @@
 #
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
-# tile config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3
-# content hash: 8b7618e0e3124024
+# tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
+# content hash: 469ff867260cb340
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -18,8 +18,6 @@
 #   (none)
 import triton
 import triton.language as tl
-
-CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 # Triton's // and % truncate toward zero (and Python's, under the interpreter, may not):

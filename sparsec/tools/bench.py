@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from . import peers
-from . import runtime as R
-from .compiled import Kernel
+from ..reference import attention
+from ..runtime.call import check_call, choose_backend, default_config
+from ..compiled import CompiledPattern
 
 PEERS = ("flex", "sdpa", "dense")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -121,15 +122,6 @@ def machine(device) -> dict:
 
 # ---- one case ---------------------------------------------------------------------------------------------
 
-def reference(q, k, v, mask, scale: float) -> torch.Tensor:
-    """Float64 attention under a dense bool mask; rows with no allowed key give 0."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (x.double().repeat_interleave(group, 1) for x in (k, v))
-    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return p @ v
-
-
 def documents(batch: int, n: int, rng: np.random.Generator) -> torch.Tensor:
     """Segment ids for a document pattern: up to 8 documents of random lengths per batch row."""
     out = np.zeros((batch, n), np.int64)
@@ -139,7 +131,7 @@ def documents(batch: int, n: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def run(kern: Kernel, case: Case) -> dict:
+def run(kern: CompiledPattern, case: Case) -> dict:
     """Time the case: sparsec and each requested peer, interleaved; a peer that cannot run it is
     reported with the reason. Times are medians in ms; speedups are peer time / sparsec time."""
     device, dtype = torch.device(case.device), DTYPES[case.dtype]
@@ -157,7 +149,7 @@ def run(kern: Kernel, case: Case) -> dict:
         for x in (q, k, v):
             x.requires_grad_(True)
     grad = torch.randn(q.shape, generator=gen).to(device, dtype) if case.backward else None
-    backend = R.choose_backend(None, device)
+    backend = choose_backend(None, device)
     result = dict(pattern=kern.name, ir=kern.ir.body.show(), **{f: getattr(case, f) for f in (
         "n_q", "n_k", "batch", "heads", "dim", "dtype", "device")}, kv_heads=kv_heads, backend=backend,
         mode="forward+backward" if case.backward else "forward")
@@ -186,8 +178,8 @@ def run(kern: Kernel, case: Case) -> dict:
     if backend == "triton":
         configs = kern.tune(q, k, v, **runtime)
     else:
-        call = R.check_call(kern.name, kern.needs, q, k, v, scale, None, runtime)
-        configs = [kern.config or R.default_config(backend, call)] * len(kern.shares)
+        call = check_call(kern.name, kern.needs, q, k, v, scale, None, runtime)
+        configs = [kern.config or default_config(backend, call)] * len(kern.shares)
     result["tune_s"] = time.perf_counter() - t
     result["config"] = [asdict(c) for c in configs]   # per share
     add("sparsec", lambda: lambda: kern(q, k, v, scale=scale, **runtime))
@@ -241,7 +233,7 @@ def run(kern: Kernel, case: Case) -> dict:
     return result
 
 
-def layout_stats(kern: Kernel, case: Case, runtime: dict, config) -> tuple[float | None, int | None]:
+def layout_stats(kern: CompiledPattern, case: Case, runtime: dict, config) -> tuple[float | None, int | None]:
     """(ms, pairs): a cold host build of the layout at sparsec's tiles (`kern.layout` caches
     nothing), and the pairs its tiles hold (what the kernel computes, masked or not); None for
     content-based patterns, whose layouts are built per call."""
@@ -256,19 +248,16 @@ def layout_stats(kern: Kernel, case: Case, runtime: dict, config) -> tuple[float
     return ms, lay.tiles_visited() * lay.block_m * lay.block_n * (case.batch // lb) * (case.heads // lh)
 
 
-def kernels_only(kern: Kernel, q, k, v, scale: float, runtime: dict, backend: str):
-    """sparsec's kernels with the layout, tables and config resolved beforehand: a call minus
-    kernels_only is the per-call overhead. Only for one positional share."""
+def kernels_only(kern: CompiledPattern, q, k, v, scale: float, runtime: dict, backend: str):
+    """sparsec's kernels with the layout, tables and config resolved beforehand (kern.bind): a call
+    minus kernels_only is the per-call overhead. Only for one positional share."""
     if len(kern.shares) != 1 or kern.shares[0].key is not None:
         raise peers.Skipped("several shares or a sorted share: no single runner to time alone")
-    call = R.check_call(kern.name, kern.needs, q, k, v, scale, None, runtime)
-    inputs, bodies = kern._prepare(call, q, k, runtime)
-    config = kern._config(0, bodies[0], call, backend, inputs, None, (q, k, v))
-    runner = kern._runner(0, bodies[0], call, backend, config, inputs)
-    return lambda: runner.forward(q, k, v)[0]
+    (bound,) = kern.bind(q, k, v, scale, backend=backend, **runtime)
+    return lambda: bound.runner.forward(*bound.args)[0]
 
 
-def accuracy(kern: Kernel, q, k, v, scale: float, outputs: dict, runtime: dict, limit: int) -> dict:
+def accuracy(kern: CompiledPattern, q, k, v, scale: float, outputs: dict, runtime: dict, limit: int) -> dict:
     """Each output's max abs difference from float64 attention under the reference mask (when
     the mask and the float64 scores fit in `limit`), else from sparsec's output. Dense attention
     computes another function (every key): not compared."""
@@ -277,7 +266,7 @@ def accuracy(kern: Kernel, q, k, v, scale: float, outputs: dict, runtime: dict, 
     small = 9 * B * H * n_q * n_k <= limit and not {"q", "k"} & kern.needs
     if small:
         mask = kern.mask(n_q, n_k, heads=H, **{n: x.cpu() for n, x in runtime.items()}).to(q.device)
-        ref, against = reference(q.detach(), k.detach(), v.detach(), mask, scale), "float64 reference"
+        ref, against = attention(q.detach(), k.detach(), v.detach(), mask, scale)[0], "float64 reference"
     else:
         ref, against = outputs["sparsec"].double(), "sparsec"
     return {name: {"max_abs_err": float((o.double() - ref).abs().max()), "err_against": against}

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .ir.content import TopK
-from .ir.pattern import Difference, Intersection, Pattern, Union, value
-from .ir.tiles import EMPTY, FULL, PARTIAL
-from .layout import build_layout
-from .runtime import DeviceLayout
+from ..ir.content import TopK
+from ..ir.pattern import Difference, Intersection, Pattern, Union, value
+from ..ir.tiles import EMPTY, FULL, PARTIAL
+from .block import DeviceLayout, expand_ranges
+from .build import build_layout
 
 
 def supported(body: Pattern) -> bool:
@@ -139,9 +139,7 @@ class SelectionLayouts:
         cols_lo, cols_hi = j * size, torch.clamp(j * size + size - 1, max=self.n_k - 1)
         kf, kl = cols_lo // bn, cols_hi // bn + 1
         width = kl - kf
-        count = (ql - qf) * width
-        owner = torch.repeat_interleave(torch.arange(len(count), device=chosen.device), count)
-        at = torch.arange(len(owner), device=chosen.device) - (torch.cumsum(count, 0) - count)[owner]
+        owner, at = expand_ranges(torch.zeros_like(width), (ql - qf) * width)   # each pair's tiles, row-major
         qt, kt = qf[owner] + at // width[owner], kf[owner] + at % width[owner]
         inside = (qt * bm >= rows_lo[owner]) & (torch.clamp(qt * bm + bm - 1, max=self.n_q - 1) <= rows_hi[owner]) \
             & (kt * bn >= cols_lo[owner]) & (torch.clamp(kt * bn + bn - 1, max=self.n_k - 1) <= cols_hi[owner])

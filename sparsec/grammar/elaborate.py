@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
 
 from . import syntax as S
-from .errors import Span, SparsecError
-from .ir.limits import NESTING
-from .ir import expr as E
-from .ir import nodes as N
-from .ir.program import Binding, Definition
+from ..errors import Span, SparsecError
+from ..ir.limits import EXACT, NESTING
+from ..ir import expr as E
+from ..ir import nodes as N
+from ..ir.program import Binding, Definition
 
 LENGTHS = ("n", "n_q", "n_k")
 PAIR_NAMES = ("i", "j", "h")  # defined inside where(...) only
@@ -282,3 +284,20 @@ def elaborate(module: S.Module, pattern: str | None = None) -> Definition:
 
 def pattern_names(module: S.Module) -> list[str]:
     return [s.name for s in module.statements if s.kind == "pattern"]
+
+
+def bind_params(d: Definition, module: S.Module, params: dict[str, Any]) -> Definition:
+    """The definition with the given parameter values in place of the defaults."""
+    declared = [s.name for s in module.statements if s.kind == "param"]
+    for name, v in params.items():
+        if name not in declared:
+            lets = [s.name for s in module.statements if s.kind == "let"]
+            why = " (it is a let, not a param)" if name in lets else ""
+            raise ValueError(f"{name}=: no such param{why}; the program declares: {', '.join(declared) or 'none'}")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name}= must be an int, got {type(v).__name__}")
+        if abs(v) >= EXACT:
+            raise ValueError(f"{name}= must be below 2**256 in magnitude (as every constant of the language), got {v}")
+    bindings = tuple(Binding(b.kind, b.name, E.Const(int(params[b.name])), b.span)
+                     if b.kind == "param" and b.name in params else b for b in d.bindings)
+    return Definition(d.name, bindings, d.body, d.span)

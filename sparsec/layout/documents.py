@@ -6,7 +6,7 @@ input) has its layout built once per shape and kept on the device as candidate t
 computes each tile's segment range (min and max id, O(n)) and intersects, all in torch on the
 device: O(n + candidate tiles), never n x n. A tile is FULL when it is FULL in X and both its rows
 and its keys lie in one and the same segment, EMPTY when their id ranges do not meet, else PARTIAL
-(the document predicate decides each pair), exactly the host rule of ir/sampled.Document."""
+(the document predicate decides each pair), exactly the host rule of ir/document.Document."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .ir.pattern import Intersection, Pattern
-from .ir.sampled import Document
-from .ir.tiles import FULL, PARTIAL
-from .layout import BlockLayout
-from .runtime import DeviceLayout, tile_extremes
+from ..ir.pattern import Intersection, Pattern
+from ..ir.document import Document
+from ..ir.tiles import FULL, PARTIAL
+from .block import BlockLayout, DeviceLayout, expand_ranges, tile_extremes
 
 
 def static_part(body: Pattern) -> tuple[Pattern | None] | None:
@@ -90,10 +89,7 @@ def _document_tiles(seg, q_min, q_max, block_n, tq, tk):
     if bool((seg[:, 1:] >= seg[:, :-1]).all()):
         first = torch.searchsorted(seg, q_min, side="left") // block_n
         last = (torch.searchsorted(seg, q_max, side="right") - 1) // block_n + 1
-        count = (last - first).reshape(-1)
-        owner = torch.repeat_interleave(torch.arange(B * tq, device=device), count)
-        start = torch.cumsum(count, 0) - count
-        kt = torch.arange(len(owner), device=device) - start[owner] + first.reshape(-1)[owner]
+        owner, kt = expand_ranges(first.reshape(-1), (last - first).reshape(-1))
         b, t = owner // tq, owner % tq
     else:
         b = torch.arange(B, device=device).repeat_interleave(tq * tk)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .codegen import VERSION, TileConfig
+from ..codegen import VERSION, TileConfig
 from .cache import CacheError, write_atomically
 
 BLOCKS = (16, 32, 64, 128)

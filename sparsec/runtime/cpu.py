@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .ir.pattern import Pattern
-from .ir.tiles import Grid, TableSpace
-from .layout import BlockLayout
+from ..ir.pattern import Pattern
+from ..ir.tiles import Grid, TableSpace
+from ..layout import BlockLayout
 
 SCORE_BUDGET = 1 << 19   # score entries (fp32) per step: 2 MB, so a step's working set stays in cache
 

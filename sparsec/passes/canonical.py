@@ -1,18 +1,16 @@
-"""The optimizer: pure IR -> IR passes, listed once in order; SPARSEC_DEBUG=passes prints each result."""
+"""The canonical passes: constants folded, unions and intersections flattened and simplified, sizes bounded."""
 from __future__ import annotations
 
 import itertools
 import math
-import os
-import sys
 from dataclasses import replace
 from typing import Callable
 
-from .ir import expr as E
-from .ir import nodes as N
-from .errors import SparsecError
-from .ir.limits import EXPR_NODES, IR_NODES, check_lengths
-from .ir.program import Definition
+from ..ir import expr as E
+from ..ir import nodes as N
+from ..errors import SparsecError
+from ..ir.limits import EXPR_NODES, IR_NODES
+from ..ir.program import Definition
 
 
 def fold_constants(d: Definition) -> Definition:
@@ -222,29 +220,3 @@ def canonicalize(d: Definition) -> Definition:
     return replace(d, body=simplify(d.body))
 
 
-PASSES: list[tuple[str, Callable[[Definition], Definition]]] = [
-    ("fold_constants", fold_constants),
-    ("canonicalize", canonicalize),
-    ("check_size", check_size),
-]
-
-
-def optimize(d: Definition) -> Definition:
-    debug = "passes" in os.environ.get("SPARSEC_DEBUG", "")
-    for name, run in PASSES:
-        d = run(d)
-        if debug:
-            print(f"--- after {name}:\n{d.show()}", file=sys.stderr)
-    return d
-
-
-def specialize(d: Definition | N.Pattern, n_q: int, n_k: int, q_offset: int, heads: int) -> N.Pattern:
-    """The body (of a definition, or a pattern itself) with every argument evaluated for these
-    lengths, checked and saturated; where(...) conditions checked over the call's rows
-    (positions q_offset .. q_offset + n_q - 1), keys and heads."""
-    why = check_lengths(n_q, n_k, q_offset)
-    if why:
-        raise ValueError(why)
-    body = d.body if isinstance(d, Definition) else d
-    return body.specialize({"n": n_k, "n_k": n_k, "n_q": n_q, "rows": (q_offset, q_offset + n_q - 1),
-                            "heads": heads})

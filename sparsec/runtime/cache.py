@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import SparsecError
+from ..errors import SparsecError
 
 ENV = "SPARSEC_CACHE_DIR"
 

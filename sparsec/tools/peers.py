@@ -9,10 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import passes
-from .compiled import Kernel
-from .ir.tiles import Grid, TableSpace
-from .layout import BlockLayout
+from .. import passes
+from ..compiled import CompiledPattern
+from ..ir.tiles import Grid, TableSpace
+from ..layout import BlockLayout
 
 
 FULL_TILE, EMPTY_TILE = -2, -1
@@ -29,7 +29,7 @@ def dense(q, k, v, scale: float):
     return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
 
 
-def masked_sdpa(kern: Kernel, q, k, v, scale: float, limit_bytes: int, runtime: dict):
+def masked_sdpa(kern: CompiledPattern, q, k, v, scale: float, limit_bytes: int, runtime: dict):
     """SDPA with the pattern's dense boolean mask (broadcast over heads when the pattern does not
     depend on them), when the mask fits in limit_bytes."""
     if {"q", "k"} & kern.needs:
@@ -69,7 +69,7 @@ class TileMasks:
         return (full + partial) * (batch // lb) * (heads // lh)
 
 
-def tile_masks(kern: Kernel, n_q: int, n_k: int, heads: int, block: int, q_offset: int | None = None,
+def tile_masks(kern: CompiledPattern, n_q: int, n_k: int, heads: int, block: int, q_offset: int | None = None,
                segment_ids=None) -> TileMasks:
     """The layout at block x block tiles and the PARTIAL tiles' masks, from the IR's reference
     rule evaluated on those tiles only."""

@@ -11,11 +11,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from . import passes
-from .ir import expr as E
-from .ir.content import Cluster, Lsh, LshRound
-from .ir.pattern import Difference, Heads, Intersection, Pattern, Union
-from .ir.positional import Empty
+from .. import passes
+from ..ir import expr as E
+from ..ir.content import Cluster, Lsh, LshRound
+from ..ir.pattern import Difference, Heads, Intersection, Pattern, Union
+from ..ir.positional import Empty
 
 
 @dataclass(frozen=True)

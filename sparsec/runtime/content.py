@@ -1,18 +1,17 @@
 """Content-based parts at call time, on the tensors' device: bucket ids, clusters and top-k
-selections in torch; the sorted order of a share and the layout of its bucket ranges; the merge
+selections in torch; q, k, v gathered into a share's sorted order and scattered back; the merge
 of shares by log-sum-exp. Nothing here is n x n: ids are O(n D) (computed a block of rows at a
 time), layouts O(tiles visited); top-k scores are (query blocks x key blocks), ranked in slices."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
-from .ir.content import Cluster, ContentPattern, Lsh, LshRound, TopK, rotations, spherical_start
-from .ir.pattern import Pattern, value
-from .ir.tiles import FULL, PARTIAL
-from .runtime import Call, DeviceLayout, tile_extremes
+from ..ir.content import Cluster, ContentPattern, Lsh, LshRound, TopK, rotations, spherical_start
+from ..ir.pattern import Pattern, value
+from ..layout.sorted import SortedOrder
+from .call import Call
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -143,72 +142,22 @@ def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple
     return out
 
 
-@dataclass(frozen=True)
-class SortedOrder:
-    """q's and k's rows of every (b, h) sorted by one bucketing (stable: by position within a
-    bucket). q_pos, k_pos (B, H, n) int32 are the original row of each sorted row."""
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor
-    q_ids: torch.Tensor     # (B, H, n_q) sorted bucket ids
-    k_ids: torch.Tensor
 
-    @staticmethod
-    def of(ids: tuple[torch.Tensor, torch.Tensor]) -> "SortedOrder":
-        (q_ids, q_pos), (k_ids, k_pos) = (torch.sort(x[:, :, 0], dim=-1, stable=True) for x in ids)
-        return SortedOrder(q_pos.int().contiguous(), k_pos.int().contiguous(), q_ids, k_ids)
+def gather(order: SortedOrder, q, k, v, group: int):
+    """q, k, v in the order's row order; k and v get one copy per query head (each head sorts its
+    own). Differentiable: torch sends the gradients back to the original rows and K/V heads."""
+    k, v = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
+    q_rows, k_rows = _flat(order.q_pos), _flat(order.k_pos)
+    return tuple(x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape)
+                 for x, rows in ((q, q_rows), (k, k_rows), (v, k_rows)))
 
-    def gather(self, q, k, v, call: Call):
-        """q, k, v in this order; k and v get one copy per query head (each head sorts its own).
-        Differentiable: torch sends the gradients back to the original rows and K/V heads."""
-        group = call.heads // call.kv_heads
-        k, v = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
-        q_rows, k_rows = _flat(self.q_pos), _flat(self.k_pos)
-        return tuple(x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape)
-                for x, rows in ((q, q_rows), (k, k_rows), (v, k_rows)))
 
-    def scatter(self, o, lse):
-        """O and LSE back in the original row order."""
-        rows = _flat(self.q_pos)
-        o = torch.zeros_like(o).view(-1, o.shape[-1]).index_copy(0, rows, o.reshape(-1, o.shape[-1]))
-        return o.view(self.q_pos.shape + o.shape[-1:]), torch.zeros_like(lse).view(-1).index_copy(
-            0, rows, lse.reshape(-1)).view(lse.shape)
-
-    def layout(self, block_m: int, block_n: int, full: bool, offsets=None, q_offset: int = 0,
-               heads: list[bool] | None = None) -> DeviceLayout:
-        """A query tile visits the key tiles whose bucket range meets its own; with `full`, a tile
-        whose q and k rows all hold one and the same bucket is FULL, every other one PARTIAL.
-        offsets: [lo, hi] that p - j must lie in (shares.offset_bounds), or None; a tile whose
-        positions (p = row + q_offset, j) cannot meet it is skipped. heads: the heads the share
-        can allow pairs in (shares.active_heads), or None for all; the others get no tiles."""
-        B, H, n_q = self.q_ids.shape
-        n_k = self.k_ids.shape[2]
-        tq, tk = -(-n_q // block_m), -(-n_k // block_n)
-        q_lo, q_hi = _ends(self.q_ids, block_m)
-        k_lo, k_hi = _ends(self.k_ids, block_n)
-        rows = self.k_ids.reshape(B * H, n_k).contiguous()
-        first = torch.searchsorted(rows, q_lo.reshape(B * H, tq).contiguous(), side="left")
-        last = torch.searchsorted(rows, q_hi.reshape(B * H, tq).contiguous(), side="right")
-        count = torch.where(last > first, (last - 1) // block_n - first // block_n + 1, 0).reshape(-1)
-        owner = torch.repeat_interleave(torch.arange(B * H * tq, device=rows.device), count)
-        start = torch.cumsum(count, 0) - count
-        kt = torch.arange(len(owner), device=rows.device) - start[owner] + (first // block_n).reshape(-1)[owner]
-        bh, t = owner // tq, owner % tq
-        cls = torch.full_like(kt, PARTIAL, dtype=torch.int8)
-        if full:
-            lo, hi = q_lo.reshape(-1)[owner], q_hi.reshape(-1)[owner]
-            klo, khi = k_lo.reshape(B * H, tk)[bh, kt], k_hi.reshape(B * H, tk)[bh, kt]
-            cls = torch.where((lo == hi) & (klo == khi) & (klo == lo), FULL, PARTIAL).to(torch.int8)
-        if offsets is not None:   # the tile's offsets p - j span [min p - max j, max p - min j]
-            p_min, p_max = (x.reshape(B * H, tq).long() + q_offset
-                            for x in tile_extremes(self.q_pos, block_m))
-            j_min, j_max = (x.reshape(B * H, tk).long() for x in tile_extremes(self.k_pos, block_n))
-            meet = (p_max[bh, t] - j_min[bh, kt] >= offsets[0]) & (p_min[bh, t] - j_max[bh, kt] <= offsets[1])
-            bh, t, kt, cls = bh[meet], t[meet], kt[meet], cls[meet]
-        if heads is not None and not all(heads):
-            keep = torch.as_tensor(heads, device=bh.device)[bh % H]
-            bh, t, kt, cls = bh[keep], t[keep], kt[keep], cls[keep]
-        return DeviceLayout.from_tiles((B, H, tq, tk), block_m, block_n, bh, t, kt, cls, tk)
-
+def scatter(order: SortedOrder, o, lse):
+    """O and LSE back in the original row order."""
+    rows = _flat(order.q_pos)
+    o = torch.zeros_like(o).view(-1, o.shape[-1]).index_copy(0, rows, o.reshape(-1, o.shape[-1]))
+    return o.view(order.q_pos.shape + o.shape[-1:]), torch.zeros_like(lse).view(-1).index_copy(
+        0, rows, lse.reshape(-1)).view(lse.shape)
 
 def _flat(pos: torch.Tensor) -> torch.Tensor:
     """Rows (B, H, n) of each (b, h) as rows of the (B * H * n)-row flattening: one index_select
@@ -216,13 +165,6 @@ def _flat(pos: torch.Tensor) -> torch.Tensor:
     B, H, n = pos.shape
     base = torch.arange(B * H, device=pos.device, dtype=torch.long).view(B, H, 1) * n
     return (pos.long() + base).reshape(-1)
-
-
-def _ends(ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first and last id of every tile of `size` sorted rows: its bucket range (B, H, tiles)."""
-    n = ids.shape[-1]
-    starts = torch.arange(0, n, size, device=ids.device)
-    return ids[..., starts], ids[..., torch.clamp(starts + size, max=n) - 1]
 
 
 def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,13 +9,14 @@ import sys
 import numpy as np
 import torch
 
-from . import bench, passes
-from .codegen import TileConfig
-from .compiled import CompiledPattern, read_source
-from .errors import SparsecError
-from .ir.tiles import EMPTY, FULL, PARTIAL
-from .layout import tile_classes
-from .syntax import dump, parse
+from .. import pipeline
+from ..reference import attention
+from . import bench
+from ..compiled import CompiledPattern, read_source
+from ..errors import SparsecError
+from ..ir.tiles import EMPTY, FULL, PARTIAL
+from ..layout import tile_classes
+from ..grammar.syntax import dump, parse
 
 
 def _param(text: str) -> tuple[str, int]:
@@ -50,18 +51,14 @@ def emit(args) -> None:
         return
     kern = _compile(args)
     if args.stage == "triton":   # one module per share (content-based patterns may have several)
-        print("\n\n".join(kern.generated(TileConfig(*args.block), i).source for i in range(len(kern.shares))), end="")
+        print(kern.source, end="")
         return
     if args.stage == "ir":
-        d = kern.source_ir
-        print(f"# {kern.name}: as written\n{d.show()}")
-        for name, run in passes.PASSES:
-            d = run(d)
-            print(f"# after {name}\n{d.show()}")
-        if len(kern.shares) > 1 or kern.shares[0].key is not None:
-            for i, share in enumerate(kern.shares):
-                order = f"sorted by {share.key.show()}" if share.key is not None else "positional order"
-                print(f"# share {i} ({order})\n{share.body.show()}")
+        stages = ["elaborate", "passes"] + (["shares"] if len(kern.shares) > 1 or kern.shares[0].key is not None
+                                             else [])
+        with pipeline.watching(stages, lambda stage, text: print(text)):   # the stages as they run
+            kern = _compile(args)
+            kern.shares
         print(f"# cost (allowed pairs at n_q = n_k = n): {kern.symbolic_cost()}")
         if kern.source_ir.bindings:
             print(f"#   with the params and lets folded: {kern.cost}")
@@ -165,10 +162,7 @@ def kernel_error(kern, inputs: dict, n: int, heads: int, backend: str) -> tuple[
     runtime = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
     mask = kern.mask(n, heads=heads, **inputs)
     ref = [x.double().requires_grad_() for x in (q, k, v)]
-    scores = (ref[0] @ ref[1].transpose(-1, -2) / 8.0).masked_fill(~mask, float("-inf"))
-    some = mask.any(-1, keepdim=True)   # rows with no allowed key: weights 0, gradients 0 (not NaN)
-    weights = torch.where(mask, torch.softmax(torch.where(some, scores, 0.0), -1), 0.0)
-    want = weights @ ref[2]
+    want = attention(*ref, mask, 1 / q.shape[-1] ** 0.5)[0]   # the kernel's default scale
     want_grads = torch.autograd.grad(want, ref, do.double())
     leaves = [x.to(device).requires_grad_() for x in (q, k, v)]
     got = kern(*leaves, backend=backend, **runtime)

@@ -1,15 +1,17 @@
 """Front end: the lark LALR parser and the untyped syntax tree it builds, every node with its span."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
+from pathlib import Path
 
 import lark
 from lark import Lark, Transformer, v_args
 
-from .errors import Source, Span, SparsecError
-from .ir.limits import EXACT, NESTING
+from ..errors import Source, Span, SparsecError
+from ..ir.limits import EXACT, NESTING
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def dump(node: Syntax, indent: int = 0) -> str:
 
 @lru_cache(maxsize=None)
 def _parser() -> Lark:
-    grammar = files("sparsec").joinpath("grammar.lark").read_text()
+    grammar = files("sparsec.grammar").joinpath("grammar.lark").read_text()
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
@@ -280,3 +282,16 @@ def parse(text: str, filename: str = "<string>") -> Module:
         if isinstance(e.orig_exc, SparsecError):
             raise e.orig_exc from None
         raise
+
+
+def read_source(path_or_source: str | os.PathLike) -> Source:
+    """A path (a Path, or a string ending in .sa with no newline) or the program text itself."""
+    if isinstance(path_or_source, os.PathLike) or (
+            isinstance(path_or_source, str) and "\n" not in path_or_source and path_or_source.endswith(".sa")):
+        path = Path(path_or_source)
+        if not path.is_file():
+            raise FileNotFoundError(f"path_or_source: no such .sa file: {path}")
+        return Source(path.read_text(), str(path))
+    if not isinstance(path_or_source, str):
+        raise TypeError(f"path_or_source must be a path or the program text, got {type(path_or_source).__name__}")
+    return Source(path_or_source, "<string>")

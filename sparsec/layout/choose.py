@@ -1,0 +1,124 @@
+"""Which builder makes a share's layout for a call: one ordered table, scanned top to bottom."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..ir.pattern import Pattern
+from ..ir.tiles import TableSpace
+from ..passes.shares import active_heads, offset_bounds
+from .block import BlockLayout, DeviceLayout
+from .build import build_layout
+from .documents import DocumentLayouts, static_part
+from .selections import SelectionLayouts, supported
+from .sorted import SortedOrder
+
+Cached = Callable[[tuple, Callable], object]   # (key, make) -> the value, made once per key
+
+
+@dataclass(frozen=True)
+class LayoutRequest:
+    """One share of one call at one tile size: what a layout is built for. body is the share's
+    specialized body; full says the share is its bucketing alone (sorted tiles may be FULL);
+    inputs holds the call's segment ids and content values (ids, selections) when it has them."""
+    share: int
+    body: Pattern
+    full: bool
+    n_q: int
+    n_k: int
+    q_offset: int
+    heads: int
+    batch: int
+    block_m: int
+    block_n: int
+    device: torch.device
+    inputs: dict
+    order: SortedOrder | None = None
+
+    def shape(self) -> tuple:
+        """The key of what a layout of a share that reads no runtime input depends on."""
+        return (self.share, self.block_m, self.block_n, self.n_q, self.n_k, self.q_offset, self.heads, self.device)
+
+
+def _sorted(r: LayoutRequest, cached: Cached) -> DeviceLayout:
+    """Tiles whose bucket ranges meet, less those its bands, causal or heads(...) slots rule out."""
+    offsets, heads = cached(("sorted", r.share, r.n_q, r.n_k, r.heads),
+                            lambda: (offset_bounds(r.body), active_heads(r.body, r.heads)))
+    return r.order.layout(r.block_m, r.block_n, r.full, offsets, r.q_offset, heads)
+
+
+def _selection(r: LayoutRequest, cached: Cached) -> DeviceLayout:
+    """The top-k selection's tiles combined with the static parts' class grids (kept per shape)."""
+    static = cached(("selections", *r.shape()), lambda: SelectionLayouts.of(
+        r.body, r.n_q, r.n_k, r.q_offset, r.block_m, r.block_n, r.heads, r.device))
+    return static.build(r.inputs["content"], r.batch)
+
+
+def _document(r: LayoutRequest, cached: Cached) -> DeviceLayout:
+    """`document & X`: X's tiles once per shape, intersected with each tile's segment range."""
+    (static,) = static_part(r.body)
+    documents = cached(("documents", *r.shape()), lambda: DocumentLayouts.of(
+        None if static is None else build_layout(static, r.n_q, r.n_k, r.block_m, r.block_n, r.q_offset, r.heads),
+        r.n_q, r.n_k, r.q_offset, r.block_m, r.block_n, r.device))
+    return documents.build(r.inputs["segment_ids"])
+
+
+def _content_host(r: LayoutRequest, cached: Cached) -> BlockLayout:
+    """Content parts beside a document: the analytic build, per batch row."""
+    space = TableSpace(r.n_q, r.n_k, r.q_offset, r.heads, r.batch, 1,
+                       {name: r.inputs[name] for name in ("segment_ids", "content") if name in r.inputs})
+    return build_layout(r.body, r.n_q, r.n_k, r.block_m, r.block_n, r.q_offset, r.heads, space=space)
+
+
+def _static_host(r: LayoutRequest, cached: Cached) -> BlockLayout:
+    """The analytic build (segment ids copied to the host when the pattern reads them)."""
+    seg = r.inputs.get("segment_ids")
+    return build_layout(r.body, r.n_q, r.n_k, r.block_m, r.block_n, r.q_offset, r.heads,
+                        None if seg is None else seg.cpu().numpy())
+
+
+@dataclass(frozen=True)
+class Builder:
+    """A way to build a layout: when it applies, and its device form, host form or both (a
+    missing form is the other one copied: device -> host, or host -> device)."""
+    name: str
+    applies: Callable[[LayoutRequest], bool]
+    device: Callable[[LayoutRequest, Cached], DeviceLayout] | None = None
+    host: Callable[[LayoutRequest, Cached], BlockLayout] | None = None
+
+
+def _document_static(r: LayoutRequest) -> bool:
+    return r.body.runtime_needs() == {"segment_ids"} and static_part(r.body) is not None
+
+
+BUILDERS: tuple[Builder, ...] = (
+    Builder("sorted share", lambda r: r.order is not None, device=_sorted),
+    Builder("top-k selection", lambda r: supported(r.body), device=_selection),
+    Builder("document & static", _document_static, device=_document, host=_static_host),
+    Builder("content beside document", lambda r: bool({"q", "k"} & r.body.runtime_needs()), host=_content_host),
+    Builder("static", lambda r: True, host=_static_host),
+)
+
+
+def choose(r: LayoutRequest) -> Builder:
+    return next(b for b in BUILDERS if b.applies(r))
+
+
+def device_layout(r: LayoutRequest, cached: Cached) -> DeviceLayout:
+    """The share's layout on the call's device, by the first builder that applies; a host build
+    of a share that reads no runtime input is made once per shape."""
+    builder = choose(r)
+    if builder.device is not None:
+        return builder.device(r, cached)
+    make = lambda: builder.host(r, cached).to(r.device)
+    return cached(("layout", *r.shape()), make) if not r.body.runtime_needs() else make()
+
+
+def host_layout(r: LayoutRequest, cached: Cached) -> BlockLayout:
+    """The same layout as a host BlockLayout (what the CPU path plans from)."""
+    builder = choose(r)
+    if builder.host is not None:
+        return builder.host(r, cached)
+    return builder.device(r, cached).to_host(r.n_q, r.n_k, r.q_offset)
