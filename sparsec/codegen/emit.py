@@ -7,38 +7,50 @@ from dataclasses import dataclass
 
 from ..ir.program import Definition
 from .lowering import TableParam, lower
-from .templates import BACKWARD, FORWARD, HELPERS
+from .templates import BACKWARD, FORWARD, HELPERS, PATTERN
 
 
-VERSION = 6  # bump when the generated code changes shape: part of the content hash
+VERSION = 7  # bump when the generated code changes shape: part of the content hash
 
 
 @dataclass(frozen=True)
 class Generated:
-    """A generated kernel module: its source and the table parameters the runtime must fill."""
+    """A generated kernel module: its source and the table parameters the runtime must fill.
+    pattern: the part of the source that depends on the pattern (header, glossary and the two
+    pattern helpers); the rest is the templates, with the table parameters passed through."""
     source: str
     digest: str
     tables: tuple[TableParam, ...]
+    pattern: str = ""
 
 
 def emit_kernels(d: Definition) -> Generated:
-    """The Triton module for the optimized definition `d`: the forward kernel and the three
-    backward kernels (delta, dQ, dK/dV), all sharing one predicate and one set of tables."""
+    """The Triton module for the optimized definition `d`: the pattern once, as two helpers
+    (pattern_rows: its parts of the query rows alone; pattern_keep: the predicate of a tile), then
+    the forward kernel and the three backward kernels (delta, dQ, dK/dV), which call them."""
     pred, out = lower(d.body)
-    params = "".join(f"    {t.name},\n" for t in out.tables)
-    hoisted = textwrap.indent("\n".join(out.hoisted), " " * 4) if out.hoisted else "    # (none)"
-    body = "".join(line + "\n" for line in out.body)
-    rowwise = "".join(line + "\n" for line in out.hoisted + out.body)  # dK/dV: rows change per step
-    # scalar tables change with the call: no recompiles for values that happen to be 1 or multiples of 16
-    scalars = "".join(f', "{t.name}"' for t in out.tables if not t.pointer)
-    fill = dict(params=params, hoisted=hoisted, body=textwrap.indent(body, " " * 8), pred=pred, scalars=scalars)
-    kernels = FORWARD.format(**fill) + BACKWARD.format(**fill, rowwise=textwrap.indent(rowwise, " " * 12))
+    names = "".join(f" {t.name}," for t in out.tables)
+    rows = [line.split(" = ", 1)[0] for line in out.hoisted]   # the row-only values, bound once per query tile
+    call = f"pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,{names} BLOCK_M, BLOCK_N)\n"
+    fill = dict(
+        params=names, args=names, pred=pred,
+        # scalar tables change with the call: no recompiles for values that happen to be 1 or multiples of 16
+        scalars="".join(f', "{t.name}"' for t in out.tables if not t.pointer),
+        hoisted=textwrap.indent("\n".join(out.hoisted), " " * 4), rows=", ".join(rows),
+        body=textwrap.indent("".join(line + "\n" for line in out.body), " " * 4),
+        rows_params="".join(f" {r}," for r in rows), rows_args="".join(f" {r}," for r in rows),
+        rows_call=f"    {', '.join(rows)} = {call}" if rows else "",
+        rows_call_inner=f"            {', '.join(rows)} = {call}" if rows else "")
+    pattern = PATTERN.format(**fill)
+    if not rows:   # nothing of the rows alone: no pattern_rows helper
+        pattern = pattern[pattern.index("\n\n@triton.jit\ndef pattern_keep") + 1:]
+    kernels = pattern + FORWARD.format(**fill) + BACKWARD.format(**fill)
     glossary = "".join(f"#   {t.name:<24} {'pointer' if t.pointer else 'int    '}  from {t.describe()}\n"
                        for t in out.tables) or "#   (none)\n"
     text = f"{d.name}\n{d.body.show()}\n{VERSION}\n{HELPERS}{kernels}"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     header = HEADER.format(name=d.name, ir=d.body.show(), digest=digest, tables=glossary)
-    return Generated(header + HELPERS + kernels, digest, tuple(out.tables))
+    return Generated(header + HELPERS + kernels, digest, tuple(out.tables), header + pattern)
 
 
 HEADER = '''\
@@ -56,7 +68,7 @@ HEADER = '''\
 #            (a share of a content-based pattern, run with q and k sorted by bucket)
 #   d        p - j over the tile; block_rows / block_cols: coordinates inside blocks(B, ...)
 #   FULL     key tiles where every pair is allowed: no predicate is evaluated
-#   PARTIAL  key tiles where some pairs are allowed: the predicate below decides each pair
+#   PARTIAL  key tiles where some pairs are allowed: pattern_keep (below) decides each pair
 #   h, b     the query head and batch row of this program; H query heads, G per K/V head
 # Table parameters (filled per call by the runtime from the IR's `tables` view)
 {tables}import triton

@@ -59,6 +59,7 @@ class Lowering:
     cols: str = "keys"
     n_q: str = "N_Q"
     n_k: str = "N_K"
+    q_offset: str = "Q_OFFSET"     # positions p = i + q_offset (token-level patterns read it)
     head: str = "h"
     batch: str = "b"
     heads: str = "H"

@@ -1,4 +1,4 @@
-"""The Triton source that codegen fills in: shared helpers, the forward kernel, the backward kernels."""
+"""The Triton source that emission fills in: shared helpers, the pattern's two helpers, the kernels."""
 
 HELPERS = '''
 
@@ -66,8 +66,8 @@ def _positions(ORDER, base, idx, N, PERMUTED: tl.constexpr):
 
 
 @triton.jit
-def _share(start, end, split, SPLITS):
-    """Split `split` of SPLITS' equal shares of the list [start, end) (split-K decoding)."""
+def _split_range(start, end, split, SPLITS):
+    """Part `split` of SPLITS equal parts of the list [start, end) (split-K decoding)."""
     return start + (end - start) * split // SPLITS, start + (end - start) * (split + 1) // SPLITS
 
 
@@ -131,7 +131,48 @@ def _row_stats(LSE, DELTA, bh, offs_m, N_Q):
 
 '''
 
+# The pattern, said once: its parts of the query rows alone (once per query tile) and its predicate.
+PATTERN = '''
+@triton.jit
+def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,{params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The parts of the pattern that depend on the query rows alone: computed once per query tile."""
+{hoisted}
+    return {rows}
+
+
+@triton.jit
+def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{rows_params}{params}
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pattern's predicate over one (query tile, key tile), (BLOCK_M, BLOCK_N) bool: which
+    pairs are allowed (pos: query positions, keys: key positions, cols: key rows)."""
+{body}    return {pred} & (cols < N_K)[None, :]
+'''
+
 FORWARD = '''
+@triton.jit
+def _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, IDX, start, end, offs_d, in_d, stride_kn, stride_kd,
+                   stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET, QK_SCALE, K_ORDER,{rows_params}{params}
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
+                   PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """The online softmax over the key tiles IDX[start:end]. PARTIAL tiles (MASKED) evaluate the
+    pattern's predicate per pair; FULL tiles evaluate none, only the key bound when n_k is not a
+    multiple of BLOCK_N (only the last key tile can cross it)."""
+    for at in range(start, end):
+        cols = tl.load(IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
+        v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
+        if MASKED:
+            keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
+            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{rows_args}{args} BLOCK_M, BLOCK_N)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+        elif EVEN_N:
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+        else:
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, (cols < N_K)[None, :], QK_SCALE,
+                                    DOT_PRECISION, DOT_IN_FP32)
+    return acc, m_i, l_i
+
+
 @triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "SPLITS"{scalars}])
 def sparse_attention_forward(
     Q, K, V, O, LSE,
@@ -140,13 +181,13 @@ def sparse_attention_forward(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
     N_Q, N_K, Q_OFFSET, H, G, QK_SCALE, SPLITS,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
-{params}    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """O and LSE of one query tile. With SPLITS > 1 (decoding: few query rows, long rows of key
-    tiles) each of SPLITS programs takes an equal share of the tile's key tiles and writes its own
+    tiles) each of SPLITS programs takes an equal part of the tile's key tiles and writes its own
     partial O and LSE (strides stride_os, stride_ls); the runtime merges them by their LSE."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PAD, "the head dim is padded up to a power of two")
@@ -167,38 +208,22 @@ def sparse_attention_forward(
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
-
+{rows_call}
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-
     # this program's row of the layout (its leading dims broadcast when they have size 1)
     row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
-
-    # FULL key tiles: every pair allowed; only the last key tile can cross n_k
-    start, end = _share(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1), split, SPLITS)
-    for at in range(start, end):
-        cols = tl.load(FULL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
-        v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        if EVEN_N:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        else:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, (cols < N_K)[None, :], QK_SCALE,
-                                    DOT_PRECISION, DOT_IN_FP32)
-
-    # the pattern's predicate, the parts that depend on the query rows only
-{hoisted}
-
-    # PARTIAL key tiles: the predicate decides each pair
-    start, end = _share(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), split, SPLITS)
-    for at in range(start, end):
-        cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
-        v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
-{body}        keep = {pred} & (cols < N_K)[None, :]
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    start, end = _split_range(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1), split, SPLITS)
+    acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, FULL_IDX, start, end, offs_d, in_d,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET,
+                                   QK_SCALE, K_ORDER,{rows_args}{args} BLOCK_M, BLOCK_N, False, EVEN_N, PERMUTED,
+                                   DOT_PRECISION, DOT_IN_FP32)
+    start, end = _split_range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), split, SPLITS)
+    acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, PARTIAL_IDX, start, end, offs_d, in_d,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET,
+                                   QK_SCALE, K_ORDER,{rows_args}{args} BLOCK_M, BLOCK_N, True, EVEN_N, PERMUTED,
+                                   DOT_PRECISION, DOT_IN_FP32)
 
     # rows with no allowed key: O = 0 and LSE = -inf (l_i = 0 there), never NaN
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -224,7 +249,7 @@ def sparse_attention_backward_delta(
     N_Q, H,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) - dLSE, in fp32: the softmax's share of dS for each query row."""
+    """delta = rowsum(dO * O) - dLSE, in fp32: the softmax's part of dS for each query row."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -241,6 +266,27 @@ def sparse_attention_backward_delta(
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, IDX, start, end, offs_d, in_d, stride_kn, stride_kd,
+              stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET, QK_SCALE, K_ORDER,{rows_params}{params}
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
+              PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dq over the key tiles IDX[start:end], the forward's walk (MASKED: PARTIAL tiles)."""
+    for at in range(start, end):
+        cols = tl.load(IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
+        vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
+        if MASKED:
+            keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
+            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{rows_args}{args} BLOCK_M, BLOCK_N)
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+        elif EVEN_N:
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+        else:
+            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    return dq
+
+
 @triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET"{scalars}])
 def sparse_attention_backward_dq(
     Q, K, V, DO, DQ, LSE, DELTA,
@@ -250,8 +296,8 @@ def sparse_attention_backward_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
-{params}    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
@@ -274,31 +320,42 @@ def sparse_attention_backward_dq(
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d, in_d, N_Q,
                     stride_dom, stride_dod)
     lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
+{rows_call}
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
-
-    for at in range(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1)):
-        cols = tl.load(FULL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
-        vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        if EVEN_N:
-            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        else:
-            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-
-{hoisted}
-
-    for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
-        cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
-        vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
-{body}        keep = {pred} & (cols < N_K)[None, :]
-        dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    dq = _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, FULL_IDX, tl.load(FULL_PTR + row),
+                   tl.load(FULL_PTR + row + 1), offs_d, in_d, stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H,
+                   G, N_Q, N_K, Q_OFFSET, QK_SCALE, K_ORDER,{rows_args}{args} BLOCK_M, BLOCK_N, False, EVEN_N, PERMUTED,
+                   DOT_PRECISION, DOT_IN_FP32)
+    dq = _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, PARTIAL_IDX, tl.load(PARTIAL_PTR + row),
+                   tl.load(PARTIAL_PTR + row + 1), offs_d, in_d, stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk,
+                   H, G, N_Q, N_K, Q_OFFSET, QK_SCALE, K_ORDER,{rows_args}{args} BLOCK_M, BLOCK_N, True, EVEN_N,
+                   PERMUTED, DOT_PRECISION, DOT_IN_FP32)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & in_d[None, :])
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, IDX, start, end, offs_d, in_d, stride_qm,
+                stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, QK_SCALE, Q_ORDER,{params}
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PERMUTED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dk, dv of one key tile over the query tiles IDX[start:end] of query head h (MASKED:
+    PARTIAL tiles, whose row-only parts of the pattern change with every query tile here)."""
+    for at in range(start, end):
+        offs_m = tl.load(IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
+        do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
+        lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
+        if MASKED:
+            pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
+{rows_call_inner}            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{rows_args}{args} BLOCK_M, BLOCK_N)
+            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+        else:
+            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET"{scalars}])
@@ -311,8 +368,8 @@ def sparse_attention_backward_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
-{params}    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
@@ -341,23 +398,14 @@ def sparse_attention_backward_dkdv(
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * KEY_TILES + ktile
-
-        for at in range(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1)):
-            offs_m = tl.load(FULL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
-            do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
-            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
-            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-
-        for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
-            offs_m = tl.load(PARTIAL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
-            pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
-            q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
-            do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
-            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
-            # the predicate; its row-only parts change with every query tile here
-{rowwise}            keep = {pred} & (cols < N_K)[None, :]
-            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+        dk, dv = _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, FULL_IDX,
+                             tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1), offs_d, in_d, stride_qm,
+                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, QK_SCALE,
+                             Q_ORDER,{args} BLOCK_M, BLOCK_N, False, PERMUTED, DOT_PRECISION, DOT_IN_FP32)
+        dk, dv = _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, PARTIAL_IDX,
+                             tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), offs_d, in_d, stride_qm,
+                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, QK_SCALE,
+                             Q_ORDER,{args} BLOCK_M, BLOCK_N, True, PERMUTED, DOT_PRECISION, DOT_IN_FP32)
 
     mask = (cols[:, None] < N_K) & in_d[None, :]
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh

@@ -68,11 +68,12 @@ class ContentPattern(Pattern):
         q_ids, k_ids = cx.table(self, "q_ids"), cx.table(self, "k_ids")
         rounds = cx.table(self, "rounds", pointer=False)
         bh = f"({cx.batch} * {cx.heads} + {cx.head}).to(tl.int64) * {rounds}"
-        row = cx.let(f"{cx.rows} - Q_OFFSET", "query_row", hoist=True)
+        row = cx.let(f"{cx.rows} - {cx.q_offset}", "query_row", hoist=True)
         hit = cx.let("tl.zeros([BLOCK_M, BLOCK_N], tl.int1)", self.keyword)
+        n_q, n_k = cx.n_q, cx.n_k
         cx.loop(f"for r in range({rounds}):", [
-            f"bq = tl.load({q_ids} + ({bh} + r) * N_Q + {row}, mask=({row} >= 0) & ({row} < N_Q), other=-1)",
-            f"bk = tl.load({k_ids} + ({bh} + r) * N_K + {cx.cols}, mask={cx.cols} < N_K, other=-2)",
+            f"bq = tl.load({q_ids} + ({bh} + r) * {n_q} + {row}, mask=({row} >= 0) & ({row} < {n_q}), other=-1)",
+            f"bk = tl.load({k_ids} + ({bh} + r) * {n_k} + {cx.cols}, mask={cx.cols} < {n_k}, other=-2)",
             f"{hit} = {hit} | (bq[:, None] == bk[None, :])"])
         return hit
 

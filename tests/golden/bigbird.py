@@ -3,7 +3,7 @@
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: bafe779c6c51aa76
+# content hash: a1fb0fe17b28dc37
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -12,7 +12,7 @@
 #            (a share of a content-based pattern, run with q and k sorted by bucket)
 #   d        p - j over the tile; block_rows / block_cols: coordinates inside blocks(B, ...)
 #   FULL     key tiles where every pair is allowed: no predicate is evaluated
-#   PARTIAL  key tiles where some pairs are allowed: the predicate below decides each pair
+#   PARTIAL  key tiles where some pairs are allowed: pattern_keep (below) decides each pair
 #   h, b     the query head and batch row of this program; H query heads, G per K/V head
 # Table parameters (filled per call by the runtime from the IR's `tables` view)
 #   arg4_0                   int      from node 4: n_k - 1
@@ -23,414 +23,29 @@
 import triton
 import triton.language as tl
 
-
-# Triton's // and % truncate toward zero (and Python's, under the interpreter, may not):
-# these give the floor semantics of the .sa language on either.
 @triton.jit
-def _mod(a, b):
-    r = a % b
-    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
-
-
-@triton.jit
-def _floordiv(a, b):
-    return (a - _mod(a, b)) // b  # exact division: truncation no longer matters
-
-
-@triton.jit
-def _real(x):
-    return x.to(tl.float64)
-
-
-@triton.jit
-def _isqrt(x):
-    r = tl.sqrt(_real(x)).to(tl.int64)
-    r = tl.where(r * r > x, r - 1, r)  # the float root may land one off the exact one
-    return tl.where((r + 1) * (r + 1) <= x, r + 1, r)
-
-
-@triton.jit
-def _ilog2(x):
-    r = tl.floor(tl.log2(_real(x))).to(tl.int64)
-    r = tl.where((r > 0) & ((1 << r) > x), r - 1, r)
-    return tl.where((1 << (r + 1)) <= x, r + 1, r)
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    if DOT_IN_FP32:  # Triton 3.9's interpreter misreads bfloat16 operands of tl.dot: widen them first
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _load_rows(base, rows, offs_d, in_d, N, stride_n, stride_d):
-    """The tile (len(rows), HEAD_DIM_PAD) of a (N, HEAD_DIM) matrix, zero outside it. Offsets are
-    int64: rows * stride passes 2^31 at n = 512K when the rows are (n, H, D) with H * D = 4096."""
-    return tl.load(base + rows[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d,
-                   mask=(rows < N)[:, None] & in_d[None, :], other=0.0)
-
-
-@triton.jit
-def _load_cols(base, cols, offs_d, in_d, N, stride_n, stride_d):
-    """The same tile transposed, (HEAD_DIM_PAD, len(cols)): K^T and V^T for the dots."""
-    return tl.load(base + cols[None, :].to(tl.int64) * stride_n + offs_d[:, None] * stride_d,
-                   mask=(cols < N)[None, :] & in_d[:, None], other=0.0)
-
-
-@triton.jit
-def _positions(ORDER, base, idx, N, PERMUTED: tl.constexpr):
-    """The original positions (0-based) of rows idx of the kernel's order: idx itself, or, when a
-    share runs in a content-sorted order, the order's entries (its row `base` of length N)."""
-    if PERMUTED:
-        return tl.load(ORDER + base.to(tl.int64) * N + idx, mask=idx < N, other=0)
-    return idx
-
-
-@triton.jit
-def _share(start, end, split, SPLITS):
-    """Split `split` of SPLITS' equal shares of the list [start, end) (split-K decoding)."""
-    return start + (end - start) * split // SPLITS, start + (end - start) * (split + 1) // SPLITS
-
-
-@triton.jit
-def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE,
-            DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """One key tile of the online softmax (base 2). keep: the pairs allowed, or None for all.
-
-    m_i is the running row max of the scaled scores, l_i the running sum of 2^(s - m_i), acc the
-    running sum of 2^(s - m_i) v. A row whose pairs are all masked so far keeps m_i = -inf; using
-    0 in its place keeps every exponent finite (2^-inf = 0) so such rows stay exactly zero."""
-    s = _dot(q, K_tile, DOT_PRECISION, DOT_IN_FP32) * QK_SCALE
-    if keep is not None:
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(V_tile.dtype), V_tile, DOT_PRECISION, DOT_IN_FP32)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _probabilities(q, K_tile, lse2, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """P of one (query tile, key tile), recomputed from the saved LSE (lse2: see _row_stats)."""
-    s = _dot(q, K_tile, DOT_PRECISION, DOT_IN_FP32) * QK_SCALE
-    p = tl.math.exp2(s - lse2[:, None])
-    if keep is not None:
-        p = tl.where(keep, p, 0.0)
-    return p
-
-
-@triton.jit
-def _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """dq += dS K for one key tile (times the softmax scale at the end), dS = P (dO V^T - delta)."""
-    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-    return dq + _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
-
-
-@triton.jit
-def _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE,
-             DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """dv += P^T dO and dk += dS^T Q for one query tile (dk times the softmax scale at the end)."""
-    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-    dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
-    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
-    return dk, dv
-
-
-@triton.jit
-def _row_stats(LSE, DELTA, bh, offs_m, N_Q):
-    """lse2 and delta of query rows offs_m of (batch x head) bh. lse2 is the LSE in base 2, and
-    +inf on rows with no allowed key (LSE = -inf) or past n_q, which makes their P exactly 0."""
-    at = bh.to(tl.int64) * N_Q + offs_m
-    lse = tl.load(LSE + at, mask=offs_m < N_Q, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # natural log -> base 2
-    return lse2, tl.load(DELTA + at, mask=offs_m < N_Q, other=0.0)
-
-
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "SPLITS", "arg4_0", "random5_row0", "random5_rows", "random5_count"])
-def sparse_attention_forward(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
-    N_Q, N_K, Q_OFFSET, H, G, QK_SCALE, SPLITS,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
-    arg4_0,
-    random5_keys,
-    random5_row0,
-    random5_rows,
-    random5_count,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-):
-    """O and LSE of one query tile. With SPLITS > 1 (decoding: few query rows, long rows of key
-    tiles) each of SPLITS programs takes an equal share of the tile's key tiles and writes its own
-    partial O and LSE (strides stride_os, stride_ls); the runtime merges them by their LSE."""
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
-    tl.static_assert(HEAD_DIM <= HEAD_DIM_PAD, "the head dim is padded up to a power of two")
-    # the launch order (schedule.py): job bh * QUERY_TILES + tile, heaviest rows first
-    job = tl.load(SCHEDULE + tl.program_id(0) // SPLITS)
-    split = tl.program_id(0) % SPLITS
-    bh = job // QUERY_TILES
-    tile = job % QUERY_TILES
-    b = bh // H
-    h = bh % H
-    hk = h // G  # grouped-query attention: G query heads share one K/V head
-
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
-    in_d = offs_d < HEAD_DIM
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-
-    # this program's row of the layout (its leading dims broadcast when they have size 1)
-    row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
-
-    # FULL key tiles: every pair allowed; only the last key tile can cross n_k
-    start, end = _share(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1), split, SPLITS)
-    for at in range(start, end):
-        cols = tl.load(FULL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
-        v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        if EVEN_N:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        else:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, (cols < N_K)[None, :], QK_SCALE,
-                                    DOT_PRECISION, DOT_IN_FP32)
-
-    # the pattern's predicate, the parts that depend on the query rows only
+def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET, arg4_0, random5_keys, random5_row0, random5_rows, random5_count, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The parts of the pattern that depend on the query rows alone: computed once per query tile."""
     block_rows0 = _floordiv(pos, 64)
     global_rows0 = block_rows0 < 1
     last_rows0 = block_rows0 >= arg4_0
     random_at0 = block_rows0 - random5_row0
     random_ok0 = (random_at0 >= 0) & (random_at0 < random5_rows)
     random_row0 = random5_keys + (h.to(tl.int64) * random5_rows + random_at0) * random5_count
-
-    # PARTIAL key tiles: the predicate decides each pair
-    start, end = _share(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), split, SPLITS)
-    for at in range(start, end):
-        cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
-        v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
-        block_cols0 = _floordiv(keys, 64)
-        d0 = block_rows0[:, None] - block_cols0[None, :]
-        global_cols0 = block_cols0 < 1
-        last_cols0 = block_cols0 >= arg4_0
-        random0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
-        for t in range(random5_count):
-            drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
-            random0 = random0 | (drawn[:, None] == block_cols0[None, :])
-        keep = (((d0 >= -1) & (d0 <= 1)) | (global_rows0[:, None] | global_cols0[None, :]) | (last_rows0[:, None] | last_cols0[None, :]) | random0) & (cols < N_K)[None, :]
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-
-    # rows with no allowed key: O = 0 and LSE = -inf (l_i = 0 there), never NaN
-    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453  # base 2 -> natural log
-    lse = tl.where(l_i == 0.0, float("-inf"), lse)
-    o_base = O + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < N_Q) & in_d[None, :])
-    tl.store(LSE + split.to(tl.int64) * stride_ls + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
-
-@triton.jit(do_not_specialize=["N_Q"])
-def sparse_attention_backward_delta(
-    O, DO, DLSE, DELTA,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    N_Q, H,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
-):
-    """delta = rowsum(dO * O) - dLSE, in fp32: the softmax's share of dS for each query row."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    in_d = offs_d < HEAD_DIM
-    o = _load_rows(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, offs_d, in_d, N_Q,
-                   stride_om, stride_od)
-    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d, in_d, N_Q,
-                    stride_dom, stride_dod)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+    return block_rows0, global_rows0, last_rows0, random_at0, random_ok0, random_row0
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "arg4_0", "random5_row0", "random5_rows", "random5_count"])
-def sparse_attention_backward_dq(
-    Q, K, V, DO, DQ, LSE, DELTA,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
-    arg4_0,
-    random5_keys,
-    random5_row0,
-    random5_rows,
-    random5_count,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-):
-    """dQ of one query tile: the forward's walk over FULL and PARTIAL key tiles."""
-    job = tl.load(SCHEDULE + tl.program_id(0))   # the forward's launch order
-    bh = job // QUERY_TILES
-    tile = job % QUERY_TILES
-    b = bh // H
-    h = bh % H
-    hk = h // G
-
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
-    in_d = offs_d < HEAD_DIM
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d, in_d, N_Q,
-                   stride_qm, stride_qd)
-    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_d, in_d, N_Q,
-                    stride_dom, stride_dod)
-    lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
-
-    for at in range(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1)):
-        cols = tl.load(FULL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
-        vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        if EVEN_N:
-            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-        else:
-            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-
-    block_rows0 = _floordiv(pos, 64)
-    global_rows0 = block_rows0 < 1
-    last_rows0 = block_rows0 >= arg4_0
-    random_at0 = block_rows0 - random5_row0
-    random_ok0 = (random_at0 >= 0) & (random_at0 < random5_rows)
-    random_row0 = random5_keys + (h.to(tl.int64) * random5_rows + random_at0) * random5_count
-
-    for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
-        cols = tl.load(PARTIAL_IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
-        vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
-        block_cols0 = _floordiv(keys, 64)
-        d0 = block_rows0[:, None] - block_cols0[None, :]
-        global_cols0 = block_cols0 < 1
-        last_cols0 = block_cols0 >= arg4_0
-        random0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
-        for t in range(random5_count):
-            drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
-            random0 = random0 | (drawn[:, None] == block_cols0[None, :])
-        keep = (((d0 >= -1) & (d0 <= 1)) | (global_rows0[:, None] | global_cols0[None, :]) | (last_rows0[:, None] | last_cols0[None, :]) | random0) & (cols < N_K)[None, :]
-        dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-
-    dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,
-             (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & in_d[None, :])
-
-
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "arg4_0", "random5_row0", "random5_rows", "random5_count"])
-def sparse_attention_backward_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
-    FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, SCHEDULE, Q_ORDER, K_ORDER,
-    arg4_0,
-    random5_keys,
-    random5_row0,
-    random5_rows,
-    random5_count,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-):
-    """dK and dV of one key tile of one K/V head: the transposed layout's query tiles, summed
-    over the G query heads that share the K/V head (rows past n_q have P = 0 through lse2)."""
-    job = tl.load(SCHEDULE + tl.program_id(0))   # key tiles read by the most query tiles first
-    bhk = job // KEY_TILES
-    ktile = job % KEY_TILES
-    b = bhk // (H // G)
-    hk = bhk % (H // G)
-
-    cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
-    keys = _positions(K_ORDER, bhk, cols, N_K, PERMUTED)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    in_d = offs_d < HEAD_DIM
-    kT = _load_cols(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, cols, offs_d, in_d, N_K,
-                    stride_kn, stride_kd)
-    vT = _load_cols(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, cols, offs_d, in_d, N_K,
-                    stride_vn, stride_vd)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-
-    for g in range(0, G):
-        h = hk * G + g
-        bh = b * H + h
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * KEY_TILES + ktile
-
-        for at in range(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1)):
-            offs_m = tl.load(FULL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
-            do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
-            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
-            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-
-        for at in range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1)):
-            offs_m = tl.load(PARTIAL_IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
-            pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
-            q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
-            do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
-            lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
-            # the predicate; its row-only parts change with every query tile here
-            block_rows0 = _floordiv(pos, 64)
-            global_rows0 = block_rows0 < 1
-            last_rows0 = block_rows0 >= arg4_0
-            random_at0 = block_rows0 - random5_row0
-            random_ok0 = (random_at0 >= 0) & (random_at0 < random5_rows)
-            random_row0 = random5_keys + (h.to(tl.int64) * random5_rows + random_at0) * random5_count
-            block_cols0 = _floordiv(keys, 64)
-            d0 = block_rows0[:, None] - block_cols0[None, :]
-            global_cols0 = block_cols0 < 1
-            last_cols0 = block_cols0 >= arg4_0
-            random0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
-            for t in range(random5_count):
-                drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
-                random0 = random0 | (drawn[:, None] == block_cols0[None, :])
-            keep = (((d0 >= -1) & (d0 <= 1)) | (global_rows0[:, None] | global_cols0[None, :]) | (last_rows0[:, None] | last_cols0[None, :]) | random0) & (cols < N_K)[None, :]
-            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-
-    mask = (cols[:, None] < N_K) & in_d[None, :]
-    dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-    tl.store(dk_base + cols[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,
-             (dk * SM_SCALE).to(DK.dtype.element_ty), mask=mask)
-    dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-    tl.store(dv_base + cols[:, None].to(tl.int64) * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=mask)
+@triton.jit
+def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET, block_rows0, global_rows0, last_rows0, random_at0, random_ok0, random_row0, arg4_0, random5_keys, random5_row0, random5_rows, random5_count,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pattern's predicate over one (query tile, key tile), (BLOCK_M, BLOCK_N) bool: which
+    pairs are allowed (pos: query positions, keys: key positions, cols: key rows)."""
+    block_cols0 = _floordiv(keys, 64)
+    d0 = block_rows0[:, None] - block_cols0[None, :]
+    global_cols0 = block_cols0 < 1
+    last_cols0 = block_cols0 >= arg4_0
+    random0 = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
+    for t in range(random5_count):
+        drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
+        random0 = random0 | (drawn[:, None] == block_cols0[None, :])
+    return (((d0 >= -1) & (d0 <= 1)) | (global_rows0[:, None] | global_cols0[None, :]) | (last_rows0[:, None] | last_cols0[None, :]) | random0) & (cols < N_K)[None, :]
