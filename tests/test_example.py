@@ -3,9 +3,12 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).parents[1] / "examples/train_long_range.py"
 
 
+@pytest.mark.slow   # minutes under load; CI runs it (`pytest -m 'not slow'` for a quick local run)
 def test_band_plus_global_learns_what_band_alone_cannot():
     spec = importlib.util.spec_from_file_location("train_long_range", EXAMPLE)
     example = importlib.util.module_from_spec(spec)

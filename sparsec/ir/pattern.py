@@ -192,10 +192,16 @@ class Pattern:
         raise NotImplementedError
 
     def tiles(self, t: Tiling) -> TileSet:
+        """Every tile with its class. A node defines tiles or classify (or both): the default of
+        each is made from the other, never from itself."""
+        if type(self).classify is Pattern.classify:
+            raise NotImplementedError(f"{type(self).__name__} defines neither tiles nor classify")
         qt, kt = all_tiles(t)
         return TileSet.build(t, qt, kt, self.classify(t, qt, kt))
 
     def classify(self, t: Tiling, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
+        if type(self).tiles is Pattern.tiles:
+            raise NotImplementedError(f"{type(self).__name__} defines neither tiles nor classify")
         return self.tiles(t).lookup(t, qt, kt)
 
     def estimate(self, t: Tiling) -> int:

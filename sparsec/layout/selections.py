@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.content import TopK
-from ..ir.pattern import Difference, Intersection, Pattern, Union, value
+from ..ir.conditions import KeyMatch, LineCondition, PairCondition
+from ..ir.content import Cluster, Lsh, TopK
+from ..ir.document import Document
+from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union, value
+from ..ir.positional import Chunk, OffsetPattern, RowsOrColumns
+from ..ir.random import Random
+from ..ir.where import Where
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from .block import DeviceLayout, expand_ranges
 from .build import build_layout
@@ -21,12 +26,12 @@ from .build import build_layout
 
 def supported(body: Pattern) -> bool:
     """True when body has a topk and every part reading a runtime input is a topk, or a union,
-    intersection or difference of such parts and static ones."""
+    intersection or difference of such parts and static ones (the keys of SELECTION_TILES)."""
     def ok(p: Pattern) -> bool:
-        if not p.runtime_needs() or isinstance(p, TopK):
+        if not p.runtime_needs() or type(p) is TopK:
             return True
-        return isinstance(p, (Union, Intersection, Difference)) and all(map(ok, p.children()))
-    return any(isinstance(n, TopK) for n in body.nodes()) and ok(body)
+        return type(p) in SELECTION_TILES and all(map(ok, p.children()))
+    return any(type(n) is TopK for n in body.nodes()) and ok(body)
 
 
 @dataclass(frozen=True)
@@ -80,26 +85,27 @@ class SelectionLayouts:
     def _tiles(self, p: Pattern, content: dict, batch: int) -> Tiles:
         if p in self.grids:
             return self._enumerate(self.grids[p], batch)
-        if isinstance(p, TopK):
-            return self._topk(p, content[p][0])
-        if isinstance(p, Union):
-            parts = [self._tiles(c, content, batch) for c in p.parts]
-            return _merge(torch.cat([x.key for x in parts]), torch.cat([x.cls for x in parts]))
-        if isinstance(p, Intersection):   # enumerate a part that reads the selection, classify by the rest
-            first = next(c for c in p.parts if c not in self.grids)
-            base = self._tiles(first, content, batch)
-            cls = base.cls
-            for c in p.parts:
-                if c is not first:
-                    cls = torch.minimum(cls, self._classify(c, base.key, content, batch))
-            return _keep(base.key, cls)
-        if isinstance(p, Difference):
-            base = self._tiles(p.left, content, batch)
-            right = self._classify(p.right, base.key, content, batch)
-            cls = torch.where(right == FULL, EMPTY, torch.where(right == EMPTY, base.cls,
-                                                               torch.clamp(base.cls, max=PARTIAL)))
-            return _keep(base.key, cls.to(torch.int8))
-        raise AssertionError(f"not a selection layout: {type(p).__name__}")   # supported() said otherwise
+        return SELECTION_TILES[type(p)](self, p, content, batch)   # supported() admits no other node
+
+    def _union(self, p: Union, content: dict, batch: int) -> Tiles:
+        parts = [self._tiles(c, content, batch) for c in p.parts]
+        return _merge(torch.cat([x.key for x in parts]), torch.cat([x.cls for x in parts]))
+
+    def _intersection(self, p: Intersection, content: dict, batch: int) -> Tiles:
+        """Enumerate a part that reads the selection, classify its tiles by the rest."""
+        first = next(c for c in p.parts if c not in self.grids)
+        base = self._tiles(first, content, batch)
+        cls = base.cls
+        for c in p.parts:
+            if c is not first:
+                cls = torch.minimum(cls, self._classify(c, base.key, content, batch))
+        return _keep(base.key, cls)
+
+    def _difference(self, p: Difference, content: dict, batch: int) -> Tiles:
+        base = self._tiles(p.left, content, batch)
+        right = self._classify(p.right, base.key, content, batch)
+        cls = torch.where(right == FULL, EMPTY, torch.where(right == EMPTY, base.cls, torch.clamp(base.cls, max=PARTIAL)))
+        return _keep(base.key, cls.to(torch.int8))
 
     def _classify(self, p: Pattern, key: torch.Tensor, content: dict, batch: int) -> torch.Tensor:
         """The class p gives each tile key: a static part's grid, else a lookup in p's own tiles."""
@@ -127,8 +133,9 @@ class SelectionLayouts:
         key = (rows[:, None] * tq + t[None, :]) * tk + kt[None, :]
         return Tiles(key.reshape(-1), cls.repeat(batch * self.heads))
 
-    def _topk(self, p: TopK, chosen: torch.Tensor) -> Tiles:
+    def _topk(self, p: TopK, content: dict, batch: int) -> Tiles:
         """The tiles of the chosen (I, J) block pairs: FULL when inside one pair (TopK.tiles)."""
+        chosen = content[p][0]
         size, bm, bn = value(p.block), self.block_m, self.block_n
         tq, tk = self.tile_counts
         b, h, i, j = torch.nonzero(chosen).unbind(1)
@@ -158,3 +165,17 @@ def _merge(key: torch.Tensor, cls: torch.Tensor) -> Tiles:
 def _keep(key: torch.Tensor, cls: torch.Tensor) -> Tiles:
     pick = cls > EMPTY
     return Tiles(key[pick], cls[pick].to(torch.int8))
+
+
+# The device build's rule per node type that reads the selection; a part that reads no runtime
+# input is a static class grid instead (any node type).
+SELECTION_TILES = {
+    TopK: SelectionLayouts._topk,
+    Union: SelectionLayouts._union,
+    Intersection: SelectionLayouts._intersection,
+    Difference: SelectionLayouts._difference,
+}
+# Node types with no rule here: as a part that reads no runtime input they are a static grid;
+# reading one (a document, lsh or cluster, or a topk under heads or blocks) sends the body to the host build.
+NO_SELECTION_TILES = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, LineCondition, KeyMatch, PairCondition,
+                      Lsh, Cluster, Document, Heads, Blocks)

@@ -8,8 +8,13 @@ import functools
 
 import torch
 
-from ..ir.content import Cluster, ContentPattern, Lsh, LshRound, TopK, rotations, spherical_start
-from ..ir.pattern import Pattern, value
+from ..ir.conditions import KeyMatch, LineCondition, PairCondition
+from ..ir.content import Cluster, Lsh, LshRound, TopK, rotations, spherical_start
+from ..ir.document import Document
+from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union, value
+from ..ir.positional import Chunk, OffsetPattern, RowsOrColumns
+from ..ir.random import Random
+from ..ir.where import Where
 from ..layout.sorted import SortedOrder
 from .call import Call
 
@@ -119,6 +124,25 @@ def _topk(node: TopK, q, k, group: int, q_offset: int) -> tuple[torch.Tensor, to
     return chosen, table
 
 
+def _lsh_round(node: LshRound, q, k, group: int, inputs: dict, call: Call, out: dict):
+    """One round of a multi-round lsh: its slice of the whole lsh's ids (computed once)."""
+    whole = Lsh(node.buckets, node.rounds, node.seed)
+    if whole not in out:
+        out[whole] = _lsh(whole, q, k, group, inputs.get("rotations"))
+    return tuple(x[:, :, node.round: node.round + 1].contiguous() for x in out[whole])
+
+
+# The values of each content node for a call, by node type (subclasses first: an LshRound is an Lsh).
+CONTENT_VALUES = {
+    LshRound: _lsh_round,
+    Lsh: lambda node, q, k, group, inputs, call, out: _lsh(node, q, k, group, inputs.get("rotations")),
+    Cluster: lambda node, q, k, group, inputs, call, out: _cluster(node, q, k, group, inputs.get("centroids")),
+    TopK: lambda node, q, k, group, inputs, call, out: _topk(node, q, k, group, call.q_offset),
+}
+NO_CONTENT_VALUES = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, Document, Union, Intersection, Difference,
+                     Heads, Blocks, LineCondition, KeyMatch, PairCondition)   # read no q or k
+
+
 def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple[torch.Tensor, ...]]:
     """Each content node's ids or selection for this call, on q's device, computed in float64
     from q and k (k of each query head's group), leading dims (B, H), a block of rows at a time."""
@@ -126,19 +150,9 @@ def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple
     q, k = q.detach(), k.detach()
     out: dict[Pattern, tuple[torch.Tensor, ...]] = {}
     for node in nodes:
-        if node in out or not isinstance(node, ContentPattern):
-            continue
-        if isinstance(node, LshRound):
-            whole = Lsh(node.buckets, node.rounds, node.seed)
-            if whole not in out:
-                out[whole] = _lsh(whole, q, k, group, inputs.get("rotations"))
-            out[node] = tuple(x[:, :, node.round: node.round + 1].contiguous() for x in out[whole])
-        elif isinstance(node, Lsh):
-            out[node] = _lsh(node, q, k, group, inputs.get("rotations"))
-        elif isinstance(node, Cluster):
-            out[node] = _cluster(node, q, k, group, inputs.get("centroids"))
-        elif isinstance(node, TopK):
-            out[node] = _topk(node, q, k, group, call.q_offset)
+        rule = CONTENT_VALUES.get(type(node))
+        if rule is not None and node not in out:
+            out[node] = rule(node, q, k, group, inputs, call, out)
     return out
 
 

@@ -20,10 +20,14 @@ from .loader import interpreting
 
 # ---- tables and layouts ------------------------------------------------------------------------------
 
+# How many positions one coordinate of a node's children spans, by node type (default 1).
+COORDINATE_SCALE = {Blocks: lambda p: value(p.size)}
+
+
 def walk_scaled(p: Pattern, scale: int = 1):
     """(node, block scale) in pre-order, the numbering the lowering gives table parameters."""
     yield p, scale
-    inner = scale * value(p.size) if isinstance(p, Blocks) else scale
+    inner = scale * COORDINATE_SCALE.get(type(p), lambda p: 1)(p)
     for c in p.children():
         yield from walk_scaled(c, inner)
 
