@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TileConfig:
-    """The kernel's tile sizes and launch options (issue 5 tunes them). The defaults are what a
-    GPU call with D <= 128 uses, so `kern.source` shows the kernel that runs there. Every field
-    is checked when the config is made (powers of two 16..256 for the tiles, a power of two
-    1..16 warps, 1..8 stages): a config read from the tuning cache or given by a user can only
-    ever be one of those, and it is written into generated source."""
+    """The kernels' tile sizes and launch options, passed at launch (runtime/tuning.py picks them
+    on a GPU; the defaults are what a GPU call with D <= 128 uses). Every field is checked when
+    the config is made (powers of two 16..256 for the tiles, a power of two 1..16 warps, 1..8
+    stages): a config read from the tuning cache or given by a user can only ever be one of those."""
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4

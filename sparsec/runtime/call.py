@@ -37,7 +37,7 @@ class Call:
     def shape_key(self) -> tuple:
         """Everything a per-shape cache (plans, tables) may depend on: the call less its scale,
         which the runners take per call. Leaving out kv_heads once made an MHA plan serve a GQA
-        call (issue 20)."""
+        call."""
         return (self.batch, self.heads, self.kv_heads, self.n_q, self.n_k, self.dim, self.q_offset, self.device)
 
 
