@@ -171,13 +171,13 @@ class CompiledPattern:
         of each sorted row, which is what the layout's tiles are made of."""
         call = check_call(self.name, self.needs, q, k, k, None, q_offset, inputs)
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
-        values, bodies = self._prepare(call, q, k, inputs)
+        values, bodies, orders = self._prepare(call, q, k, inputs)
         out = []
         for i, (share, body) in enumerate(zip(self.shares, bodies)):
-            r = self._request(i, body, call, values, block_m, block_n)
+            r = self._request(i, body, call, values, orders[i], block_m, block_n)
             lay = pipeline.build_layout(r, self._cached, "host")
-            orders = None if r.order is None else (r.order.q_pos.cpu().numpy(), r.order.k_pos.cpu().numpy())
-            out.append((share, lay, orders))
+            rows = None if r.order is None else (r.order.q_pos.cpu().numpy(), r.order.k_pos.cpu().numpy())
+            out.append((share, lay, rows))
         return out
 
     # ---- kernels ----
@@ -191,7 +191,7 @@ class CompiledPattern:
         """The generated module (forward and backward kernels) of one share; tile sizes, warps
         and stages are chosen at launch, so one source serves every config."""
         name = self.name if len(self.shares) == 1 else f"{self.name}_share{share}"
-        return self._cached(("source", share), lambda: pipeline.emit(name, share, self.shares[share].body))
+        return self._cached(("source", share), lambda: pipeline.emit(name, self.shares[share].body))
 
     @property
     def source(self) -> str:
@@ -214,17 +214,18 @@ class CompiledPattern:
         runs (`[b.run() for b in ...]`, merged by LSE), for timing the kernels alone."""
         call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
         backend = choose_backend(backend, call.device)
-        values, bodies = self._prepare(call, q, k, inputs)
+        values, bodies, orders = self._prepare(call, q, k, inputs)
         out = []
-        for i, body in enumerate(bodies):
-            order, c, args = self._arguments(i, call, values, q, k, v)
+        for i, (body, order) in enumerate(zip(bodies, orders)):
+            c, args = self._arguments(order, call, q, k, v)
             config = self._config(i, body, c, backend, values, order, args)
-            out.append(BoundShare(i, self._bind(i, body, c, backend, config, values), args, order))
+            out.append(BoundShare(i, self._bind(i, body, c, backend, config, values, order), args, order))
         return out
 
-    def _prepare(self, call: Call, q, k, inputs: dict) -> tuple[dict, list]:
+    def _prepare(self, call: Call, q, k, inputs: dict) -> tuple[dict, list, list]:
         """The call's inputs (with content ids and selections, computed once per call on q's
-        device) and each share's body specialized for its lengths."""
+        device), each share's body specialized for its lengths, and each share's sorted order
+        (None for the positional order)."""
         values = {name: x for name, x in inputs.items() if x is not None}
         if "segment_ids" in values:
             values["segment_ids"] = values["segment_ids"].to(torch.int64).contiguous()   # ids 0 and 2**32 differ
@@ -234,28 +235,24 @@ class CompiledPattern:
         if {"q", "k"} & self.needs:
             values.update(q=q, k=k, content=content.content_values(
                 [n for body in bodies for n in body.nodes()], q, k, call, values))
-            for i, share in enumerate(self.shares):   # each sorted share's order, once per call
-                if share.key is not None:
-                    key = pipeline.specialize(share.key, call)
-                    values[("order", i)] = SortedOrder.of(values["content"][key])
-        return values, bodies
+        orders = [None if s.key is None else SortedOrder.of(values["content"][pipeline.specialize(s.key, call)])
+                  for s in self.shares]
+        return values, bodies, orders
 
-    def _arguments(self, share: int, call: Call, values: dict, q, k, v):
-        """(order, call, (q, k, v)) as share `share`'s kernels see them: a sorted share gets its
-        gathered rows, each query head with its own K/V rows."""
-        order = values.get(("order", share))
+    @staticmethod
+    def _arguments(order: SortedOrder | None, call: Call, q, k, v):
+        """(call, (q, k, v)) as a share's kernels see them: a sorted share gets its gathered rows,
+        each query head with its own K/V rows."""
         if order is None:
-            return None, call, (q, k, v)
-        return order, replace(call, kv_heads=call.heads), content.gather(order, q, k, v, call.heads // call.kv_heads)
+            return call, (q, k, v)
+        return replace(call, kv_heads=call.heads), content.gather(order, q, k, v, call.heads // call.kv_heads)
 
-    def _request(self, share: int, body, call: Call, values: dict, block_m: int, block_n: int) -> LayoutRequest:
-        inputs = {name: x for name, x in values.items() if name in ("segment_ids", "content")}
+    def _request(self, share: int, body, call: Call, values: dict, order, block_m: int, block_n: int):
         return LayoutRequest(share, body, self.shares[share].full, call.n_q, call.n_k, call.q_offset, call.heads,
-                             call.batch, block_m, block_n, call.device, inputs, values.get(("order", share)))
+                             call.batch, block_m, block_n, call.device, values, order)
 
-    def _bind(self, share: int, body, call: Call, backend: str, config: TileConfig, values: dict):
-        r = self._request(share, body, call, values, config.block_m, config.block_n)
-        r = replace(r, inputs={name: x for name, x in values.items() if isinstance(name, str)})
+    def _bind(self, share: int, body, call: Call, backend: str, config: TileConfig, values: dict, order):
+        r = self._request(share, body, call, values, order, config.block_m, config.block_n)
         return pipeline.bind(backend, r, call, config, lambda: self.generated(share), self._cached, self.name)
 
     # ---- tiles ----
@@ -274,10 +271,10 @@ class CompiledPattern:
                 training)
         if retune:
             self._cache.pop(memo, None)
-        return self._cached(memo, lambda: self._tuned(share, body, call, backend, values, args, dtype, training,
-                                                      retune, must_save))
+        return self._cached(memo, lambda: self._tuned(share, body, call, backend, values, order, args, dtype,
+                                                      training, retune, must_save))
 
-    def _tuned(self, share: int, body, call: Call, backend: str, values: dict, args: tuple, dtype: str,
+    def _tuned(self, share: int, body, call: Call, backend: str, values: dict, order, args: tuple, dtype: str,
                training: bool, retune: bool, must_save: bool) -> TileConfig:
         """The tuning cache's config for this share and call, or the winner of tuning it now."""
         import triton   # only on the GPU path
@@ -287,7 +284,7 @@ class CompiledPattern:
         props = torch.cuda.get_device_properties(call.device)
         configs = lambda: tuning.candidates(call.dim, args[0].element_size(), call.n_q, call.n_k,
                                             props.shared_memory_per_multiprocessor - 1024)
-        timer = tuning.kernel_timer(lambda config: self._bind(share, body, call, backend, config, values),
+        timer = tuning.kernel_timer(lambda config: self._bind(share, body, call, backend, config, values, order),
                                     args, training)
         label = f"sparsec: tuning {self.name}" + (f" share {share}" if len(self.shares) > 1 else "")
         found = tuning.tuned(key, tuning.cache_at(cache_dir() / tuning.FILE), configs, timer,
@@ -305,10 +302,10 @@ class CompiledPattern:
             print(f"sparsec: no CUDA tensors ({call.device}): the autotuner is skipped; tiles stay "
                   f"{default.show()}", file=sys.stderr)
             return [default] * len(self.shares)
-        values, bodies = self._prepare(call, q, k, inputs)
+        values, bodies, orders = self._prepare(call, q, k, inputs)
         out = []
-        for i, body in enumerate(bodies):
-            order, c, args = self._arguments(i, call, values, q, k, v)
+        for i, (body, order) in enumerate(zip(bodies, orders)):
+            c, args = self._arguments(order, call, q, k, v)
             out.append(self._config(i, body, c, backend, values, order, args, retune, must_save=True))
         return out
 

@@ -62,6 +62,8 @@ def _debug_stages() -> frozenset:
 
 def trace(stage: str, show: Callable[[], str]) -> None:
     """Print a stage's output where asked (show is only called then)."""
+    if not _WATCHERS and not os.environ.get("SPARSEC_DEBUG"):   # the common case, on every call
+        return
     sinks = [sink for names, sink in _WATCHERS if stage in names]
     if stage in _debug_stages():
         sinks.append(lambda stage, text: print(f"--- {stage}:\n{text}", file=sys.stderr))
@@ -110,7 +112,7 @@ def build_layout(r: LayoutRequest, cached, form: str = "device"):
     return lay
 
 
-def emit(name: str, share: int, body) -> Generated:
+def emit(name: str, body) -> Generated:
     gen = emit_kernels(Definition(name, (), body))
     trace("emit", lambda: gen.source)
     return gen

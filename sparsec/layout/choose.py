@@ -22,7 +22,8 @@ Cached = Callable[[tuple, Callable], object]   # (key, make) -> the value, made 
 class LayoutRequest:
     """One share of one call at one tile size: what a layout is built for. body is the share's
     specialized body; full says the share is its bucketing alone (sorted tiles may be FULL);
-    inputs holds the call's segment ids and content values (ids, selections) when it has them."""
+    inputs: the call's inputs by name (the builders read segment_ids and content, the ids and
+    selections of its content parts); order: a sorted share's order, else None."""
     share: int
     body: Pattern
     full: bool

@@ -13,12 +13,8 @@ from ..ir.limits import check_lengths
 
 
 BACKENDS = ("triton", "interpret", "cpu")
-
-
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-RUNTIME_INPUTS = ("segment_ids", "centroids", "rotations")
+INPUTS = ("segment_ids", "centroids", "rotations")   # the tensors a call takes by keyword
 
 
 @dataclass(frozen=True)
@@ -41,7 +37,7 @@ class Call:
         return (self.batch, self.heads, self.kv_heads, self.n_q, self.n_k, self.dim, self.q_offset, self.device)
 
 
-def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, runtime: dict) -> Call:
+def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, inputs: dict) -> Call:
     for arg, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{arg} must be a torch.Tensor of shape (B, H, n, D), got {type(x).__name__}")
@@ -76,17 +72,18 @@ def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, runti
     why = check_lengths(n_q, n_k, int(q_offset))
     if why:
         raise ValueError(why)
-    for arg in runtime:
-        if arg not in RUNTIME_INPUTS:
+    for arg in inputs:
+        if arg not in INPUTS:
             raise TypeError(f"unexpected keyword argument {arg}=; a call takes scale=, q_offset=, return_lse=, "
-                            f"backend= and the runtime inputs {', '.join(RUNTIME_INPUTS)}")
+                            f"backend= and the inputs {', '.join(INPUTS)}")
     call = Call(B, H, Hkv, n_q, n_k, D, int(q_offset), float(scale), q.device)
-    check_runtime(name, needs, call, runtime)
+    check_inputs(name, needs, call, inputs)
     return call
 
 
-def check_runtime(name: str, needs: frozenset[str], c: Call, runtime: dict) -> None:
-    seg = runtime.get("segment_ids")
+def check_inputs(name: str, needs: frozenset[str], c: Call, inputs: dict) -> None:
+    """The keyword inputs the pattern reads are given, with the shapes it needs; no others."""
+    seg = inputs.get("segment_ids")
     if "segment_ids" in needs:
         if seg is None:
             raise ValueError(f"pattern {name} uses document: pass segment_ids= of shape (B={c.batch}, n_k={c.n_k})")
@@ -103,7 +100,7 @@ def check_runtime(name: str, needs: frozenset[str], c: Call, runtime: dict) -> N
         raise ValueError(f"segment_ids= given, but pattern {name} has no document part")
     for arg, shape in (("centroids", f"(H={c.heads}, clusters, D={c.dim})"),
                        ("rotations", f"(rounds, D={c.dim}, buckets/2)")):
-        x = runtime.get(arg)
+        x = inputs.get(arg)
         if x is None:
             continue
         if "q" not in needs:
@@ -125,7 +122,7 @@ def choose_backend(backend: str | None, device: torch.device) -> str:
 
 
 def default_config(backend: str, call: Call) -> TileConfig:
-    """Tiles before the autotuner exists: 64x64 on a GPU (32 for the largest head dims, to stay
+    """Tiles when none is given or tuned: 64x64 on a GPU (32 for the largest head dims, to stay
     in shared memory). In the interpreter each program is numpy work, so tiles are 16x16 for the
     tests' short sequences and 64x64 beyond (fewer, larger numpy operations). The CPU path's
     64x64 measured fastest of 32..128 (benchmarks/cpu_forward.py)."""

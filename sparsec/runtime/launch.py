@@ -15,11 +15,6 @@ from ..layout import DeviceLayout
 from .call import Call
 from .loader import interpreting
 
-
-
-
-# ---- tables and layouts ------------------------------------------------------------------------------
-
 # How many positions one coordinate of a node's children spans, by node type (default 1).
 COORDINATE_SCALE = {Blocks: lambda p: value(p.size)}
 
