@@ -14,22 +14,34 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ir.pattern import Intersection, Pattern
+from ..ir.content import Cluster, Lsh, TopK
+from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union
+from ..ir.positional import Chunk, OffsetPattern, RowsOrColumns
+from ..ir.random import Random
+from ..ir.where import Where
 from ..ir.document import Document
 from ..ir.tiles import FULL, PARTIAL
 from .block import BlockLayout, DeviceLayout, expand_ranges, tile_extremes
 
 
+def _static_of_intersection(body: Intersection) -> tuple[Pattern | None] | None:
+    rest = [p for p in body.parts if not isinstance(p, Document)]
+    if len(rest) < len(body.parts) and not any(p.runtime_needs() for p in rest):
+        return (rest[0] if len(rest) == 1 else Intersection(tuple(rest)),)
+    return None
+
+
+# The static part X of a body `document & X` (or `document` alone), by node type.
+STATIC_PART = {Document: lambda body: (None,), Intersection: _static_of_intersection}
+NO_STATIC_PART = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, Lsh, Cluster, TopK, Union, Difference, Heads,
+                  Blocks)   # a document under these is built on the host
+
+
 def static_part(body: Pattern) -> tuple[Pattern | None] | None:
     """(X,) when body is `document & X` with X reading no runtime input, (None,) when body is
     `document` alone, None otherwise (the layout is then built on the host)."""
-    if isinstance(body, Document):
-        return (None,)
-    if isinstance(body, Intersection):
-        rest = [p for p in body.parts if not isinstance(p, Document)]
-        if len(rest) < len(body.parts) and not any(p.runtime_needs() for p in rest):
-            return (rest[0] if len(rest) == 1 else Intersection(tuple(rest)),)
-    return None
+    rule = STATIC_PART.get(type(body))
+    return rule(body) if rule else None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir.conditions import KeyMatch, LineCondition, PairCondition
 from ..ir.content import Cluster, Lsh, TopK
 from ..ir.document import Document
 from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union, value
@@ -177,5 +176,5 @@ SELECTION_TILES = {
 }
 # Node types with no rule here: as a part that reads no runtime input they are a static grid;
 # reading one (a document, lsh or cluster, or a topk under heads or blocks) sends the body to the host build.
-NO_SELECTION_TILES = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, LineCondition, KeyMatch, PairCondition,
+NO_SELECTION_TILES = (OffsetPattern, RowsOrColumns, Chunk, Random, Where,
                       Lsh, Cluster, Document, Heads, Blocks)

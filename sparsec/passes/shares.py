@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 from .. import passes
 from ..ir import expr as E
-from ..ir.content import Cluster, Lsh, LshRound
-from ..ir.pattern import Difference, Heads, Intersection, Pattern, Union
-from ..ir.positional import Empty
+from ..ir.content import Cluster, Lsh, LshRound, TopK
+from ..ir.document import Document
+from ..ir.random import Random
+from ..ir.where import Where
+from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union
+from ..ir.positional import Chunk, Empty, OffsetPattern, RowsOrColumns
 
 
 @dataclass(frozen=True)
@@ -39,25 +42,52 @@ def _bucketed(p: Pattern) -> bool:
     return any(isinstance(n, (Lsh, Cluster)) for n in p.nodes())
 
 
+def _heads_terms(p: Heads) -> list[Pattern]:
+    """One term per (slot, term of its part), the other slots empty."""
+    return [Heads(tuple(t if j == i else Empty(span=p.span) for j in range(len(p.parts))), span=p.span)
+            for i, part in enumerate(p.parts) for t in terms(part)]
+
+
+def _lsh_terms(p: Lsh) -> list[Pattern]:
+    """A multi-round lsh with a constant round count: one term per round."""
+    if isinstance(p.rounds, E.Const) and p.rounds.value > 1:
+        return [LshRound(p.buckets, p.rounds, p.seed, r, span=p.span) for r in range(p.rounds.value)]
+    return [p]
+
+
+# How a node that holds a bucketing is written as a union of terms, by node type.
+TERMS = {
+    Union: lambda p: [t for part in p.parts for t in terms(part)],
+    Intersection: lambda p: [passes.simplify(Intersection(combo, span=p.span))
+                             for combo in itertools.product(*(terms(part) for part in p.parts))],
+    Difference: lambda p: [Difference(t, p.right, span=p.span) for t in terms(p.left)],
+    Heads: _heads_terms,
+    Lsh: _lsh_terms,
+}
+NO_TERMS = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, Document, LshRound, Cluster, TopK,
+            Blocks)   # a term as they are (blocks: content parts are token-level, rejected inside it)
+
+
 def terms(p: Pattern) -> list[Pattern]:
     """p as a union of terms, distributing & (and the left of -) over +, heads(...) over its
     slots and splitting lsh rounds, only where that can bring a bucketing to the top of a term."""
-    if not _bucketed(p):
-        return [p]
-    if isinstance(p, Union):
-        return [t for part in p.parts for t in terms(part)]
-    if isinstance(p, Intersection):
-        return [passes.simplify(Intersection(combo, span=p.span))
-                for combo in itertools.product(*(terms(part) for part in p.parts))]
-    if isinstance(p, Difference):
-        return [Difference(t, p.right, span=p.span) for t in terms(p.left)]
-    if isinstance(p, Heads):   # one term per (slot, term of its part), the other slots empty
-        return [Heads(tuple(t if j == i else Empty(span=p.span) for j in range(len(p.parts))), span=p.span)
-                for i, part in enumerate(p.parts) for t in terms(part)]
-    if isinstance(p, Lsh) and not isinstance(p, LshRound) and isinstance(p.rounds, E.Const) \
-            and p.rounds.value > 1:
-        return [LshRound(p.buckets, p.rounds, p.seed, r, span=p.span) for r in range(p.rounds.value)]
-    return [p]
+    rule = TERMS.get(type(p))
+    return rule(p) if rule is not None and _bucketed(p) else [p]
+
+
+def _heads_key(term: Heads) -> Pattern | None:
+    used = [p for p in term.parts if not isinstance(p, Empty)]
+    return key_of(used[0]) if len(used) == 1 else None
+
+
+# The bucketing a term runs sorted by, by node type (bucketings themselves: sort_key).
+KEY_OF = {
+    Difference: lambda term: key_of(term.left),
+    Heads: _heads_key,
+    Intersection: lambda term: next((k for k in map(key_of, term.parts) if k is not None), None),
+}
+NO_KEY_OF = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, Document, TopK, Union, Blocks)   # no key
+# (Lsh, LshRound and Cluster are their own key through sort_key.)
 
 
 def key_of(term: Pattern) -> Pattern | None:
@@ -65,14 +95,8 @@ def key_of(term: Pattern) -> Pattern | None:
     for heads(...) with one slot in use, its slot's; else None."""
     if sort_key(term) is not None:
         return term
-    if isinstance(term, Difference):
-        return key_of(term.left)
-    if isinstance(term, Heads):
-        used = [p for p in term.parts if not isinstance(p, Empty)]
-        return key_of(used[0]) if len(used) == 1 else None
-    if isinstance(term, Intersection):
-        return next((k for k in map(key_of, term.parts) if k is not None), None)
-    return None
+    rule = KEY_OF.get(type(term))
+    return rule(term) if rule is not None else None
 
 
 def active_heads(body: Pattern, heads: int) -> list[bool] | None:

@@ -8,7 +8,6 @@ import functools
 
 import torch
 
-from ..ir.conditions import KeyMatch, LineCondition, PairCondition
 from ..ir.content import Cluster, Lsh, LshRound, TopK, rotations, spherical_start
 from ..ir.document import Document
 from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union, value
@@ -140,7 +139,7 @@ CONTENT_VALUES = {
     TopK: lambda node, q, k, group, inputs, call, out: _topk(node, q, k, group, call.q_offset),
 }
 NO_CONTENT_VALUES = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, Document, Union, Intersection, Difference,
-                     Heads, Blocks, LineCondition, KeyMatch, PairCondition)   # read no q or k
+                     Heads, Blocks)   # read no q or k
 
 
 def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple[torch.Tensor, ...]]:
