@@ -82,7 +82,7 @@ class CompiledPattern:
         self.source_ir = pipeline.elaborate(module, pattern, params)
         self.ir = pipeline.optimize(self.source_ir)
         self.name = self.ir.name
-        self.needs = self.ir.body.runtime_needs()
+        self.needs = self.ir.body.inputs_read()
         self._cache: dict = {}   # shares, specializations, generated code, layouts, tables, CPU plans
 
     def _cached(self, key, make):

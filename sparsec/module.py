@@ -14,7 +14,7 @@ class SparseSelfAttention(nn.Module):
 
     pattern: a compiled CompiledPattern, a .sa path or program text (with `pattern_name` and the program's
     params as keyword arguments). num_kv_heads < num_heads gives grouped-query attention (1: MQA).
-    The call takes the kernel's runtime inputs (segment_ids=, q_offset=, centroids=, rotations=),
+    The call takes the call inputs (segment_ids=, q_offset=, centroids=, rotations=),
     and for decoding a KV cache: past_kv=(k, v) of shape (B, num_kv_heads, n_past, head_dim) is
     prepended to this step's keys and values; use_cache=True also returns the extended cache."""
 

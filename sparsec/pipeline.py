@@ -11,7 +11,7 @@
     bind        runtime     all of the above -> a runner: the backend bound to one share of one call
 
 `compile` runs the first three; a call runs the others per share (cached per shape where the
-share reads no runtime input). `watching` sends a stage's output to any sink: SPARSEC_DEBUG sends
+share reads no call input). `watching` sends a stage's output to any sink: SPARSEC_DEBUG sends
 it to stderr, `sparsec emit` to stdout."""
 from __future__ import annotations
 
@@ -121,11 +121,11 @@ def emit(name: str, body) -> Generated:
 def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generated: Callable[[], Generated],
          cached, name: str):
     """The backend bound to one share of one call: its layout and tables (or CPU plan)."""
-    needs = r.body.runtime_needs()
+    needs = r.body.inputs_read()
     shape = (r.share, config, *call.shape_key())
 
     def per_shape(what, make):
-        """Cached by shape when the share reads no runtime input; else made per call."""
+        """Cached by shape when the share reads no call input; else made per call."""
         return make() if needs else cached((what, *shape), make)
 
     if backend == "cpu":   # masks read content ids once computed, never q and k themselves

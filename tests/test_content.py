@@ -208,8 +208,8 @@ def test_content_patterns_match_dense_attention(backend, src, kind, shape, seed)
     gen = torch.Generator().manual_seed(seed)
     inputs = draw_inputs(kind, B, Hq, Hkv, n_q, n_k, D, DTYPES[dtype], gen)
     args = (kern, backend, B, Hq, Hkv, n_q, n_k, D, DTYPES[dtype], q_offset)
-    check(*args, inputs=inputs, runtime={})
-    check_gradients(*args, inputs=inputs, runtime={})
+    check(*args, inputs=inputs, call_inputs={})
+    check_gradients(*args, inputs=inputs, call_inputs={})
 
 
 @pytest.mark.parametrize("backend", ["interpret", "cpu"])
@@ -219,8 +219,8 @@ def test_given_rotations_and_centroids_override_the_seeded_ones(backend):
     gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
     q, k, v = draw_inputs("gaussian", 2, 4, 2, 40, 40, 16, torch.float32, gen)
     given = {"rotations": torch.randn(2, 16, 2, generator=gen), "centroids": torch.randn(4, 3, 16, generator=gen)}
-    check(kern, backend, 2, 4, 2, 40, 40, 16, torch.float32, inputs=(q, k, v), runtime=given)
-    check_gradients(kern, backend, 2, 4, 2, 40, 40, 16, torch.float32, inputs=(q, k, v), runtime=given)
+    check(kern, backend, 2, 4, 2, 40, 40, 16, torch.float32, inputs=(q, k, v), call_inputs=given)
+    check_gradients(kern, backend, 2, 4, 2, 40, 40, 16, torch.float32, inputs=(q, k, v), call_inputs=given)
     assert not torch.equal(kern(q, k, v, backend=backend, **given), kern(q, k, v, backend=backend))
 
 
@@ -233,8 +233,8 @@ def test_rows_with_no_allowed_key(backend):
     q, k, v = draw_inputs("gaussian", 1, 2, 2, 33, 33, 16, torch.float32, gen)
     mask = kern.mask(33, heads=2, q=q, k=k)
     assert not mask.any(-1).all(), "the draw should leave some rows empty"
-    check(kern, backend, 1, 2, 2, 33, 33, 16, torch.float32, inputs=(q, k, v), runtime={})
-    check_gradients(kern, backend, 1, 2, 2, 33, 33, 16, torch.float32, inputs=(q, k, v), runtime={})
+    check(kern, backend, 1, 2, 2, 33, 33, 16, torch.float32, inputs=(q, k, v), call_inputs={})
+    check_gradients(kern, backend, 1, 2, 2, 33, 33, 16, torch.float32, inputs=(q, k, v), call_inputs={})
 
 
 def test_sorted_shares_visit_about_their_density():
@@ -284,8 +284,8 @@ def test_documents_inside_sorted_shares(backend, src):
     gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
     q, k, v = draw_inputs("gaussian", 2, 2, 1, 45, 45, 16, torch.float32, gen)
     seg = {"segment_ids": torch.sort(torch.randint(0, 4, (2, 45), generator=gen), dim=1).values}
-    check(kern, backend, 2, 2, 1, 45, 45, 16, torch.float32, inputs=(q, k, v), runtime=seg)
-    check_gradients(kern, backend, 2, 2, 1, 45, 45, 16, torch.float32, inputs=(q, k, v), runtime=seg)
+    check(kern, backend, 2, 2, 1, 45, 45, 16, torch.float32, inputs=(q, k, v), call_inputs=seg)
+    check_gradients(kern, backend, 2, 2, 1, 45, 45, 16, torch.float32, inputs=(q, k, v), call_inputs=seg)
 
 
 @pytest.mark.gpu

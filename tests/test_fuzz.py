@@ -146,18 +146,18 @@ def assert_located(e: sparsec.SparsecError, text: str) -> None:
 
 def exercise(kern: sparsec.CompiledPattern, interpret: bool) -> None:
     """A small call of every kind the program allows: mask, layout, the CPU path (and the
-    interpreter in the long profile), with the runtime inputs the pattern needs."""
+    interpreter in the long profile), with the call inputs the pattern needs."""
     n_q, n_k, heads = 19, 23, 2
     gen = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, heads, n_q, 16, generator=gen), *(torch.randn(1, 1, n_k, 16, generator=gen) for _ in "kv")
-    runtime = {"segment_ids": torch.tensor([[0] * 9 + [1] * 14])} if "segment_ids" in kern.needs else {}
+    call_inputs = {"segment_ids": torch.tensor([[0] * 9 + [1] * 14])} if "segment_ids" in kern.needs else {}
     content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
-    kern.mask(n_q, n_k, heads=heads, **content, **runtime)
+    kern.mask(n_q, n_k, heads=heads, **content, **call_inputs)
     if not content:
-        kern.layout(n_q, n_k, 8, 8, heads=heads, **runtime)
-    kern(q, k, v, backend="cpu", **runtime)
+        kern.layout(n_q, n_k, 8, 8, heads=heads, **call_inputs)
+    kern(q, k, v, backend="cpu", **call_inputs)
     if interpret:
-        kern(q, k, v, backend="interpret", **runtime)
+        kern(q, k, v, backend="interpret", **call_inputs)
 
 
 def outcome(text: str, interpret: bool = False) -> str:

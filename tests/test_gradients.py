@@ -10,16 +10,16 @@ from hypothesis import given, settings, strategies as st
 import sparsec
 
 from conftest import KERNEL_EXAMPLES, patterns
-from test_kernel import DTYPES, dense_attention, drawn_case, kernel_shapes, runtime_inputs
+from test_kernel import DTYPES, dense_attention, drawn_case, kernel_shapes, synthetic_inputs
 
 # max |g - g_ref| / max(1, max |g_ref|): gradients pass through two more roundings of P and dS
 GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 
 def check_gradients(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None, seed=None, segment_ids=None,
-                    lse_weight=True, inputs=None, runtime=None):
+                    lse_weight=True, inputs=None, call_inputs=None):
     """Loss = <O, dO> + <LSE, dLSE> over rows with an allowed key; its gradients in q, k, v (on
-    fresh Gaussian inputs, or `inputs`; `runtime`: the call's runtime inputs)."""
+    fresh Gaussian inputs, or `inputs`; `runtime`: the call's inputs)."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     q = torch.randn(B, Hq, n_q, D, generator=gen).to(dtype)
@@ -29,13 +29,13 @@ def check_gradients(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None
         q, k, v = inputs
     do = torch.randn(B, Hq, n_q, D, generator=gen)
     dlse = torch.randn(B, Hq, n_q, generator=gen) if lse_weight else torch.zeros(B, Hq, n_q)
-    if runtime is None:
-        runtime = runtime_inputs(kern, B, n_k, rng) if segment_ids is None else {"segment_ids": segment_ids}
+    if call_inputs is None:
+        call_inputs = synthetic_inputs(kern, B, n_k, rng) if segment_ids is None else {"segment_ids": segment_ids}
     content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
-    mask = kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset, **content, **runtime)
+    mask = kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset, **content, **call_inputs)
 
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    o, lse = kern(*leaves, q_offset=q_offset, return_lse=True, backend=backend, **runtime)
+    o, lse = kern(*leaves, q_offset=q_offset, return_lse=True, backend=backend, **call_inputs)
     loss = (o.double() * do).sum()
     if lse_weight:
         loss = loss + (torch.where(torch.isneginf(lse), 0.0, lse).double() * dlse).sum()

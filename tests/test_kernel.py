@@ -29,7 +29,7 @@ def dense_attention(mask, q, k, v, scale):
     return p @ v, torch.where(some, lse, float("-inf")).squeeze(-1)
 
 
-def runtime_inputs(kern, batch, n_k, rng):
+def synthetic_inputs(kern, batch, n_k, rng):
     if "segment_ids" not in kern.needs:
         return {}
     # packed documents: sorted ids, a few lengths drawn fresh
@@ -37,7 +37,7 @@ def runtime_inputs(kern, batch, n_k, rng):
 
 
 def check(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None, scale=None, seed=None, inputs=None,
-          runtime=None):
+          call_inputs=None):
     """O and LSE against dense attention under kern.mask, on fresh Gaussian q, k, v (or `inputs`)."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
@@ -46,11 +46,11 @@ def check(kern, backend, B, Hq, Hkv, n_q, n_k, D, dtype, q_offset=None, scale=No
     v = torch.randn(B, Hkv, n_k, D, generator=gen).to(dtype)
     if inputs is not None:
         q, k, v = inputs
-    runtime = runtime_inputs(kern, B, n_k, rng) if runtime is None else runtime
+    call_inputs = synthetic_inputs(kern, B, n_k, rng) if call_inputs is None else call_inputs
     content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
-    mask = kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset, **content, **runtime)
+    mask = kern.mask(n_q, n_k, heads=Hq, q_offset=q_offset, **content, **call_inputs)
     want_o, want_lse = dense_attention(mask, q, k, v, scale or 1 / math.sqrt(D))
-    o, lse = kern(q, k, v, scale=scale, q_offset=q_offset, return_lse=True, backend=backend, **runtime)
+    o, lse = kern(q, k, v, scale=scale, q_offset=q_offset, return_lse=True, backend=backend, **call_inputs)
     assert o.shape == q.shape and o.dtype == dtype and lse.shape == (B, Hq, n_q) and lse.dtype == torch.float32
     assert o.is_contiguous() and lse.is_contiguous()
     assert not o.isnan().any() and not lse.isnan().any(), "NaN in the output"
@@ -110,7 +110,7 @@ def test_random_patterns_match_dense_attention(backend, src, shape):
     "where(isqrt(i) == isqrt(j) or ilog2(j + 1) == 3)", "band(isqrt(n)) & causal", "heads(band(2), stride(3), full)",
     "blocks(8, band(1) + global(1) + last(1) + random(3))", "global([0, 7, 33]) + sink(2) - band(1, -1)",
 ])
-def test_runtime_inputs_and_tables(backend, src):
+def test_synthetic_inputs_and_tables(backend, src):
     kern = sparsec.compile(f"pattern p = {src}")
     for n_q, n_k in ((37, 37), (29, 45)):
         check(kern, backend, 2, 4, 2, n_q, n_k, 16, torch.float32)
@@ -243,11 +243,11 @@ def test_gpu_kernels_match_dense_attention(src, dtype):
         rng = np.random.default_rng()
         q = torch.randn(2, 4, n_q, D, device="cuda").to(dtype)
         k, v = (torch.randn(2, 2, n_k, D, device="cuda").to(dtype) for _ in range(2))
-        runtime = {k_: x.cuda() for k_, x in runtime_inputs(kern, 2, n_k, rng).items()}
+        call_inputs = {k_: x.cuda() for k_, x in synthetic_inputs(kern, 2, n_k, rng).items()}
         content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
-        mask = kern.mask(n_q, n_k, heads=4, **content, **runtime).cuda()
+        mask = kern.mask(n_q, n_k, heads=4, **content, **call_inputs).cuda()
         want, want_lse = dense_attention(mask, q, k, v, 1 / math.sqrt(D))
-        o, lse = kern(q, k, v, return_lse=True, **runtime)
+        o, lse = kern(q, k, v, return_lse=True, **call_inputs)
         err = (o.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
         tol = 3e-3 if dtype == torch.float32 else TOLERANCE[dtype]   # fp32 dots may run as tf32
         assert not o.isnan().any() and err < tol, f"relative error {err:.2e}"

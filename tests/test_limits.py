@@ -133,7 +133,7 @@ def test_segment_ids_keep_all_their_bits():
     mask = kern.mask(24, segment_ids=seg)
     assert not mask[0, 0, 12, :9].any()
     for backend in ("cpu", "interpret"):
-        check(kern, backend, 2, 2, 2, 24, 24, 16, torch.float32, runtime={"segment_ids": seg})
+        check(kern, backend, 2, 2, 2, 24, 24, 16, torch.float32, call_inputs={"segment_ids": seg})
 
 
 # ---- compile cost bounded by the text ----------------------------------------------------------------

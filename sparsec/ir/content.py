@@ -1,8 +1,8 @@
 """Content-based primitives (lsh, cluster, topk): their reference masks, predicates and tables.
 
 The reference computes ids and selections here in numpy, float64, from q and k. At call time the
-runtime computes the same on the tensors' device (sparsec/routing.py) and hands them over in
-`Runtime.content` / `TableSpace.inputs["content"]`; the rules below then read those instead."""
+runtime computes the same on the tensors' device (runtime/content.py) and hands them over in
+`CallInputs.content` / `TableSpace.inputs["content"]`; the rules below then read those instead."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from ..errors import SparsecError
 from . import expr as E
 from .limits import INT_MAX
 from .pattern import Pattern, value
-from .tiles import FULL, PARTIAL, TileSet, all_tiles, expand_ranges, runtime_value
+from .tiles import FULL, PARTIAL, TileSet, all_tiles, expand_ranges, input_value
 
 
 def rotations(seed: int, rounds: int, dim: int, buckets: int) -> np.ndarray:
@@ -51,7 +51,7 @@ def spherical_kmeans(keys: np.ndarray, clusters: int, iters: int, seed: int) -> 
 class ContentPattern(Pattern):
     """The mask depends on q and k of each (batch, head). Its tiles here are all PARTIAL (sound:
     the predicate decides pair by pair); the runtime sorts lsh and cluster shares by bucket and
-    builds their layouts from bucket ranges (sparsec/routing.py)."""
+    builds their layouts from bucket ranges (runtime/content.py)."""
     needs: ClassVar[frozenset[str]] = frozenset({"q", "k"})
     token_level: ClassVar[bool] = True
     head_dependent: ClassVar[bool] = True
@@ -77,19 +77,19 @@ class ContentPattern(Pattern):
             f"{hit} = {hit} | (bq[:, None] == bk[None, :])"])
         return hit
 
-    def ids(self, runtime) -> tuple[np.ndarray, np.ndarray]:
+    def ids(self, inputs) -> tuple[np.ndarray, np.ndarray]:
         """Bucket ids of q and k, (rounds, n_q) and (rounds, n_k), for one (batch, head): the
         runtime's when it computed them, else the reference's."""
-        if runtime.content and self in runtime.content:
-            return runtime.content[self]
-        return self.compute_ids(runtime)
+        if inputs.content and self in inputs.content:
+            return inputs.content[self]
+        return self.compute_ids(inputs)
 
-    def compute_ids(self, runtime) -> tuple[np.ndarray, np.ndarray]:
+    def compute_ids(self, inputs) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def mask(self, grid):
-        bq, bk = self.ids(grid.runtime)
-        rows = grid.pos - grid.runtime.q_offset
+        bq, bk = self.ids(grid.inputs)
+        rows = grid.pos - grid.inputs.q_offset
         return (bq[:, rows, None] == bk[:, None, grid.keys]).any(axis=0)
 
     def tables(self, space):
@@ -106,10 +106,10 @@ class ContentPattern(Pattern):
         return {"q_ids": np.stack(q_ids).astype(np.int32), "k_ids": np.stack(k_ids).astype(np.int32),
                 "rounds": q_ids[0].shape[0]}
 
-    def arrays(self, runtime) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self, inputs) -> tuple[np.ndarray, np.ndarray]:
         """q (n_q, D) and k (n_k, D) of this (batch, head), float64."""
-        q = np.asarray(runtime_value(runtime, "q", self.keyword), np.float64)
-        return q, np.asarray(runtime_value(runtime, "k", self.keyword), np.float64)
+        q = np.asarray(input_value(inputs, "q", self.keyword), np.float64)
+        return q, np.asarray(input_value(inputs, "k", self.keyword), np.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,9 +130,9 @@ class Lsh(ContentPattern):
         if isinstance(b, E.Const) and b.value % 2:
             raise SparsecError(f"lsh: buckets must be even, got {b.value}", b.span or self.span)
 
-    def compute_ids(self, runtime):
-        q, k = self.arrays(runtime)
-        rot = runtime.rotations
+    def compute_ids(self, inputs):
+        q, k = self.arrays(inputs)
+        rot = inputs.rotations
         if rot is None:
             rot = rotations(value(self.seed), value(self.rounds), q.shape[-1], value(self.buckets))
         bucket = lambda x, r: np.argmax(np.concatenate([x @ r, -(x @ r)], axis=-1), axis=-1)
@@ -152,8 +152,8 @@ class LshRound(Lsh):
     def show(self):
         return f"{super().show()}.round({self.round})"
 
-    def compute_ids(self, runtime):
-        bq, bk = super().compute_ids(runtime)
+    def compute_ids(self, inputs):
+        bq, bk = super().compute_ids(inputs)
         return bq[self.round: self.round + 1], bk[self.round: self.round + 1]
 
     def cost(self, env):
@@ -172,9 +172,9 @@ class Cluster(ContentPattern):
     def show(self):
         return f"cluster({E.show(self.k)}, iters={E.show(self.iters)}, seed={E.show(self.seed)})"
 
-    def compute_ids(self, runtime):
-        q, k = self.arrays(runtime)
-        mu = runtime.centroids
+    def compute_ids(self, inputs):
+        q, k = self.arrays(inputs)
+        mu = inputs.centroids
         if mu is None:
             mu = spherical_kmeans(k, value(self.k), value(self.iters), value(self.seed))
         mu = np.asarray(mu, np.float64)
@@ -196,14 +196,14 @@ class TopK(ContentPattern):
     def show(self):
         return f"topk({E.show(self.k)}, block={E.show(self.block)}, causal={E.show(self.causal)})"
 
-    def selection(self, runtime) -> tuple[int, np.ndarray]:
+    def selection(self, inputs) -> tuple[int, np.ndarray]:
         """(first query block I0, chosen[I - I0, J]) over the query blocks of this call; a block's
         query mean is over the call's rows in it. The runtime's, when it computed them."""
-        if runtime.content and self in runtime.content:
-            return runtime.q_offset // value(self.block), runtime.content[self][0]
-        q, k = self.arrays(runtime)
+        if inputs.content and self in inputs.content:
+            return inputs.q_offset // value(self.block), inputs.content[self][0]
+        q, k = self.arrays(inputs)
         b, top = value(self.block), value(self.k)
-        qb = (np.arange(len(q)) + runtime.q_offset) // b
+        qb = (np.arange(len(q)) + inputs.q_offset) // b
         rows, row_of = np.unique(qb, return_inverse=True)
         # sum(q_I) . sum(k_J) / |J| ranks the J of one I as mean(q_I) . mean(k_J) does (|I| is
         # fixed), and is exact for small-integer inputs whatever the order of summation, so
@@ -221,17 +221,17 @@ class TopK(ContentPattern):
         return int(rows[0]) if len(rows) else 0, candidate & (rank < top)
 
     def mask(self, grid):
-        first, chosen = self.selection(grid.runtime)
+        first, chosen = self.selection(grid.inputs)
         b = value(self.block)
         return chosen[grid.pos // b - first][:, grid.keys // b]
 
     def tiles(self, t):
         """With the runtime's selection: the tiles of the chosen (I, J) block pairs, FULL where a
         tile lies inside one such pair. Without it (the reference's layouts): every tile PARTIAL."""
-        if not (t.runtime.content and self in t.runtime.content):
+        if not (t.inputs.content and self in t.inputs.content):
             return super().tiles(t)
         b = value(self.block)
-        first, chosen = self.selection(t.runtime)
+        first, chosen = self.selection(t.inputs)
         i, j = np.nonzero(chosen)
         block_i, block_j = (i + first) * b, j * b
         qf, ql = t.query_tiles(block_i, block_i + b - 1)
@@ -248,7 +248,7 @@ class TopK(ContentPattern):
         return self.tiles(t).lookup(t, qt, kt)
 
     def estimate(self, t):
-        if not (t.runtime.content and self in t.runtime.content):
+        if not (t.inputs.content and self in t.inputs.content):
             return super().estimate(t)
         return len(self.tiles(t))
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import conditions
 from .pattern import Pattern
-from .tiles import runtime_value
+from .tiles import input_value
 
 
 @dataclass(frozen=True, eq=False)
@@ -18,21 +18,21 @@ class Document(conditions.MatchedKeys, Pattern):
     needs: ClassVar[frozenset[str]] = frozenset({"segment_ids"})
     token_level: ClassVar[bool] = True
 
-    def _ids(self, runtime, lo, hi):
-        seg = np.asarray(runtime_value(runtime, "segment_ids", "document"))
+    def _ids(self, inputs, lo, hi):
+        seg = np.asarray(input_value(inputs, "segment_ids", "document"))
         if len(lo) and (lo.min() < 0 or hi.max() >= len(seg)):
             raise ValueError(f"document: query positions {lo.min()}..{hi.max()} fall outside segment_ids "
                              f"of length {len(seg)}; segment_ids must have shape (B, n_k) and q_offset >= 0")
         return seg
 
     def mask(self, grid):
-        seg = self._ids(grid.runtime, grid.pos, grid.pos)
+        seg = self._ids(grid.inputs, grid.pos, grid.pos)
         return seg[grid.pos][:, None] == seg[grid.keys][None, :]
 
     def sides(self, t) -> conditions.Sides:
         """A key match of the ids at the query positions with the ids at the keys (conditions.py):
         packed (sorted) ids give each query tile one key range, found by binary search."""
-        seg = self._ids(t.runtime, t.q_lo, t.q_hi)
+        seg = self._ids(t.inputs, t.q_lo, t.q_hi)
         rows, keys = conditions.coordinates(t.q_lo, t.q_hi), np.arange(len(seg))
         return conditions.Sides.of(t, rows, seg[rows], keys, seg)
 

@@ -44,7 +44,7 @@ class Pattern:
     ceilings: ClassVar[dict[str, int]] = {}            # argument -> highest allowed value (work grows with it)
     exact: ClassVar[frozenset[str]] = frozenset({"seed"})  # arguments never saturated (limits.py)
     head_dependent: ClassVar[bool] = False
-    needs: ClassVar[frozenset[str]] = frozenset()      # runtime inputs (segment_ids, q, k)
+    needs: ClassVar[frozenset[str]] = frozenset()      # call inputs it reads (segment_ids, q, k)
     token_level: ClassVar[bool] = False                # defined on tokens only: not inside blocks()
 
     # ---- identity: by value, spans aside; the hash is cached, so that comparing two different
@@ -143,7 +143,7 @@ class Pattern:
     def varies_with_head(self) -> bool:
         return any(n.uses_head() for n in self.nodes())
 
-    def runtime_needs(self) -> frozenset[str]:
+    def inputs_read(self) -> frozenset[str]:
         return frozenset().union(*(type(n).needs for n in self.nodes()))
 
     # ---- views with defaults ----

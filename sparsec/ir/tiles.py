@@ -11,7 +11,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes, ordered so that union is max and
 
 
 @dataclass(frozen=True)
-class Runtime:
+class CallInputs:
     """Call-time inputs of one (batch, head): segment ids and, for content-based parts, q and k."""
     segment_ids: np.ndarray | None = None    # (n_k,) ints of this batch row
     q: np.ndarray | None = None              # (n_q, D) of this (batch, head)
@@ -25,7 +25,7 @@ class Runtime:
 @dataclass(frozen=True)
 class TableSpace:
     """What a node's kernel tables are built for: one call's lengths (tokens), the block scale
-    the node sits under (product of enclosing blocks sizes), and every runtime input, whole
+    the node sits under (product of enclosing blocks sizes), and every call input, whole
     (numpy or torch): segment_ids (B, n_k), q (B, H, n_q, D), k (B, Hkv, n_k, D), centroids
     (H, clusters, D), rotations (rounds, D, buckets/2); and `content`, when the runtime has
     computed them: content node -> a tuple of arrays whose leading dims are (B, H)."""
@@ -53,18 +53,18 @@ class TableSpace:
 
     @cached_property
     def host(self) -> dict:
-        """The runtime inputs as numpy arrays, converted (copied off a device) once."""
+        """The call inputs as numpy arrays, converted (copied off a device) once."""
         out = {name: _host(x) for name, x in self.inputs.items() if x is not None and name != "content"}
         if self.inputs.get("content"):
             out["content"] = {node: tuple(map(_host, arrays)) for node, arrays in self.inputs["content"].items()}
         return out
 
-    def per_head(self, b: int, h: int) -> Runtime:
-        """The Runtime (numpy) of query head h of batch row b (k of its group)."""
+    def per_head(self, b: int, h: int) -> CallInputs:
+        """The CallInputs (numpy) of query head h of batch row b (k of its group)."""
         x = self.host
         q, k = x.get("q"), x.get("k")
         group = self.heads // k.shape[1] if k is not None else 1
-        return Runtime(segment_ids=None if x.get("segment_ids") is None else x["segment_ids"][b],
+        return CallInputs(segment_ids=None if x.get("segment_ids") is None else x["segment_ids"][b],
                        q=None if q is None else q[b, h], k=None if k is None else k[b, h // group],
                        centroids=None if x.get("centroids") is None else x["centroids"][h],
                        rotations=x.get("rotations"), q_offset=self.q_offset,
@@ -89,7 +89,7 @@ class Grid:
     n_q: int
     n_k: int
     head: int = 0
-    runtime: Runtime = field(default_factory=Runtime)
+    inputs: CallInputs = field(default_factory=CallInputs)
 
     def offsets(self) -> np.ndarray:
         return self.pos[:, None] - self.keys[None, :]
@@ -98,7 +98,7 @@ class Grid:
         """The grid of blocks of size b, with the maps from tokens to its rows and columns."""
         rows, row_of = np.unique(self.pos // b, return_inverse=True)
         cols, col_of = np.unique(self.keys // b, return_inverse=True)
-        inner = Grid(rows, cols, -(-self.n_q // b), -(-self.n_k // b), self.head, Runtime())
+        inner = Grid(rows, cols, -(-self.n_q // b), -(-self.n_k // b), self.head, CallInputs())
         return inner, row_of, col_of
 
 
@@ -114,7 +114,7 @@ class Tiling:
     n_q: int
     n_k: int
     head: int = 0
-    runtime: Runtime = field(default_factory=Runtime)
+    inputs: CallInputs = field(default_factory=CallInputs)
 
     @staticmethod
     def regular(n_q: int, n_k: int, block_m: int, block_n: int, q_offset: int, **kw) -> "Tiling":
@@ -133,7 +133,7 @@ class Tiling:
 
     def coarsen(self, b: int) -> "Tiling":
         return replace(self, q_lo=self.q_lo // b, q_hi=self.q_hi // b, k_lo=self.k_lo // b,
-                       k_hi=self.k_hi // b, n_q=-(-self.n_q // b), n_k=-(-self.n_k // b), runtime=Runtime())
+                       k_hi=self.k_hi // b, n_q=-(-self.n_q // b), n_k=-(-self.n_k // b), inputs=CallInputs())
 
     def key_tiles(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For key intervals [lo, hi] (per query tile), the range [first, last) of key tiles they meet."""
@@ -216,8 +216,8 @@ def all_tiles(tiling: Tiling) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(np.arange(tq, dtype=np.int64), tk), np.tile(np.arange(tk, dtype=np.int64), tq)
 
 
-def runtime_value(runtime: Runtime, name: str, what: str) -> Any:
-    value = getattr(runtime, name)
+def input_value(inputs: CallInputs, name: str, what: str) -> Any:
+    value = getattr(inputs, name)
     if value is None:
-        raise ValueError(f"{what} needs the runtime input {name}=")
+        raise ValueError(f"{what} needs the input {name}=")
     return value

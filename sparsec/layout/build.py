@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.pattern import Pattern
-from ..ir.tiles import EMPTY, FULL, PARTIAL, Runtime, Tiling
+from ..ir.tiles import EMPTY, FULL, PARTIAL, CallInputs, Tiling
 from .block import BlockLayout, TileLists
 
 
@@ -14,7 +14,7 @@ CHUNK_CANDIDATES = 1 << 20   # query tiles are built in bands of about this many
 def build_layout(body: Pattern, n_q: int, n_k: int, block_m: int, block_n: int, q_offset: int,
                  heads: int = 1, segment_ids: np.ndarray | None = None, space=None) -> BlockLayout:
     """Analytic layout of a specialized pattern body, one TileSet per (batch, head) that differs.
-    space: a TableSpace whose runtime inputs (content selections, segment ids) vary per batch row.
+    space: a TableSpace whose call inputs (content selections, segment ids) vary per batch row.
     Query tiles are classified a band at a time (every rule reads only its tiling's arrays), and
     each band kept as int32 lists: memory is the layout's plus one band's, however dense it is."""
     n_heads = heads if body.varies_with_head() else 1
@@ -26,8 +26,8 @@ def build_layout(body: Pattern, n_q: int, n_k: int, block_m: int, block_n: int, 
     indices: dict[int, list] = {FULL: [], PARTIAL: []}   # per band, their key tiles in row order
     for seg in batches:
         for h in range(n_heads):
-            runtime = seg[h] if space is not None else Runtime(segment_ids=seg)
-            t = Tiling.regular(n_q, n_k, block_m, block_n, q_offset, head=h, runtime=runtime)
+            inputs = seg[h] if space is not None else CallInputs(segment_ids=seg)
+            t = Tiling.regular(n_q, n_k, block_m, block_n, q_offset, head=h, inputs=inputs)
             bands = -(-min(body.estimate(t), tq * tk) // CHUNK_CANDIDATES)   # one, unless it is dense
             band = max(1, -(-tq // max(1, bands)))
             for first in range(0, tq, band):

@@ -39,7 +39,7 @@ class LayoutRequest:
     order: SortedOrder | None = None
 
     def shape(self) -> tuple:
-        """The key of what a layout of a share that reads no runtime input depends on."""
+        """The key of what a layout of a share that reads no call input depends on."""
         return (self.share, self.block_m, self.block_n, self.n_q, self.n_k, self.q_offset, self.heads, self.device)
 
 
@@ -91,14 +91,14 @@ class Builder:
 
 
 def _document_static(r: LayoutRequest) -> bool:
-    return r.body.runtime_needs() == {"segment_ids"} and static_part(r.body) is not None
+    return r.body.inputs_read() == {"segment_ids"} and static_part(r.body) is not None
 
 
 BUILDERS: tuple[Builder, ...] = (
     Builder("sorted share", lambda r: r.order is not None, device=_sorted),
     Builder("top-k selection", lambda r: supported(r.body), device=_selection),
     Builder("document & static", _document_static, device=_document, host=_static_host),
-    Builder("content beside document", lambda r: bool({"q", "k"} & r.body.runtime_needs()), host=_content_host),
+    Builder("content beside document", lambda r: bool({"q", "k"} & r.body.inputs_read()), host=_content_host),
     Builder("static", lambda r: True, host=_static_host),
 )
 
@@ -109,12 +109,12 @@ def choose(r: LayoutRequest) -> Builder:
 
 def device_layout(r: LayoutRequest, cached: Cached) -> DeviceLayout:
     """The share's layout on the call's device, by the first builder that applies; a host build
-    of a share that reads no runtime input is made once per shape."""
+    of a share that reads no call input is made once per shape."""
     builder = choose(r)
     if builder.device is not None:
         return builder.device(r, cached)
     make = lambda: builder.host(r, cached).to(r.device)
-    return cached(("layout", *r.shape()), make) if not r.body.runtime_needs() else make()
+    return cached(("layout", *r.shape()), make) if not r.body.inputs_read() else make()
 
 
 def host_layout(r: LayoutRequest, cached: Cached) -> BlockLayout:

@@ -26,7 +26,7 @@ from .block import BlockLayout, DeviceLayout, expand_ranges, tile_extremes
 
 def _static_of_intersection(body: Intersection) -> tuple[Pattern | None] | None:
     rest = [p for p in body.parts if not isinstance(p, Document)]
-    if len(rest) < len(body.parts) and not any(p.runtime_needs() for p in rest):
+    if len(rest) < len(body.parts) and not any(p.inputs_read() for p in rest):
         return (rest[0] if len(rest) == 1 else Intersection(tuple(rest)),)
     return None
 
@@ -38,7 +38,7 @@ NO_STATIC_PART = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, Lsh, Clust
 
 
 def static_part(body: Pattern) -> tuple[Pattern | None] | None:
-    """(X,) when body is `document & X` with X reading no runtime input, (None,) when body is
+    """(X,) when body is `document & X` with X reading no call input, (None,) when body is
     `document` alone, None otherwise (the layout is then built on the host)."""
     rule = STATIC_PART.get(type(body))
     return rule(body) if rule else None

@@ -24,10 +24,10 @@ from .build import build_layout
 
 
 def supported(body: Pattern) -> bool:
-    """True when body has a topk and every part reading a runtime input is a topk, or a union,
+    """True when body has a topk and every part reading a call input is a topk, or a union,
     intersection or difference of such parts and static ones (the keys of SELECTION_TILES)."""
     def ok(p: Pattern) -> bool:
-        if not p.runtime_needs() or type(p) is TopK:
+        if not p.inputs_read() or type(p) is TopK:
             return True
         return type(p) in SELECTION_TILES and all(map(ok, p.children()))
     return any(type(n) is TopK for n in body.nodes()) and ok(body)
@@ -57,8 +57,8 @@ class SelectionLayouts:
            device: torch.device) -> "SelectionLayouts":
         grids = {}
 
-        def collect(p: Pattern) -> None:   # the largest parts that read no runtime input
-            if not p.runtime_needs():
+        def collect(p: Pattern) -> None:   # the largest parts that read no call input
+            if not p.inputs_read():
                 if p not in grids:
                     lay = build_layout(p, n_q, n_k, block_m, block_n, q_offset, heads)
                     grids[p] = torch.as_tensor(lay.classes()[0], device=device)   # static: batch dim 1
@@ -174,7 +174,7 @@ SELECTION_TILES = {
     Intersection: SelectionLayouts._intersection,
     Difference: SelectionLayouts._difference,
 }
-# Node types with no rule here: as a part that reads no runtime input they are a static grid;
+# Node types with no rule here: as a part that reads no call input they are a static grid;
 # reading one (a document, lsh or cluster, or a topk under heads or blocks) sends the body to the host build.
 NO_SELECTION_TILES = (OffsetPattern, RowsOrColumns, Chunk, Random, Where,
                       Lsh, Cluster, Document, Heads, Blocks)

@@ -34,7 +34,7 @@ class Plan:
     groups: dict[int | None, list[TileGroup]]
 
 
-def _row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, runtime, t: int,
+def _row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, inputs, t: int,
               key_tiles: np.ndarray, order) -> np.ndarray:
     """The reference mask over query tile t x the visited key tiles (padding rows/keys False).
     order: (q rows, k rows) of a sorted share, the original row of each sorted one."""
@@ -45,10 +45,10 @@ def _row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, 
     keep = np.zeros((bm, len(keys)), bool)
     if order is None:
         keep[: len(rows), valid] = body.mask(Grid(rows + space.q_offset, keys[valid], space.n_q, space.n_k, head,
-                                                  runtime))
+                                                  inputs))
         return keep
     # the reference evaluated on the original positions of the sorted rows
-    grid = Grid(order[0][rows] + space.q_offset, order[1][keys[valid]], space.n_q, space.n_k, head, runtime)
+    grid = Grid(order[0][rows] + space.q_offset, order[1][keys[valid]], space.n_q, space.n_k, head, inputs)
     keep[: len(rows), valid] = body.mask(grid)
     return keep
 
@@ -66,7 +66,7 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
         masks: dict[tuple[int, int], np.ndarray | None] = {}
         for h in range(H):
             lay_h = h if lh > 1 else 0
-            runtime = space.per_head(b or 0, h)
+            inputs = space.per_head(b or 0, h)
             rows_of = None if order is None else (order[0][b or 0, h], order[1][b or 0, h])
             for t in range(tq):
                 full = layout.full.row(b if lb > 1 else 0, lay_h, t)
@@ -76,7 +76,7 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
                     continue
                 if (lay_h, t) not in masks:
                     past_n_k = (visits[-1] + 1) * layout.block_n > space.n_k
-                    masks[(lay_h, t)] = _row_mask(body, layout, space, h, runtime, t, visits, rows_of) \
+                    masks[(lay_h, t)] = _row_mask(body, layout, space, h, inputs, t, visits, rows_of) \
                         if len(part) or past_n_k else None
                 by_count.setdefault(len(visits), []).append((h * tq + t, (h // group) * tk + visits, (lay_h, t)))
         out = []

@@ -40,8 +40,8 @@ class Case:
     warmup: int = 1
     flex_block: int = 128
     mask_limit_gib: float = 2.0     # SDPA's dense bool mask, and the float64 reference, above this: skipped
-    seed: int | None = None         # inputs: fresh each run unless given
-    runtime: dict = field(default_factory=dict)
+    seed: int | None = None         # q, k, v: fresh each run unless given
+    inputs: dict = field(default_factory=dict)   # call inputs (segment_ids=...); documents drawn when missing
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -141,10 +141,10 @@ def run(kern: CompiledPattern, case: Case) -> dict:
     draw = lambda h, n: torch.randn(case.batch, h, n, case.dim, generator=gen).to(device, dtype)
     q, k, v = draw(case.heads, case.n_q), draw(kv_heads, case.n_k), draw(kv_heads, case.n_k)
     scale = case.dim ** -0.5
-    runtime = dict(case.runtime)
-    if "segment_ids" in kern.needs and "segment_ids" not in runtime:
-        runtime["segment_ids"] = documents(case.batch, case.n_k, np.random.default_rng(gen.initial_seed()))
-    runtime = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in runtime.items()}
+    inputs = dict(case.inputs)
+    if "segment_ids" in kern.needs and "segment_ids" not in inputs:
+        inputs["segment_ids"] = documents(case.batch, case.n_k, np.random.default_rng(gen.initial_seed()))
+    inputs = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in inputs.items()}
     if case.backward:
         for x in (q, k, v):
             x.requires_grad_(True)
@@ -176,18 +176,18 @@ def run(kern: CompiledPattern, case: Case) -> dict:
 
     t = time.perf_counter()
     if backend == "triton":
-        configs = kern.tune(q, k, v, **runtime)
+        configs = kern.tune(q, k, v, **inputs)
     else:
-        call = check_call(kern.name, kern.needs, q, k, v, scale, None, runtime)
+        call = check_call(kern.name, kern.needs, q, k, v, scale, None, inputs)
         configs = [kern.config or default_config(backend, call)] * len(kern.shares)
     result["tune_s"] = time.perf_counter() - t
     result["config"] = [asdict(c) for c in configs]   # per share
-    add("sparsec", lambda: lambda: kern(q, k, v, scale=scale, **runtime))
+    add("sparsec", lambda: lambda: kern(q, k, v, scale=scale, **inputs))
     limit = int(case.mask_limit_gib * 2**30)
     masks, why_not = None, None
     try:
         masks = peers.tile_masks(kern, case.n_q, case.n_k, case.heads, case.flex_block,
-                                 segment_ids=runtime.get("segment_ids"))
+                                 segment_ids=inputs.get("segment_ids"))
         result["pairs"] = masks.pairs(case.batch, case.heads)
         result["density"] = result["pairs"] / (case.batch * case.heads * case.n_q * case.n_k)
     except peers.Skipped as why:
@@ -197,17 +197,17 @@ def run(kern: CompiledPattern, case: Case) -> dict:
         if masks is None:
             raise peers.Skipped(why_not)
         return peers.flex(masks, q, k, v, scale)
-    makers = dict(flex=flex, sdpa=lambda: peers.masked_sdpa(kern, q, k, v, scale, limit, runtime),
+    makers = dict(flex=flex, sdpa=lambda: peers.masked_sdpa(kern, q, k, v, scale, limit, inputs),
                   dense=lambda: peers.dense(q, k, v, scale))
     for name in case.vs:
         add(name, makers[name])
     if not case.backward:   # what a call adds to its kernels: argument checks, cache lookups, layouts
-        add("kernels", lambda: kernels_only(kern, q, k, v, scale, runtime, backend))
-    result["layout_build_ms"], result["tile_pairs"] = layout_stats(kern, case, runtime, configs[0])
+        add("kernels", lambda: kernels_only(kern, q, k, v, scale, inputs, backend))
+    result["layout_build_ms"], result["tile_pairs"] = layout_stats(kern, case, inputs, configs[0])
 
     times, foreign = round_robin(impls, device, case.warmup, case.repeats)
     result["foreign_cores_busy"] = foreign
-    errors = accuracy(kern, q, k, v, scale, outputs, runtime, limit)
+    errors = accuracy(kern, q, k, v, scale, outputs, inputs, limit)
     base = float(np.median(times["sparsec"]))
     flops = (14 if case.backward else 4) * case.dim * (result["pairs"] or 0)
     result["impls"] = {}
@@ -233,13 +233,13 @@ def run(kern: CompiledPattern, case: Case) -> dict:
     return result
 
 
-def layout_stats(kern: CompiledPattern, case: Case, runtime: dict, config) -> tuple[float | None, int | None]:
+def layout_stats(kern: CompiledPattern, case: Case, inputs: dict, config) -> tuple[float | None, int | None]:
     """(ms, pairs): a cold host build of the layout at sparsec's tiles (`kern.layout` caches
     nothing), and the pairs its tiles hold (what the kernel computes, masked or not); None for
     content-based patterns, whose layouts are built per call."""
     if {"q", "k"} & kern.needs:
         return None, None
-    seg = runtime.get("segment_ids")
+    seg = inputs.get("segment_ids")
     t = time.perf_counter()
     lay = kern.layout(case.n_q, case.n_k, config.block_m, config.block_n, heads=case.heads,
                       segment_ids=None if seg is None else seg.cpu())
@@ -248,16 +248,16 @@ def layout_stats(kern: CompiledPattern, case: Case, runtime: dict, config) -> tu
     return ms, lay.tiles_visited() * lay.block_m * lay.block_n * (case.batch // lb) * (case.heads // lh)
 
 
-def kernels_only(kern: CompiledPattern, q, k, v, scale: float, runtime: dict, backend: str):
+def kernels_only(kern: CompiledPattern, q, k, v, scale: float, inputs: dict, backend: str):
     """sparsec's kernels with the layout, tables and config resolved beforehand (kern.bind): a call
     minus kernels_only is the per-call overhead. Only for one positional share."""
     if len(kern.shares) != 1 or kern.shares[0].key is not None:
         raise peers.Skipped("several shares or a sorted share: no single runner to time alone")
-    (bound,) = kern.bind(q, k, v, scale, backend=backend, **runtime)
+    (bound,) = kern.bind(q, k, v, scale, backend=backend, **inputs)
     return lambda: bound.runner.forward(*bound.args)[0]
 
 
-def accuracy(kern: CompiledPattern, q, k, v, scale: float, outputs: dict, runtime: dict, limit: int) -> dict:
+def accuracy(kern: CompiledPattern, q, k, v, scale: float, outputs: dict, inputs: dict, limit: int) -> dict:
     """Each output's max abs difference from float64 attention under the reference mask (when
     the mask and the float64 scores fit in `limit`), else from sparsec's output. Dense attention
     computes another function (every key): not compared."""
@@ -265,7 +265,7 @@ def accuracy(kern: CompiledPattern, q, k, v, scale: float, outputs: dict, runtim
     n_k = k.shape[2]
     small = 9 * B * H * n_q * n_k <= limit and not {"q", "k"} & kern.needs
     if small:
-        mask = kern.mask(n_q, n_k, heads=H, **{n: x.cpu() for n, x in runtime.items()}).to(q.device)
+        mask = kern.mask(n_q, n_k, heads=H, **{n: x.cpu() for n, x in inputs.items()}).to(q.device)
         ref, against = attention(q.detach(), k.detach(), v.detach(), mask, scale)[0], "float64 reference"
     else:
         ref, against = outputs["sparsec"].double(), "sparsec"

@@ -31,7 +31,7 @@ def _compile(args) -> CompiledPattern:
     return CompiledPattern(args.file, args.pattern, **dict(args.param))
 
 
-def runtime_inputs(kern: CompiledPattern, n: int, heads: int, seed: int = 0) -> dict:
+def synthetic_inputs(kern: CompiledPattern, n: int, heads: int, seed: int = 0) -> dict:
     """Synthetic call-time inputs for patterns that need them: documents of random lengths,
     standard normal q and k (D = 64). The CLI says when it used these."""
     rng = np.random.default_rng(seed)
@@ -72,11 +72,11 @@ def emit(args) -> None:
 def layouts(kern: CompiledPattern, n: int, n_k: int | None, block, heads: int) -> list[tuple[str, object]]:
     """(title, layout) to show: the pattern's layout, or for a content-based pattern the layouts a
     call on seeded q and k builds, one per share (a sorted share's tiles are in bucket order)."""
-    inputs = runtime_inputs(kern, n_k or n, heads)
+    inputs = synthetic_inputs(kern, n_k or n, heads)
     if "q" not in inputs:
         return [("", kern.layout(n, n_k, block[0], block[1], heads=heads, segment_ids=inputs.get("segment_ids")))]
     print(f"using synthetic inputs: {', '.join(inputs)} (seeded)")
-    q = torch.as_tensor(runtime_inputs(kern, n, heads)["q"], dtype=torch.float32)
+    q = torch.as_tensor(synthetic_inputs(kern, n, heads)["q"], dtype=torch.float32)
     k = torch.as_tensor(inputs["k"], dtype=torch.float32)
     seg = {"segment_ids": torch.as_tensor(inputs["segment_ids"])} if "segment_ids" in inputs else {}
     return [(f"share {i}, {'positional order' if order is None else 'rows sorted by ' + share.key.show()}: "
@@ -101,7 +101,7 @@ def print_layout(lay, rows: int) -> None:
 def check(args) -> int:
     kern = _compile(args)
     n = args.n
-    inputs = runtime_inputs(kern, n, args.heads)
+    inputs = synthetic_inputs(kern, n, args.heads)
     if inputs:
         print(f"using synthetic inputs: {', '.join(inputs)} (seeded)")
     mask = kern.mask(n, heads=args.heads, **inputs).numpy()
@@ -159,13 +159,13 @@ def kernel_error(kern, inputs: dict, n: int, heads: int, backend: str) -> tuple[
     q, k, v, do = (torch.randn(1, heads, n, 64, generator=gen) for _ in range(4))
     if "q" in inputs:
         q, k = torch.as_tensor(inputs["q"], dtype=torch.float32), torch.as_tensor(inputs["k"], dtype=torch.float32)
-    runtime = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
+    call_inputs = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
     mask = kern.mask(n, heads=heads, **inputs)
     ref = [x.double().requires_grad_() for x in (q, k, v)]
     want = attention(*ref, mask, 1 / q.shape[-1] ** 0.5)[0]   # the kernel's default scale
     want_grads = torch.autograd.grad(want, ref, do.double())
     leaves = [x.to(device).requires_grad_() for x in (q, k, v)]
-    got = kern(*leaves, backend=backend, **runtime)
+    got = kern(*leaves, backend=backend, **call_inputs)
     grads = torch.autograd.grad(got, leaves, do.to(device))
     if got.isnan().any() or any(g.isnan().any() for g in grads):
         return float("nan"), float("nan")
@@ -183,7 +183,7 @@ def show(args) -> None:
 
     kern = _compile(args)
     n = args.n
-    inputs = runtime_inputs(kern, n, args.head + 1)
+    inputs = synthetic_inputs(kern, n, args.head + 1)
     mask = kern.mask(n, heads=args.head + 1, **inputs).numpy()[0, args.head]
     title, lay = layouts(kern, n, n, args.block, args.head + 1)[0]   # content-based: the first share's
     classes = lay.classes()[0, min(args.head, lay.shape[1] - 1)]
@@ -229,12 +229,12 @@ def tune(args) -> None:
         return
     for n in args.n:
         q, k, v = _shapes(args, n)
-        runtime = {}
+        call_inputs = {}
         if "segment_ids" in kern.needs:
-            runtime["segment_ids"] = bench.documents(args.batch, k.shape[2], np.random.default_rng()).to(q.device)
+            call_inputs["segment_ids"] = bench.documents(args.batch, k.shape[2], np.random.default_rng()).to(q.device)
         if args.backward:
             q.requires_grad_(True)
-        configs = kern.tune(q, k, v, retune=args.retune, **runtime)
+        configs = kern.tune(q, k, v, retune=args.retune, **call_inputs)
         for i, c in enumerate(configs):
             share = f" share {i}" if len(configs) > 1 else ""
             print(f"{kern.name}{share} n={n} {args.dtype} D={args.dim}: {c.show()}")
