@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..ir.program import Definition
 from .lowering import TableParam, lower
-from .templates import BACKWARD, FORWARD, HELPERS, PATTERN
+from .backward import BACKWARD
+from .templates import FORWARD, HELPERS, PATTERN
 
 
 VERSION = 7  # bump when the generated code changes shape: part of the content hash
@@ -24,12 +25,22 @@ class Generated:
     pattern: str = ""
 
 
+def _listed(names: list[str], per_line: int = 8) -> str:
+    """Names as they go into a parameter or argument list after a comma: on lines of their own,
+    `per_line` to a line, so that a pattern with many tables keeps the generated lines short
+    (inside parentheses any indentation is valid)."""
+    if not names:
+        return ""
+    lines = [", ".join(names[k:k + per_line]) + "," for k in range(0, len(names), per_line)]
+    return "".join(f"\n        {line}" for line in lines)
+
+
 def emit_kernels(d: Definition) -> Generated:
     """The Triton module for the optimized definition `d`: the pattern once, as two helpers
     (pattern_rows: its parts of the query rows alone; pattern_keep: the predicate of a tile), then
     the forward kernel and the three backward kernels (delta, dQ, dK/dV), which call them."""
     pred, out = lower(d.body)
-    names = "".join(f" {t.name}," for t in out.tables)
+    names = _listed([t.name for t in out.tables])
     rows = [line.split(" = ", 1)[0] for line in out.hoisted]   # the row-only values, bound once per query tile
     call = f"pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,{names} BLOCK_M, BLOCK_N)\n"
     fill = dict(
@@ -38,7 +49,8 @@ def emit_kernels(d: Definition) -> Generated:
         scalars="".join(f', "{t.name}"' for t in out.tables if not t.pointer),
         hoisted=textwrap.indent("\n".join(out.hoisted), " " * 4), rows=", ".join(rows),
         body=textwrap.indent("".join(line + "\n" for line in out.body), " " * 4),
-        rows_params="".join(f" {r}," for r in rows), rows_args="".join(f" {r}," for r in rows),
+        keep_params=_listed(rows + [t.name for t in out.tables]),
+        keep_args=_listed(rows + [t.name for t in out.tables]),
         rows_call=f"    {', '.join(rows)} = {call}" if rows else "",
         rows_call_inner=f"            {', '.join(rows)} = {call}" if rows else "")
     pattern = PATTERN.format(**fill)

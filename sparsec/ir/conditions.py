@@ -18,7 +18,8 @@ from typing import ClassVar
 import numpy as np
 
 from . import expr as E
-from .pattern import CHUNK_PAIRS, Difference, Intersection, Pattern, Union
+from .pattern import CHUNK_PAIRS, Pattern
+from .combinators import Difference, Intersection, Union
 from .positional import Full
 from .tiles import EMPTY, FULL, PARTIAL, TileSet, all_tiles, expand_ranges
 

@@ -1,8 +1,9 @@
 """Every pattern node of the IR under one roof, for the front end and the passes to import."""
 from .content import Cluster, Lsh, TopK
-from .pattern import Blocks, Difference, Heads, Intersection, Pattern, Union
-from .positional import (Band, Causal, Chunk, Dilated, Empty, Full, Global, GlobalSet, Last,
-                         LogSparse, Sink, Stride)
+from .pattern import Pattern
+from .combinators import Blocks, Difference, Heads, Intersection, Union
+from .positional import Band, Causal, Chunk, Dilated, Empty, Full, LogSparse, Stride
+from .rows import Global, GlobalSet, Last, Sink
 from .document import Document
 from .random import Random
 from .where import Where

@@ -15,7 +15,7 @@ from .tiles import EMPTY, FULL, PARTIAL, TileSet, Tiling, expand_ranges
 INF = 1 << 61  # an offset beyond any sequence, still far from int64 overflow
 
 
-def _classes(nonempty: np.ndarray, full: np.ndarray) -> np.ndarray:
+def tile_classes(nonempty: np.ndarray, full: np.ndarray) -> np.ndarray:
     return np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
 
 
@@ -125,7 +125,7 @@ class Causal(OffsetPattern):
         return d >= 0
 
     def offset_class(self, dmin, dmax):
-        return _classes(dmax >= 0, dmin >= 0)
+        return tile_classes(dmax >= 0, dmin >= 0)
 
     def offset_ranges(self, t):
         return [(0, INF)]
@@ -163,7 +163,7 @@ class Band(OffsetPattern):
 
     def offset_class(self, dmin, dmax):
         lo, hi = -value(self.after), value(self.before)
-        return _classes((dmax >= lo) & (dmin <= hi), (dmin >= lo) & (dmax <= hi))
+        return tile_classes((dmax >= lo) & (dmin <= hi), (dmin >= lo) & (dmax <= hi))
 
     def offset_ranges(self, t):
         return [(-value(self.after), value(self.before))]
@@ -193,7 +193,7 @@ class Dilated(OffsetPattern):
         w, s = value(self.w), value(self.d)
         lo, hi = np.maximum(dmin, -w * s), np.minimum(dmax, w * s)
         inside = (dmin >= -w * s) & (dmax <= w * s)
-        return _classes(_has_multiple(lo, hi, s), inside & ((s == 1) | ((dmin == dmax) & (dmin % s == 0))))
+        return tile_classes(_has_multiple(lo, hi, s), inside & ((s == 1) | ((dmin == dmax) & (dmin % s == 0))))
 
     def offset_ranges(self, t):
         reach = value(self.w) * value(self.d)
@@ -219,7 +219,7 @@ class Stride(OffsetPattern):
 
     def offset_class(self, dmin, dmax):
         s = value(self.s)
-        return _classes(_has_multiple(dmin, dmax, s), (s == 1) | ((dmin == dmax) & (dmin % s == 0)))
+        return tile_classes(_has_multiple(dmin, dmax, s), (s == 1) | ((dmin == dmax) & (dmin % s == 0)))
 
     def offset_ranges(self, t):
         return [(-INF, INF)]
@@ -246,7 +246,7 @@ class LogSparse(OffsetPattern):
         top = np.where(dmax >= 1, top, 0)  # the largest power of two <= dmax
         nonempty = (dmax >= 0) & ((lo == 0) | (top >= lo))
         single_power = (dmin == dmax) & self.allowed(dmin)
-        return _classes(nonempty, (dmin >= 0) & ((dmax <= 2) | single_power))
+        return tile_classes(nonempty, (dmin >= 0) & ((dmax <= 2) | single_power))
 
     def offset_ranges(self, t):
         reach = int(t.q_hi.max() - t.k_lo.min()) if len(t.q_hi) and len(t.k_lo) else 0
@@ -259,177 +259,6 @@ class LogSparse(OffsetPattern):
     def lower_offset(self, cx, d):
         # a power of two has one bit set: d & (d - 1) clears it
         return f"(({d} == 0) | (({d} > 0) & (({d} & ({d} - 1)) == 0)))"
-
-
-class RowsOrColumns(Pattern):
-    """p in some set of rows or j in some set of columns (global, last, sink)."""
-
-    def row_count(self, n_k: int, lo, hi) -> np.ndarray:
-        """How many positions in [lo, hi] are global rows."""
-        raise NotImplementedError
-
-    def column_count(self, n_k: int, lo, hi) -> np.ndarray:
-        raise NotImplementedError
-
-    def mask(self, grid):
-        rows = self.row_count(grid.n_k, grid.pos, grid.pos) > 0
-        cols = self.column_count(grid.n_k, grid.keys, grid.keys) > 0
-        return rows[:, None] | cols[None, :]
-
-    def _counts(self, t):
-        rows = self.row_count(t.n_k, t.q_lo, t.q_hi)
-        cols = self.column_count(t.n_k, t.k_lo, t.k_hi)
-        return rows, rows == t.q_hi - t.q_lo + 1, cols, cols == t.k_hi - t.k_lo + 1
-
-    def classify(self, t, qt, kt):
-        rows, all_rows, cols, all_cols = self._counts(t)
-        return _classes((rows[qt] > 0) | (cols[kt] > 0), all_rows[qt] | all_cols[kt])
-
-    def tiles(self, t):
-        rows, _, cols, _ = self._counts(t)
-        tq, tk = t.shape
-        row_tiles, col_tiles = np.flatnonzero(rows > 0), np.flatnonzero(cols > 0)
-        qt = np.concatenate([np.repeat(row_tiles, tk), np.repeat(np.arange(tq), len(col_tiles))])
-        kt = np.concatenate([np.tile(np.arange(tk), len(row_tiles)), np.tile(col_tiles, tq)])
-        return TileSet.build(t, qt, kt, self.classify(t, qt, kt))
-
-    def estimate(self, t):
-        rows, _, cols, _ = self._counts(t)
-        return int((rows > 0).sum() * t.shape[1] + (cols > 0).sum() * t.shape[0])
-
-    def lower(self, cx):
-        rows, cols = self.lower_rows(cx), self.lower_cols(cx)
-        parts = ([f"{rows}[:, None]"] if rows else []) + ([f"{cols}[None, :]"] if cols else [])
-        return "(" + " | ".join(parts) + ")" if parts else cx.constant(False)
-
-    def lower_rows(self, cx) -> str | None:
-        """(BLOCK_M,) bool: which rows of the tile are global rows (None: no row ever is)."""
-        raise NotImplementedError
-
-    def lower_cols(self, cx) -> str | None:
-        raise NotImplementedError
-
-
-def _count_below(lo, hi, g):
-    """How many integers of [lo, hi] are < g."""
-    return np.clip(np.minimum(hi, g - 1) - lo + 1, 0, None)
-
-
-@dataclass(frozen=True, eq=False)
-class Global(RowsOrColumns):
-    """The first g positions attend everywhere and are attended from everywhere."""
-    g: E.Expr
-    keyword: ClassVar[str] = "global"
-    limits: ClassVar = {"g": (0, "at least 0")}
-
-    def row_count(self, n_k, lo, hi):
-        return _count_below(lo, hi, value(self.g))
-
-    column_count = row_count
-
-    def cost(self, env):
-        g, n = self.sym(self.g, env), env["n"]
-        return 2 * g * n - g**2
-
-    def lower_rows(self, cx):
-        return cx.let(f"{cx.rows} < {cx.num(self.g)}", "global_rows", hoist=True)
-
-    def lower_cols(self, cx):
-        return cx.let(f"{cx.cols} < {cx.num(self.g)}", "global_cols")
-
-
-@dataclass(frozen=True, eq=False)
-class GlobalSet(RowsOrColumns):
-    """global([a, b, ...]): the listed positions are global rows and columns."""
-    positions: tuple[E.Expr, ...]
-    keyword: ClassVar[str] = "global"
-
-    def show(self):
-        return f"global([{', '.join(E.show(p) for p in self.positions)}])"
-
-    def check(self):
-        for p in self.positions:
-            if isinstance(p, E.Const) and p.value < 0:
-                raise SparsecError(f"global: positions must be at least 0, got {p.value}", p.span or self.span)
-
-    def members(self) -> np.ndarray:
-        """The distinct positions, sorted."""
-        return np.unique(np.array([value(p) for p in self.positions], np.int64))
-
-    def row_count(self, n_k, lo, hi):
-        members = self.members()
-        return np.searchsorted(members, hi, side="right") - np.searchsorted(members, lo, side="left")
-
-    column_count = row_count
-
-    def cost(self, env):
-        m = len(self.positions)
-        return 2 * m * env["n"] - m**2
-
-    def lower(self, cx):
-        members, count = cx.table(self, "members"), cx.table(self, "count", pointer=False)
-        rows = cx.let("tl.zeros([BLOCK_M], tl.int1)", "set_rows")
-        cols = cx.let("tl.zeros([BLOCK_N], tl.int1)", "set_cols")
-        cx.loop(f"for t in range({count}):", [
-            f"member = tl.load({members} + t)",
-            f"{rows} = {rows} | ({cx.rows} == member)",
-            f"{cols} = {cols} | ({cx.cols} == member)"])
-        return f"({rows}[:, None] | {cols}[None, :])"
-
-    def tables(self, space):
-        members = self.members()
-        return {"members": members.astype(np.int32), "count": len(members)}
-
-
-@dataclass(frozen=True, eq=False)
-class Last(RowsOrColumns):
-    """The last g key positions (n_k - g ...) as global rows and columns."""
-    g: E.Expr
-    keyword: ClassVar[str] = "last"
-    limits: ClassVar = {"g": (0, "at least 0")}
-
-    def row_count(self, n_k, lo, hi):
-        first = n_k - value(self.g)
-        return np.clip(hi - np.maximum(lo, first) + 1, 0, None)
-
-    column_count = row_count
-
-    def cost(self, env):
-        g, n = self.sym(self.g, env), env["n"]
-        return 2 * g * n - g**2
-
-    def lower_rows(self, cx):
-        return cx.let(f"{cx.rows} >= {self.first(cx)}", "last_rows", hoist=True)
-
-    def lower_cols(self, cx):
-        return cx.let(f"{cx.cols} >= {self.first(cx)}", "last_cols")
-
-    def first(self, cx) -> str:
-        """n_k - g, the first of the last g positions, as one saturated argument."""
-        return cx.num(E.substitute(E.Apply("-", (E.Var("n_k"), self.g)), {}))
-
-
-@dataclass(frozen=True, eq=False)
-class Sink(RowsOrColumns):
-    """j < g: the first g keys are seen by every query (attention sinks)."""
-    g: E.Expr
-    keyword: ClassVar[str] = "sink"
-    limits: ClassVar = {"g": (0, "at least 0")}
-
-    def row_count(self, n_k, lo, hi):
-        return np.zeros(np.shape(lo), np.int64)
-
-    def column_count(self, n_k, lo, hi):
-        return _count_below(lo, hi, value(self.g))
-
-    def cost(self, env):
-        return self.sym(self.g, env) * env["n"]
-
-    def lower_rows(self, cx):
-        return None
-
-    def lower_cols(self, cx):
-        return cx.let(f"{cx.cols} < {cx.num(self.g)}", "sink_cols")
 
 
 @dataclass(frozen=True, eq=False)
@@ -446,7 +275,7 @@ class Chunk(RangePattern):
     def classify(self, t, qt, kt):
         c = value(self.c)
         q0, q1, k0, k1 = t.q_lo[qt] // c, t.q_hi[qt] // c, t.k_lo[kt] // c, t.k_hi[kt] // c
-        return _classes((q1 >= k0) & (k1 >= q0), (q0 == q1) & (k0 == k1) & (q0 == k0))
+        return tile_classes((q1 >= k0) & (k1 >= q0), (q0 == q1) & (k0 == k1) & (q0 == k0))
 
     def key_ranges(self, t):
         c = value(self.c)

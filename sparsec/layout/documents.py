@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from ..ir.content import Cluster, Lsh, TopK
-from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union
-from ..ir.positional import Chunk, OffsetPattern, RowsOrColumns
+from ..ir.pattern import Pattern
+from ..ir.combinators import Blocks, Difference, Heads, Intersection, Union
+from ..ir.positional import Chunk, OffsetPattern
+from ..ir.rows import RowsOrColumns
 from ..ir.random import Random
 from ..ir.where import Where
 from ..ir.document import Document

@@ -14,8 +14,10 @@ import torch
 
 from ..ir.content import Cluster, Lsh, TopK
 from ..ir.document import Document
-from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union, value
-from ..ir.positional import Chunk, OffsetPattern, RowsOrColumns
+from ..ir.pattern import Pattern, value
+from ..ir.combinators import Blocks, Difference, Heads, Intersection, Union
+from ..ir.positional import Chunk, OffsetPattern
+from ..ir.rows import RowsOrColumns
 from ..ir.random import Random
 from ..ir.where import Where
 from ..ir.tiles import EMPTY, FULL, PARTIAL

@@ -17,8 +17,10 @@ from ..ir.content import Cluster, Lsh, LshRound, TopK
 from ..ir.document import Document
 from ..ir.random import Random
 from ..ir.where import Where
-from ..ir.pattern import Blocks, Difference, Heads, Intersection, Pattern, Union
-from ..ir.positional import Chunk, Empty, OffsetPattern, RowsOrColumns
+from ..ir.pattern import Pattern
+from ..ir.combinators import Blocks, Difference, Heads, Intersection, Union
+from ..ir.positional import Chunk, Empty, OffsetPattern
+from ..ir.rows import RowsOrColumns
 
 
 @dataclass(frozen=True)

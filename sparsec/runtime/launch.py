@@ -9,7 +9,8 @@ import torch
 from ..codegen import Generated, TileConfig
 from ..ir import expr as E
 from ..ir.limits import saturate
-from ..ir.pattern import Blocks, Pattern, value
+from ..ir.pattern import Pattern, value
+from ..ir.combinators import Blocks
 from ..ir.tiles import TableSpace
 from ..layout import DeviceLayout
 from .call import Call

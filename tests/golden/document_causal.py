@@ -3,7 +3,7 @@
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: 829bd72ed2d95fe7
+# content hash: d649a40f71057d21
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET, document2_ids, document2_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,
+        document2_ids, document2_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The parts of the pattern that depend on the query rows alone: computed once per query tile."""
     document_ids0 = document2_ids + b.to(tl.int64) * document2_stride
     document_rows0 = tl.load(document_ids0 + pos, mask=(pos >= 0) & (pos < N_K), other=-1)
@@ -29,7 +30,8 @@ def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET, document2_ids, document2_stri
 
 
 @triton.jit
-def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET, document_ids0, document_rows0, document2_ids, document2_stride,
+def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,
+        document_ids0, document_rows0, document2_ids, document2_stride,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The pattern's predicate over one (query tile, key tile), (BLOCK_M, BLOCK_N) bool: which
     pairs are allowed (pos: query positions, keys: key positions, cols: key rows)."""

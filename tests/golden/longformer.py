@@ -3,7 +3,7 @@
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: 06355e543f7e4444
+# content hash: e7f653f7550883b8
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -27,7 +27,8 @@ def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET, global_rows0,
+def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,
+        global_rows0,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The pattern's predicate over one (query tile, key tile), (BLOCK_M, BLOCK_N) bool: which
     pairs are allowed (pos: query positions, keys: key positions, cols: key rows)."""
