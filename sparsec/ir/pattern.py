@@ -141,11 +141,19 @@ class Pattern:
     def uses_head(self) -> bool:
         return type(self).head_dependent
 
+    def _remembered(self, name: str, make):
+        """A fact of the whole sub-pattern, computed once per node (a call asks for it each time)."""
+        value = self.__dict__.get(name)
+        if value is None:
+            value = make()
+            object.__setattr__(self, name, value)
+        return value
+
     def varies_with_head(self) -> bool:
-        return any(n.uses_head() for n in self.nodes())
+        return self._remembered("_varies_with_head", lambda: any(n.uses_head() for n in self.nodes()))
 
     def inputs_read(self) -> frozenset[str]:
-        return frozenset().union(*(type(n).needs for n in self.nodes()))
+        return self._remembered("_inputs_read", lambda: frozenset().union(*(type(n).needs for n in self.nodes())))
 
     # ---- views with defaults ----
     def show(self) -> str:

@@ -103,14 +103,15 @@ BUILDERS: tuple[Builder, ...] = (
 )
 
 
-def choose(r: LayoutRequest) -> Builder:
-    return next(b for b in BUILDERS if b.applies(r))
+def choose(r: LayoutRequest, cached: Cached) -> Builder:
+    """The first builder that applies, decided once per share and shape (the tests walk the body)."""
+    return cached(("builder", *r.shape(), r.order is None), lambda: next(b for b in BUILDERS if b.applies(r)))
 
 
 def device_layout(r: LayoutRequest, cached: Cached) -> DeviceLayout:
     """The share's layout on the call's device, by the first builder that applies; a host build
     of a share that reads no call input is made once per shape."""
-    builder = choose(r)
+    builder = choose(r, cached)
     if builder.device is not None:
         return builder.device(r, cached)
     make = lambda: builder.host(r, cached).to(r.device)
@@ -119,7 +120,7 @@ def device_layout(r: LayoutRequest, cached: Cached) -> DeviceLayout:
 
 def host_layout(r: LayoutRequest, cached: Cached) -> BlockLayout:
     """The same layout as a host BlockLayout (what the CPU path plans from)."""
-    builder = choose(r)
+    builder = choose(r, cached)
     if builder.host is not None:
         return builder.host(r, cached)
     return builder.device(r, cached).to_host(r.n_q, r.n_k, r.q_offset)
