@@ -62,7 +62,7 @@ def batch(size: int, n: int, g: int, gen: torch.Generator) -> tuple[torch.Tensor
 
 
 class Block(nn.Module):
-    def __init__(self, pattern: sparsec.Kernel, dim: int, heads: int):
+    def __init__(self, pattern: sparsec.CompiledPattern, dim: int, heads: int):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = SparseSelfAttention(pattern, dim, heads)

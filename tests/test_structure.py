@@ -35,9 +35,7 @@ def stage_of(module: str) -> str:
 def imports(path: Path):
     """(absolute module, line) of every import in the file, function-level ones included."""
     name = ".".join(("sparsec",) + path.relative_to(PACKAGE).with_suffix("").parts)
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-    if path.name == "__init__.py":
-        package = name.split(".")[:-1]
+    package = name.split(".")[:-1]   # a module's package; for __init__, the package itself
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             for a in node.names:

@@ -45,7 +45,7 @@ class LayoutRequest:
 
 def _sorted(r: LayoutRequest, cached: Cached) -> DeviceLayout:
     """Tiles whose bucket ranges meet, less those its bands, causal or heads(...) slots rule out."""
-    offsets, heads = cached(("sorted", r.share, r.n_q, r.n_k, r.heads),
+    offsets, heads = cached(("sorted", *r.shape()),
                             lambda: (offset_bounds(r.body), active_heads(r.body, r.heads)))
     return r.order.layout(r.block_m, r.block_n, r.full, offsets, r.q_offset, heads)
 
