@@ -18,10 +18,9 @@ from .ir.limits import check_lengths
 from .layout import BlockLayout, LayoutRequest, SortedOrder, build_layout
 from .passes import specialize
 from .passes.shares import Share
-from .runtime import content, tuning
-from .runtime.autograd import attend
+from .runtime import content, ops, tuning
 from .runtime.cache import cache_dir
-from .runtime.call import Call, check_call, choose_backend, default_config
+from .runtime.call import Call, check_call, check_tensors, choose_backend, default_config, op_options, wants_grad
 
 N = sympy.Symbol("n", positive=True, integer=True)
 
@@ -53,16 +52,27 @@ def _tidy(e: sympy.Expr) -> sympy.Expr:
 
 @dataclass(frozen=True)
 class BoundShare:
-    """One share of one call with its backend bound (pipeline.bind): `run()` is its (O, LSE) in
-    the original row order. args: q, k, v as its kernels see them (gathered when sorted)."""
+    """One share of one call with its backend bound (pipeline.bind). args: q, k, v as its kernels
+    see them (gathered when sorted); group: query heads per K/V head of the call."""
     share: int
     runner: object
     args: tuple
     order: SortedOrder | None
+    group: int
 
     def run(self):
-        out = attend(self.runner, *self.args)
+        """(O, LSE) of the share in the original row order."""
+        out = self.runner.forward(*self.args)
         return out if self.order is None else content.scatter(self.order, *out)
+
+    def grad(self, o, lse, do, dlse):
+        """The share's part of dQ, dK, dV, from the whole call's O and LSE: the shares are
+        disjoint, so the pairs of each, with P from the merged LSE and delta = rowsum(dO * O) of
+        the merged O, sum to the gradient of the union."""
+        if self.order is None:
+            return self.runner.backward(*self.args, o, lse, do, dlse)
+        rows = content.gather_rows(self.order, o, lse, do, dlse)
+        return content.ungather(self.order, *self.runner.backward(*self.args, *rows), self.group)
 
 
 class CompiledPattern:
@@ -83,6 +93,7 @@ class CompiledPattern:
         self.ir = pipeline.optimize(self.source_ir)
         self.name = self.ir.name
         self.needs = self.ir.body.inputs_read()
+        self.key = ops.register(self, repr((self.ir, self.config, self.autotune)), self.name)
         self._cache: dict = {}   # shares, specializations, generated code, layouts, tables, CPU plans
 
     def _cached(self, key, make):
@@ -203,23 +214,42 @@ class CompiledPattern:
         """Attention of q (B, Hq, n_q, D) over k, v (B, Hkv, n_k, D) under the pattern: O, or
         (O, LSE) with return_lse=True. backend: 'triton' (CUDA), 'interpret' (the generated kernel
         in Triton's interpreter, CPU) or 'cpu' (the fast CPU path); default from SPARSEC_BACKEND,
-        else by device."""
-        o, lse = content.merge_by_lse([b.run() for b in self.bind(q, k, v, scale, q_offset, backend, **inputs)],
-                                      q.dtype)
+        else by device. One call is one torch.ops.sparsec.attention (runtime/ops.py): what runs
+        here, before it, is only what torch.compile can trace without a break."""
+        check_tensors(q, k, v)
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
+        o, lse = ops.attention(q, k, v, ops.input_list(inputs), self.key, *op_options(scale, q_offset, backend),
+                               wants_grad(q, k, v))
         return (o, lse) if return_lse else o
 
+    def forward_op(self, q, k, v, inputs: dict, scale, q_offset, backend, training: bool):
+        """torch.ops.sparsec.attention: every share run, merged by LSE."""
+        return content.merge_by_lse([b.run() for b in self.bind(q, k, v, scale, q_offset, backend, training,
+                                                                **inputs)], q.dtype)
+
+    def backward_op(self, q, k, v, o, lse, do, dlse, inputs: dict, scale, q_offset, backend):
+        """torch.ops.sparsec.attention_backward: each share's part of the gradients, summed."""
+        parts = [b.grad(o, lse, do, dlse) for b in self.bind(q, k, v, scale, q_offset, backend, True, **inputs)]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(sum(p[i].float() for p in parts).to(x.dtype) for i, x in enumerate((q, k, v)))
+
     def bind(self, q, k, v, scale: float | None = None, q_offset: int | None = None, backend: str | None = None,
-             **inputs) -> list[BoundShare]:
+             training: bool | None = None, **inputs) -> list[BoundShare]:
         """Every share of this call with its layout, tables and config resolved: what a call
-        runs (`[b.run() for b in ...]`, merged by LSE), for timing the kernels alone."""
+        runs (`[b.run() for b in ...]`, merged by LSE), for timing the kernels alone. training:
+        whether a backward follows (for the tiles; None: whether q, k or v need a gradient)."""
         call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
         backend = choose_backend(backend, call.device)
+        training = wants_grad(q, k, v) if training is None else training
         values, bodies, orders = self._prepare(call, q, k, inputs)
         out = []
         for i, (body, order) in enumerate(zip(bodies, orders)):
             c, args = self._arguments(order, call, q, k, v)
-            config = self._config(i, body, c, backend, values, order, args)
-            out.append(BoundShare(i, self._bind(i, body, c, backend, config, values, order), args, order))
+            config = self._config(i, body, c, backend, values, order, args, training)
+            out.append(BoundShare(i, self._bind(i, body, c, backend, config, values, order), args, order,
+                                  call.heads // call.kv_heads))
         return out
 
     def _prepare(self, call: Call, q, k, inputs: dict) -> tuple[dict, list, list]:
@@ -257,7 +287,7 @@ class CompiledPattern:
 
     # ---- tiles ----
     def _config(self, share: int, body, call: Call, backend: str, values: dict, order, args: tuple,
-                retune: bool = False, must_save: bool = False) -> TileConfig:
+                training: bool, retune: bool = False, must_save: bool = False) -> TileConfig:
         """Share `share`'s tiles for this call: the user's config=; else, on a GPU with autotune
         on, the tuned config for its key (from the tuning cache, or tuned now on this call's own
         layout and inputs); else the backend's default. Resolved once per pattern and shape."""
@@ -266,7 +296,6 @@ class CompiledPattern:
         if backend != "triton" or not self.autotune:
             return default_config(backend, call)
         dtype = str(args[0].dtype).removeprefix("torch.")
-        training = torch.is_grad_enabled() and any(x.requires_grad for x in args)
         memo = ("config", share, call.n_q, call.n_k, call.dim, dtype, call.heads // call.kv_heads, call.device,
                 training)
         if retune:
@@ -306,7 +335,8 @@ class CompiledPattern:
         out = []
         for i, (body, order) in enumerate(zip(bodies, orders)):
             c, args = self._arguments(order, call, q, k, v)
-            out.append(self._config(i, body, c, backend, values, order, args, retune, must_save=True))
+            out.append(self._config(i, body, c, backend, values, order, args, wants_grad(q, k, v), retune,
+                                    must_save=True))
         return out
 
 

@@ -3,6 +3,8 @@ import os
 
 from hypothesis import HealthCheck, settings, strategies as st
 
+import sparsec  # noqa: F401  first: without CUDA it imports triton for the interpreter (runtime/loader.py)
+
 settings.register_profile("ci", deadline=None, max_examples=60,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", deadline=None, max_examples=1000,

@@ -82,8 +82,8 @@ def test_bench_run_reports_every_peer_on_cpu():
     r, pairs = in_fresh_process(_bench_every_peer)
     assert r["pairs"] == pairs and 0 < r["density"] < 1
     impls = r["impls"]
-    assert set(impls) == {"sparsec", "flex", "sdpa", "dense"}
-    for name in ("sparsec", "flex", "sdpa"):
+    assert set(impls) == {"sparsec", "compiled", "flex", "sdpa", "dense"}
+    for name in ("sparsec", "compiled", "flex", "sdpa"):
         assert impls[name]["err_against"] == "float64 reference" and impls[name]["max_abs_err"] < 1e-4
     for name, x in impls.items():
         assert len(x["times_ms"]) == 2 and x["median_ms"] == pytest.approx(float(np.median(x["times_ms"])))
@@ -91,15 +91,17 @@ def test_bench_run_reports_every_peer_on_cpu():
         assert x["tflops"] == pytest.approx(4 * 32 * r["pairs"] / (x["median_ms"] / 1e3) / 1e12)
     overhead = r["call_overhead"]   # timed in the same rounds: noise can make the share slightly negative
     assert overhead["kernels_only_ms"] > 0 and overhead["share_of_call"] < 1
+    assert overhead["eager_ms"] == pytest.approx(impls["sparsec"]["median_ms"] - overhead["kernels_only_ms"])
+    assert overhead["compiled_ms"] == pytest.approx(impls["compiled"]["median_ms"] - overhead["kernels_only_ms"])
     assert r["layout_build_ms"] > 0 and r["config"] == [{"block_m": 64, "block_n": 64, "num_warps": 1, "num_stages": 1}]
 
 
 def test_bench_skips_what_a_peer_cannot_run():
     kern = sparsec.compile("pattern p = lsh(8) & causal")
-    r = bench.run(kern, bench.Case(128, 128, heads=1, dim=16, repeats=1))
+    r = bench.run(kern, bench.Case(128, 128, heads=1, dim=16, repeats=1, compiled=False))
     assert "content-based" in r["impls"]["flex"]["skipped"] and "content-based" in r["impls"]["sdpa"]["skipped"]
     assert r["pairs"] is None and r["impls"]["sparsec"]["median_ms"] > 0
-    small = bench.Case(256, 256, heads=1, dim=16, repeats=1, vs=("sdpa",), mask_limit_gib=1e-6)
+    small = bench.Case(256, 256, heads=1, dim=16, repeats=1, vs=("sdpa",), mask_limit_gib=1e-6, compiled=False)
     r = bench.run(sparsec.compile("pattern p = causal"), small)
     assert "GiB" in r["impls"]["sdpa"]["skipped"]
     assert "max_abs_err" not in r["impls"]["sparsec"]   # no float64 reference that large: nothing to compare

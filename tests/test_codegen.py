@@ -140,6 +140,7 @@ def test_generated_kernels_compile_for_a_gpu_target(src, dtype, dim, monkeypatch
     monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # the compiler's triton, not the interpreter's (runtime/loader.py)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         sizes = pool.submit(_compile_for_sm90, src, dtype, dim).result()
     assert {name for name, _ in sizes} == set(KERNELS) and all(size > 0 for size in sizes.values())

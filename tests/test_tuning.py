@@ -273,21 +273,20 @@ def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
     call = check_call("p", frozenset(), q, q, q, None, None, {})
     kern = sparsec.compile("pattern p = band(64) + global(8)", autotune=True)
     body = kern.shares[0].body
-    chosen = kern._config(0, body, call, "triton", {}, None, (q, q, q))
+    chosen = kern._config(0, body, call, "triton", {}, None, (q, q, q), False)
     n_timed = len(timed)
     # the plumbing: the call path times this call's candidates and keeps the fastest it timed
     # (search's own choices are tested above)
     assert {c for c, _ in timed} <= set(tuning.candidates(64, 2, 500, 500, H100_SHARED))
     assert chosen == min((c for c, _ in timed), key=fake)
     assert n_timed and not any(training for _, training in timed)
-    assert kern._config(0, body, call, "triton", {}, None, (q, q, q)) == chosen and len(timed) == n_timed
+    assert kern._config(0, body, call, "triton", {}, None, (q, q, q), False) == chosen and len(timed) == n_timed
     other = sparsec.compile("pattern p = band(64) + global(8)", autotune=True)   # a new kernel (or process): from the file
-    assert other._config(0, body, replace(call, n_q=480, n_k=480), "triton", {}, None, (q, q, q)) == chosen
+    assert other._config(0, body, replace(call, n_q=480, n_k=480), "triton", {}, None, (q, q, q), False) == chosen
     assert len(timed) == n_timed
     entry = json.loads((tmp_path / "tuning.json").read_text())["entries"]
     assert len(entry) == 1 and "device=Fake GPU" in next(iter(entry)) and "mode=forward" in next(iter(entry))
-    q.requires_grad_(True)
-    kern._config(0, body, call, "triton", {}, None, (q, q, q))     # training: its own key, timed again
+    kern._config(0, body, call, "triton", {}, None, (q, q, q), True)   # training: its own key, timed again
     assert len(timed) > n_timed and timed[-1][1]
     monkeypatch.setenv("SPARSEC_AUTOTUNE", "0")
     assert sparsec.compile("pattern p = causal").autotune is False
@@ -295,9 +294,9 @@ def test_call_path_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
     assert sparsec.compile("pattern p = causal").autotune is True
     fixed = TileConfig(32, 32, 2, 2)
     assert sparsec.compile("pattern p = band(64)", config=fixed)._config(0, body, call, "triton", {}, None,
-                                                                        (q, q, q)) == fixed
+                                                                        (q, q, q), False) == fixed
     off = sparsec.compile("pattern p = band(64)", autotune=False)
-    assert off._config(0, body, call, "triton", {}, None, (q, q, q)) == default_config("triton", call)
+    assert off._config(0, body, call, "triton", {}, None, (q, q, q), False) == default_config("triton", call)
 
 
 @pytest.mark.gpu

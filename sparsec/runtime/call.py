@@ -37,7 +37,9 @@ class Call:
         return (self.batch, self.heads, self.kv_heads, self.n_q, self.n_k, self.dim, self.q_offset, self.device)
 
 
-def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, inputs: dict) -> Call:
+def check_tensors(q, k, v) -> None:
+    """What a call checks before its op (runtime/ops.py): types, ranks, dtypes and devices, which
+    torch.compile reads off the tensors' metadata without a guard on any length."""
     for arg, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{arg} must be a torch.Tensor of shape (B, H, n, D), got {type(x).__name__}")
@@ -49,6 +51,31 @@ def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, input
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def wants_grad(q, k, v) -> bool:
+    """Whether a backward will follow this call (the autotuner keys training tiles apart)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def op_options(scale, q_offset, backend) -> tuple:
+    """scale, q_offset and backend checked for type (their values are checked in the op, on real
+    lengths) and made what the op's schema takes: a float, an int, a str, or None each."""
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise TypeError(f"scale must be a finite float, got {scale!r}")
+        scale = float(scale)
+    if isinstance(q_offset, np.integer):
+        q_offset = int(q_offset)
+    if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, (int, torch.SymInt))):
+        raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return scale, q_offset, backend
+
+
+def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, inputs: dict) -> Call:
+    check_tensors(q, k, v)
     B, H, n_q, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k must be (B={B}, Hkv, n_k, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")

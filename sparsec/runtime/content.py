@@ -160,19 +160,44 @@ def content_values(nodes, q, k, call: Call, inputs: dict) -> dict[Pattern, tuple
 
 def gather(order: SortedOrder, q, k, v, group: int):
     """q, k, v in the order's row order; k and v get one copy per query head (each head sorts its
-    own). Differentiable: torch sends the gradients back to the original rows and K/V heads."""
+    own)."""
     k, v = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
     q_rows, k_rows = _flat(order.q_pos), _flat(order.k_pos)
-    return tuple(x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape)
-                 for x, rows in ((q, q_rows), (k, k_rows), (v, k_rows)))
+    return _rows_in(q, q_rows), _rows_in(k, k_rows), _rows_in(v, k_rows)
+
+
+def gather_rows(order: SortedOrder, o, lse, do, dlse):
+    """A call's O, LSE and their gradients in the order's query rows (dlse may be None)."""
+    rows = _flat(order.q_pos)
+    return (_rows_in(o, rows), _rows_in(lse[..., None], rows)[..., 0], _rows_in(do, rows),
+            None if dlse is None else _rows_in(dlse[..., None], rows)[..., 0])
 
 
 def scatter(order: SortedOrder, o, lse):
     """O and LSE back in the original row order."""
     rows = _flat(order.q_pos)
-    o = torch.zeros_like(o).view(-1, o.shape[-1]).index_copy(0, rows, o.reshape(-1, o.shape[-1]))
-    return o.view(order.q_pos.shape + o.shape[-1:]), torch.zeros_like(lse).view(-1).index_copy(
-        0, rows, lse.reshape(-1)).view(lse.shape)
+    return _rows_out(o, rows), _rows_out(lse[..., None], rows)[..., 0]
+
+
+def ungather(order: SortedOrder, dq, dk, dv, group: int):
+    """The adjoint of gather: dQ back in place; dK and dV back in place and summed over the query
+    heads that shared a K/V head."""
+    q_rows, k_rows = _flat(order.q_pos), _flat(order.k_pos)
+    dk, dv = (_rows_out(x, k_rows) for x in (dk, dv))
+    if group > 1:
+        dk, dv = (x.unflatten(1, (-1, group)).sum(2) for x in (dk, dv))
+    return _rows_out(dq, q_rows), dk, dv
+
+
+def _rows_in(x, rows):
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(x.shape)
+
+
+def _rows_out(x, rows):
+    """x's flattened rows put back at `rows` (each row is named once: a permutation)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.empty_like(flat).index_copy_(0, rows, flat).view(x.shape)
+
 
 def _flat(pos: torch.Tensor) -> torch.Tensor:
     """Rows (B, H, n) of each (b, h) as rows of the (B * H * n)-row flattening: one index_select

@@ -27,6 +27,31 @@ def interpreting(on: bool):
             os.environ["TRITON_INTERPRET"] = old
 
 
+def _import_triton_for_the_interpreter() -> None:
+    """Triton's interpreter runs a kernel's calls of triton.language's own jit functions (tl.max,
+    tl.sum, tl.zeros) only if those were made while TRITON_INTERPRET=1, that is, if triton was
+    first imported so. torch._dynamo imports triton (plainly) on the first custom-op call, which
+    is every sparsec call. So on a machine without CUDA, where the interpreter is the only way to
+    run a generated kernel, triton is imported now, in interpreter mode; a TRITON_INTERPRET the
+    user set, or a triton already imported, is left alone (docs/design.md, "torch.compile")."""
+    import torch
+    if "triton" in sys.modules or "TRITON_INTERPRET" in os.environ or torch.cuda.is_available():
+        return
+    with interpreting(True):
+        import triton.language  # noqa: F401
+
+
+def _check_interpreter_ready() -> None:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(tl.zeros, InterpretedFunction):
+        raise RuntimeError("backend='interpret' needs Triton imported in interpreter mode, but this process "
+                           "imported triton for the compiler first (torch.compile and torch._dynamo import it); "
+                           "set TRITON_INTERPRET=1 before the first import, or import sparsec first on a "
+                           "machine without CUDA")
+
+
+_import_triton_for_the_interpreter()
 _MODULES: dict[tuple[str, bool], object] = {}
 
 
@@ -47,6 +72,8 @@ def load_kernel(gen: Generated, name: str, interpret: bool):
     file read back, no bytecode), once per digest and mode. Its functions report the filename
     <sparsec:NAME_DIGEST>, registered in linecache for inspect and tracebacks."""
     key = (gen.digest, interpret)
+    if interpret and key not in _MODULES:
+        _check_interpreter_ready()
     if key not in _MODULES:
         module_name = f"sparsec_generated_{gen.digest}_{'interpret' if interpret else 'jit'}"
         filename = f"<sparsec:{name[:40]}_{gen.digest}>"

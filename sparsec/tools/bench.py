@@ -42,6 +42,7 @@ class Case:
     mask_limit_gib: float = 2.0     # SDPA's dense bool mask, and the float64 reference, above this: skipped
     seed: int | None = None         # q, k, v: fresh each run unless given
     inputs: dict = field(default_factory=dict)   # call inputs (segment_ids=...); documents drawn when missing
+    compiled: bool = True           # time the call under torch.compile(fullgraph=True) too
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -183,6 +184,8 @@ def run(kern: CompiledPattern, case: Case) -> dict:
     result["tune_s"] = time.perf_counter() - t
     result["config"] = [asdict(c) for c in configs]   # per share
     add("sparsec", lambda: lambda: kern(q, k, v, scale=scale, **inputs))
+    if case.compiled:
+        add("compiled", lambda: compiled_call(kern, q, k, v, scale, inputs))
     limit = int(case.mask_limit_gib * 2**30)
     masks, why_not = None, None
     try:
@@ -211,10 +214,13 @@ def run(kern: CompiledPattern, case: Case) -> dict:
     base = float(np.median(times["sparsec"]))
     flops = (14 if case.backward else 4) * case.dim * (result["pairs"] or 0)
     result["impls"] = {}
-    if "kernels" in impls:
+    if "kernels" in impls:   # per call, outside the kernels: eager, and compiled (dynamo's guards instead of Python)
         kernels = float(np.median(times["kernels"]))
-        result["call_overhead"] = dict(kernels_only_ms=kernels * 1e3, share_of_call=(base - kernels) / base)
-    for name in ("sparsec", *case.vs):
+        result["call_overhead"] = dict(kernels_only_ms=kernels * 1e3, share_of_call=(base - kernels) / base,
+                                       eager_ms=(base - kernels) * 1e3)
+        if "compiled" in impls:
+            result["call_overhead"]["compiled_ms"] = (float(np.median(times["compiled"])) - kernels) * 1e3
+    for name in ("sparsec", *(["compiled"] if case.compiled else []), *case.vs):
         if name in skipped:
             result["impls"][name] = {"skipped": skipped[name]}
             continue
@@ -257,6 +263,13 @@ def kernels_only(kern: CompiledPattern, q, k, v, scale: float, inputs: dict, bac
     return lambda: bound.runner.forward(*bound.args)[0]
 
 
+def compiled_call(kern: CompiledPattern, q, k, v, scale: float, inputs: dict):
+    """The call under torch.compile(fullgraph=True): a graph of one torch.ops.sparsec.attention.
+    Its setup is the compile; compiled minus kernels_only is the compiled call's overhead."""
+    fn = torch.compile(lambda q, k, v: kern(q, k, v, scale=scale, **inputs), fullgraph=True)
+    return lambda: fn(q, k, v)
+
+
 def accuracy(kern: CompiledPattern, q, k, v, scale: float, outputs: dict, inputs: dict, limit: int) -> dict:
     """Each output's max abs difference from float64 attention under the reference mask (when
     the mask and the float64 scores fit in `limit`), else from sparsec's output. Dense attention
@@ -293,6 +306,8 @@ def table(result: dict) -> str:
         lines.append(f"  {name:<10}{r['median_ms']:>12.3f}{tflops:>10}{speed:>12}{r['setup_s']:>10.2f}{err:>10}")
     if result.get("call_overhead"):
         o = result["call_overhead"]
+        compiled = f", compiled {o['compiled_ms']:.3f} ms" if "compiled_ms" in o else ""
         lines.append(f"  a call spends {100 * o['share_of_call']:.1f}% outside its kernels "
-                     f"(kernels alone {o['kernels_only_ms']:.3f} ms)")
+                     f"(kernels alone {o['kernels_only_ms']:.3f} ms; outside them eager {o['eager_ms']:.3f} ms"
+                     f"{compiled})")
     return "\n".join(lines)

@@ -254,7 +254,7 @@ def bench_command(args) -> None:
     results = []
     for n in args.n:
         case = bench.Case(n, args.n_k or n, args.batch, args.heads, args.kv_heads, args.dim, args.dtype, device,
-                          args.backward, vs, args.repeats, args.warmup, seed=args.seed)
+                          args.backward, vs, args.repeats, args.warmup, seed=args.seed, compiled=not args.no_compile)
         results.append(bench.run(kern, case))
         print(bench.table(results[-1]), flush=True)
     if args.json:
@@ -308,6 +308,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time against FlexAttention, masked SDPA and dense SDPA in one run")
     common(b, 4096, many=True)
     b.add_argument("--vs", default=",".join(bench.PEERS), help="peers, a comma list (default: %(default)s)")
+    b.add_argument("--no-compile", action="store_true",
+                   help="do not also time the call under torch.compile(fullgraph=True)")
     b.add_argument("--repeats", type=int, default=5, help="timed rounds (medians over them)")
     b.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     b.add_argument("--seed", type=int, default=None, help="inputs' seed (default: fresh)")

@@ -1,0 +1,113 @@
+"""A call as torch.library custom ops, torch.ops.sparsec.attention and its backward: opaque to dynamo, so models compile whole.
+
+Everything data-dependent (layouts of documents and content patterns, sorting by bucket, top-k
+selection, split-K decisions, autotuning) happens inside the ops, on real tensors; under
+torch.compile the graph holds one node per call, and its fake implementation (the output
+shapes from the input shapes alone) is all dynamo and AOT autograd see. The pattern travels as
+a registry key (a string: hashable, the same in every process for the same pattern), the call's
+inputs (segment_ids, centroids, rotations) as a list of optional tensors in `INPUTS` order.
+
+The backward op recomputes what the forward bound (cached layouts for static patterns; content
+ids and per-call layouts again for the others) rather than keeping it between the two ops:
+nothing but tensors may cross from a forward op to its backward under torch.compile."""
+from __future__ import annotations
+
+import hashlib
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .call import INPUTS
+
+# Registry key -> the living patterns compiled to that key (any of them serves: same IR, same tiles).
+_PATTERNS: dict[str, weakref.WeakSet] = {}
+
+
+def register(pattern, identity: str, name: str) -> str:
+    """The key the ops know `pattern` by: its name and a digest of `identity` (everything its calls
+    depend on), so that one pattern compiled in two processes has one key (the FX graph cache
+    and torch.compile's guards see the same constant)."""
+    key = f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
+    _PATTERNS.setdefault(key, weakref.WeakSet()).add(pattern)
+    return key
+
+
+def registered(key: str):
+    for pattern in _PATTERNS.get(key, ()):
+        return pattern
+    raise ValueError(f"no sparsec pattern is registered as {key!r} in this process: sparsec.compile it "
+                     f"before calling a graph that uses it")
+
+
+def input_list(inputs: dict) -> list:
+    """A call's keyword inputs as the ops take them: INPUTS order, None where not given."""
+    for name, x in inputs.items():
+        if name not in INPUTS:
+            raise TypeError(f"unexpected keyword argument {name}=; a call takes scale=, q_offset=, return_lse=, "
+                            f"backend= and the inputs {', '.join(INPUTS)}")
+        if x is not None and not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return [inputs.get(name) for name in INPUTS]
+
+
+def input_dict(given) -> dict:
+    return {name: x for name, x in zip(INPUTS, given) if x is not None}
+
+
+@torch.library.custom_op("sparsec::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, inputs: list[Optional[Tensor]], pattern: str,
+              scale: Optional[float], q_offset: Optional[int], backend: Optional[str],
+              training: bool) -> tuple[Tensor, Tensor]:
+    """(O, LSE) of one call: O of q's shape and dtype, LSE (B, Hq, n_q) float32, both contiguous
+    (what the fake says: strides included). training: whether a backward will follow (the
+    autotuner keys forward-only and training tiles apart)."""
+    out = registered(pattern).forward_op(q, k, v, input_dict(inputs), scale, q_offset, backend, training)
+    return tuple(x.contiguous() for x in out)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, inputs, pattern, scale, q_offset, backend, training):
+    B, H, n_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparsec::attention_backward", mutates_args=())
+def attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor],
+                       inputs: list[Optional[Tensor]], pattern: str, scale: Optional[float],
+                       q_offset: Optional[int], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV of one call, contiguous, from its output O, LSE and their gradients (dlse None:
+    LSE unused)."""
+    out = registered(pattern).backward_op(q, k, v, o, lse, do, dlse, input_dict(inputs), scale, q_offset, backend)
+    return tuple(x.contiguous() for x in out)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(q, k, v, o, lse, do, dlse, inputs, pattern, scale, q_offset, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, given, pattern, scale, q_offset, backend, _ = inputs
+    o, lse = output
+    ctx.given = [x is not None for x in given]
+    ctx.save_for_backward(q, k, v, o, lse, *(x for x in given if x is not None))
+    ctx.pattern, ctx.scale, ctx.q_offset, ctx.backend = pattern, scale, q_offset, backend
+    ctx.set_materialize_grads(False)   # an unused LSE (or O) arrives as None, not zeros
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, *rest = ctx.saved_tensors
+    rest = iter(rest)
+    given = [next(rest) if present else None for present in ctx.given]
+    if do is None:
+        do = torch.zeros_like(o)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    dq, dk, dv = attention_backward(q, k, v, o, lse, do, dlse, given, ctx.pattern, ctx.scale, ctx.q_offset,
+                                    ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup)
