@@ -35,8 +35,8 @@ def densify(masks: peers.TileMasks, n_q: int, n_k: int) -> np.ndarray:
 
 
 def in_fresh_process(fn, *args):
-    """FlexAttention (its vmap over a mask_mod) leaves Triton's interpreter unusable in the
-    process that ran it, and the other tests run generated kernels under that interpreter."""
+    """FlexAttention's compiles kept out of the test process (it no longer breaks the interpreter:
+    runtime/loader.py imports triton for it first)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 

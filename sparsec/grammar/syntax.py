@@ -11,6 +11,7 @@ import lark
 from lark import Lark, Transformer, v_args
 
 from ..errors import Source, Span, SparsecError
+from . import library
 from ..ir.limits import EXACT, NESTING
 
 
@@ -284,10 +285,21 @@ def parse(text: str, filename: str = "<string>") -> Module:
         raise
 
 
+def _path_like(s: str) -> bool:
+    """One line ending in .sa, or with a folder in it and none of a program's brackets or spaces
+    (`i // 2` is arithmetic, `patterns/bigbird` a path)."""
+    if "\n" in s:
+        return False
+    return s.endswith(".sa") or (("/" in s or os.sep in s) and not any(c in s for c in "( "))
+
+
 def read_source(path_or_source: str | os.PathLike) -> Source:
-    """A path (a Path, or a string ending in .sa with no newline) or the program text itself."""
-    if isinstance(path_or_source, os.PathLike) or (
-            isinstance(path_or_source, str) and "\n" not in path_or_source and path_or_source.endswith(".sa")):
+    """A library name (`bigbird`: grammar/library.py), a path (a Path, or a string that looks
+    like one) or the program text itself."""
+    if isinstance(path_or_source, str) and library.NAME.fullmatch(path_or_source):
+        entry = library.find(path_or_source)
+        return Source(Path(entry.path).read_text(), entry.path)
+    if isinstance(path_or_source, os.PathLike) or (isinstance(path_or_source, str) and _path_like(path_or_source)):
         path = Path(path_or_source)
         if not path.is_file():
             raise FileNotFoundError(f"path_or_source: no such .sa file: {path}")

@@ -1,6 +1,7 @@
 """A call's arguments checked into a Call (shapes, dtype, device, inputs) and its backend chosen."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -145,6 +146,9 @@ def choose_backend(backend: str | None, device: torch.device) -> str:
         raise ValueError(f"backend='triton' needs CUDA tensors, got {device}; on CPU use 'cpu' or 'interpret'")
     if backend in ("cpu", "interpret") and device.type != "cpu":
         raise ValueError(f"backend={backend!r} needs CPU tensors, got {device}")
+    if backend != "cpu" and importlib.util.find_spec("triton") is None:
+        raise RuntimeError(f"backend={backend!r} runs the generated Triton kernels, and triton is not installed "
+                           f"(pip install triton, Linux only); backend='cpu' needs no triton")
     return backend
 
 

@@ -1,6 +1,7 @@
 """Generated modules executed from the text generated in this process (never from disk)."""
 from __future__ import annotations
 
+import importlib.util
 import linecache
 import os
 import sys
@@ -35,7 +36,8 @@ def _import_triton_for_the_interpreter() -> None:
     run a generated kernel, triton is imported now, in interpreter mode; a TRITON_INTERPRET the
     user set, or a triton already imported, is left alone (docs/design.md, "torch.compile")."""
     import torch
-    if "triton" in sys.modules or "TRITON_INTERPRET" in os.environ or torch.cuda.is_available():
+    if "triton" in sys.modules or "TRITON_INTERPRET" in os.environ or importlib.util.find_spec("triton") is None \
+            or torch.cuda.is_available():
         return
     with interpreting(True):
         import triton.language  # noqa: F401

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import pipeline
+from .. import __version__, pipeline
 from ..reference import attention
 from . import bench
 from ..compiled import CompiledPattern, read_source
 from ..errors import SparsecError
 from ..ir.tiles import EMPTY, FULL, PARTIAL
 from ..layout import tile_classes
+from ..grammar import library
+from ..grammar.elaborate import pattern_names
 from ..grammar.syntax import dump, parse
 
 
@@ -98,8 +102,35 @@ def print_layout(lay, rows: int) -> None:
             print(f"  ... {tq - rows} more query tiles (--rows)")
 
 
+def _backends(args) -> list[str]:
+    return args.backend or (["triton"] if torch.cuda.is_available() else ["interpret", "cpu"])
+
+
+def check_examples(kern: CompiledPattern, count: int, backends: list[str]) -> int:
+    """`check --examples N`: N calls drawn by sparsec.testing.attention_inputs (odd and unequal
+    lengths, GQA, offsets, inputs) per backend, forward and backward against the float64 reference."""
+    from hypothesis import HealthCheck, given, settings
+    from .. import testing
+    for backend in backends:
+        device = "cuda" if backend == "triton" else "cpu"
+
+        @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(testing.attention_inputs(kern, device=device))
+        def run(call):
+            testing.assert_matches_reference(kern, backend=backend, **call)
+        try:
+            run()
+        except AssertionError as e:
+            print(f"{backend}: FAILED on a drawn call (a sparsec bug; please report it)\n{e}")
+            return 1
+        print(f"{backend}: {count} drawn calls match the float64 reference, forward and backward")
+    return 0
+
+
 def check(args) -> int:
     kern = _compile(args)
+    if args.examples:
+        return check_examples(kern, args.examples, _backends(args))
     n = args.n
     inputs = synthetic_inputs(kern, n, args.heads)
     if inputs:
@@ -136,7 +167,7 @@ def check(args) -> int:
         print("FAILED: the layout is unsound for this pattern (a sparsec bug; please report it)")
         return 1
     errors = []
-    for backend in args.backend or (["triton"] if torch.cuda.is_available() else ["interpret", "cpu"]):
+    for backend in _backends(args):
         err, grad_err = kernel_error(kern, inputs, n, args.heads, backend)
         errors += [err, grad_err]
         what = "generated Triton kernels" + (" (interpreter)" if backend == "interpret" else "") \
@@ -263,12 +294,28 @@ def bench_command(args) -> None:
         print(f"wrote {args.json}")
 
 
+def list_command(args) -> None:
+    """The library: name, system, the default pattern's density as its header states it (checked
+    by tests/test_library.py), the file's patterns and its paper's title."""
+    print(f"{'name':<20}{'system':<24}{'density':>9}{'at n':>6}  patterns (default last); paper")
+    for e in library.entries():
+        n, _, density, approx, inputs = e.density
+        title = re.search(r'"([A-Z][^"]{11,})"', e.paper)
+        print(f"{e.name:<20}{e.system[:23]:<24}{'~' if approx else ' '}{density:>7.2%}{'*' if inputs else ' '}"
+              f"{n:>6}  {', '.join(pattern_names(parse(Path(e.path).read_text(), e.path)))}; "
+              f"{title.group(1) if title else e.paper[:60] or '-'}")
+    print("~ approximate (random or content-based); * on the inputs its header names (documents, or "
+          "standard normal q and k)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsec", description="Compile sparse-attention patterns (.sa files).")
+    p.add_argument("--version", action="version", version=f"sparsec {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the pattern library: name, system, density, paper")
 
     def common(sp, n_default, many=False):
-        sp.add_argument("file", help="a .sa file")
+        sp.add_argument("file", help="a .sa file, or a library name (sparsec list)")
         sp.add_argument("--pattern", help="which pattern of the file (default: the last)")
         sp.add_argument("-p", "--param", type=_param, action="append", default=[], metavar="NAME=INT",
                         help="override a param (repeatable)")
@@ -297,6 +344,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--heads", type=int, default=2)
     c.add_argument("--backend", choices=["triton", "interpret", "cpu"], action="append",
                    help="kernel(s) to run (repeatable; default: triton with a GPU, else interpret and cpu)")
+    c.add_argument("--examples", type=int, default=0, metavar="N",
+                   help="instead of one shape, N drawn calls (sparsec.testing.attention_inputs) per backend")
     s = sub.add_parser("show", help="draw the mask and its block layout to a PNG")
     common(s, 2048)
     s.add_argument("-o", "--output", required=True, help="PNG path")
@@ -333,6 +382,8 @@ def main(argv=None) -> int:
             tune(args)
         elif args.command == "bench":
             bench_command(args)
+        elif args.command == "list":
+            list_command(args)
         else:
             show(args)
     except SparsecError as e:

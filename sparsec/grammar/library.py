@@ -1,0 +1,73 @@
+"""The pattern library shipped inside the package (sparsec.patterns): names, files and what their headers say."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")   # a bare library name: never a program (which says `pattern`)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One library file. name: its stem, what `sparsec.compile(name)` takes; system and summary:
+    its header's first line, split at the colon; paper: its Paper:/References: paragraph; density:
+    its header's `# density:` line, checked by tests/test_library.py (n, heads, the fraction of
+    pairs allowed, whether approximate, and the inputs it was taken on)."""
+    name: str
+    path: str
+    system: str
+    summary: str
+    paper: str
+    density: tuple[int, int, float, bool, str] | None
+
+
+def _header(text: str) -> list[str]:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    return lines
+
+
+def _entry(resource) -> Entry:
+    header = _header(resource.read_text())
+    system, _, summary = (header[0] if header else "").partition(": ")
+    paper, taking = [], False
+    for line in header[1:]:
+        if re.match(r"(Paper|References?):", line):
+            taking, line = True, line.split(":", 1)[1].strip()
+        elif taking and (not line or re.match(r"[A-Z][a-z ]+$", line)):   # a blank line or the next heading
+            break
+        if taking:
+            paper.append(line)
+    return Entry(resource.name.removesuffix(".sa"), str(resource), system, summary, " ".join(paper), _density(header))
+
+
+def _density(header: list[str]):
+    stated = {k: v for line in header if line.startswith("density") for k, v in re.findall(r"([\w-]+)=(\S+)", line)}
+    if "n" not in stated:
+        return None
+    value = stated.get("value", stated.get("approx"))
+    inputs = " ".join(f"{k}={v}" for k, v in stated.items() if k in ("segment_len", "qk", "D", "B", "seed"))
+    return int(stated["n"]), int(stated["heads"]), float(value), "approx" in stated, inputs
+
+
+def entries() -> list[Entry]:
+    """The library, by name."""
+    found = (r for r in files("sparsec.patterns").iterdir() if r.name.endswith(".sa"))
+    return sorted((_entry(r) for r in found), key=lambda e: e.name)
+
+
+def names() -> list[str]:
+    return [e.name for e in entries()]
+
+
+def find(name: str) -> Entry:
+    """The library entry called `name`; an unknown name is an error that lists the library."""
+    for e in entries():
+        if e.name == name:
+            return e
+    raise ValueError(f"no library pattern named {name!r}; the library has {', '.join(names())} "
+                     f"(a .sa path or program text also works)")
