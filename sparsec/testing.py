@@ -21,7 +21,8 @@ def reference(kern: CompiledPattern, q, k, v, scale: float | None = None, q_offs
     content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
     mask = kern.mask(n_q, k.shape[2], heads=H, q_offset=q_offset, **content,
                      **{name: x for name, x in inputs.items() if x is not None})
-    return ref.attention(q.double(), k.double(), v.double(), mask.to(q.device), scale or 1 / math.sqrt(D))
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    return ref.attention(q.double(), k.double(), v.double(), mask.to(q.device), scale)
 
 
 def _worst(name: str, got, want, tol: float, where: str) -> str | None:
