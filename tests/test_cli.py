@@ -2,7 +2,10 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import sparsec
 
 from sparsec.tools.cli import main
 
@@ -72,6 +75,37 @@ def test_show_writes_a_png(sa, tmp_path):
     out = tmp_path / "mask.png"
     assert main(["show", sa(BIGBIRD), "--n", "3000", "--block", "128", "128", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("src", ["band(40) + global(3)", "blocks(16, band(1) + global(1) + random(2))",
+                                 "document & causal", "where(i % 7 == j % 5)"])
+def test_show_pixels_from_the_layout_match_the_dense_mask(src):
+    """Each pixel's allowed fraction, from the layout and sampled PARTIAL pixels, against the
+    exact downsampled mask (n = 2048, 64 x 64 tokens a pixel: 32 x 32 samples each)."""
+    from sparsec.tools.cli import synthetic_inputs
+    from sparsec.tools.show import pixel_density
+    kern = sparsec.compile(f"pattern p = {src}")
+    inputs = synthetic_inputs(kern, 2048, 1)
+    got, how = pixel_density(kern, 2048, 64, 1, 0, inputs)
+    want = kern.mask(2048, **inputs).numpy()[0, 0].reshape(32, 64, 32, 64).mean(axis=(1, 3))
+    assert how.startswith("FULL and EMPTY pixels exact") and got.shape == want.shape
+    assert np.abs(got - want).max() < 0.08 and np.abs(got - want).mean() < 0.01
+    assert ((want == 0) == (got == 0)).all() and ((want == 1) == (got == 1)).all()
+
+
+def test_show_draws_a_million_tokens_in_a_minute_and_2_gb(tmp_path):
+    """No n x n mask: the picture at n = 2^20 from the layout (the mask would be 1 TB); the
+    child process reports its own peak memory."""
+    import time
+    out = tmp_path / "million.png"
+    script = ("import resource, sys; from sparsec.tools.cli import main; "
+              f"code = main(['show', 'bigbird', '--n', str(1 << 20), '-o', {str(out)!r}]); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert time.perf_counter() - start < 60 and out.read_bytes()[:4] == b"\x89PNG"
+    assert int(done.stdout.split()[-1]) < 2 * 2**20   # kB
 
 
 def test_user_errors_exit_1_with_the_caret(sa, capsys):

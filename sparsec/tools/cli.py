@@ -14,6 +14,7 @@ import torch
 from .. import __version__, pipeline
 from ..reference import attention
 from . import bench
+from . import show as picture
 from ..compiled import CompiledPattern, read_source
 from ..errors import SparsecError
 from ..ir.tiles import EMPTY, FULL, PARTIAL
@@ -206,42 +207,11 @@ def kernel_error(kern, inputs: dict, n: int, heads: int, backend: str) -> tuple[
 
 
 def show(args) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
+    """Draw the mask and the layout a call uses (tools/show.py): for any n the layout supports."""
     kern = _compile(args)
-    n = args.n
-    inputs = synthetic_inputs(kern, n, args.head + 1)
-    mask = kern.mask(n, heads=args.head + 1, **inputs).numpy()[0, args.head]
-    title, lay = layouts(kern, n, n, args.block, args.head + 1)[0]   # content-based: the first share's
-    classes = lay.classes()[0, min(args.head, lay.shape[1] - 1)]
-    cells = max(1, -(-n // args.pixels))  # downsample: each pixel shows the allowed fraction of a cell
-    m = -(-n // cells) * cells
-    padded = np.zeros((m, m))
-    padded[:n, :n] = mask
-    picture = padded.reshape(m // cells, cells, m // cells, cells).mean(axis=(1, 3))
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6.8))
-    left.imshow(picture, cmap="Blues", vmin=0, vmax=1, interpolation="nearest", extent=(0, n, n, 0))
-    left.set_title(f"token mask (n = {n}{f', {cells}x{cells} tokens per pixel' if cells > 1 else ''})")
-    left.set_xlabel("key j")
-    left.set_ylabel("query i")
-    colours = ListedColormap(["#f4f4f4", "#f5a623", "#1f5fa8"])
-    right.imshow(classes, cmap=colours, vmin=0, vmax=2, interpolation="nearest")
-    right.set_title(f"block layout ({args.block[0]}x{args.block[1]} tiles, {lay.tile_density():.1%} visited)"
-                    + (f"\n{title[:60]}" if title else ""))
-    right.set_xlabel("key tile")
-    right.set_ylabel("query tile")
-    right.legend(handles=[Patch(color="#1f5fa8", label="FULL (no mask)"), Patch(color="#f5a623", label="PARTIAL (masked)"),
-                          Patch(color="#f4f4f4", label="EMPTY (skipped)")], loc="upper right", fontsize=8)
-    head = f", head {args.head}" if kern.ir.body.varies_with_head() else ""
-    fig.suptitle(f"{kern.name}{head}: {kern.ir.body.show()}\ndensity {mask.mean():.4f}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(args.output, dpi=100)
-    print(f"wrote {args.output}")
+    inputs = synthetic_inputs(kern, args.n, args.head + 1)
+    lays = layouts(kern, args.n, args.n, picture.layout_tiles(args.n, args.block), args.head + 1)
+    picture.draw(kern, lays, args.n, args.block, args.head, args.pixels, inputs, args.output, list(inputs))
 
 
 def _shapes(args, n: int):

@@ -1,0 +1,1 @@
+"""Glue for the libraries sparsec plugs into (transformers)."""
