@@ -18,7 +18,7 @@ from .ir.limits import check_lengths
 from .layout import BlockLayout, LayoutRequest, SortedOrder, build_layout
 from .passes import specialize
 from .passes.shares import Share
-from .runtime import content, ops, tuning
+from .runtime import content, flex, ops, tuning
 from .runtime.cache import cache_dir
 from .runtime.call import Call, check_call, check_tensors, choose_backend, default_config, op_options, wants_grad
 
@@ -174,6 +174,29 @@ class CompiledPattern:
         seg = self._segments(segment_ids, n_k)
         return build_layout(specialize(self.ir, n_q, n_k, q_offset, heads), n_q, n_k, block_m, block_n, q_offset,
                             heads, seg)
+
+    def tile_masks(self, n_q: int, n_k: int | None = None, heads: int = 1, block: int = 128,
+                   q_offset: int | None = None, segment_ids=None):
+        """The layout at block x block tiles and its PARTIAL tiles' masks (runtime/flex.py)."""
+        if {"q", "k"} & self.needs:
+            raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
+                             f"block mask of its own")
+        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
+        heads = heads if self.ir.body.varies_with_head() else 1
+        seg = self._segments(segment_ids, n_k)
+        lay = self.layout(n_q, n_k, block, block, heads=heads, q_offset=q_offset, segment_ids=seg)
+        return flex.tile_masks(specialize(self.ir, n_q, n_k, q_offset, heads), lay, q_offset, seg)
+
+    def block_mask(self, n_q: int, n_k: int | None = None, heads: int = 1, batch: int = 1, device="cpu",
+                   block: int = 128, q_offset: int | None = None, segment_ids=None):
+        """The pattern as FlexAttention's BlockMask for (batch, heads, n_q, n_k): built from
+        sparsec's layout at block x block tiles, FULL and PARTIAL tiles as it lists them (not
+        from all pairs); its mask_mod looks up a PARTIAL tile's bits."""
+        batch, block = _int_arg("batch", batch, 1), _int_arg("block", block, 1)
+        masks = self.tile_masks(n_q, n_k, heads, block, q_offset, segment_ids)
+        if masks.tile_id.shape[0] not in (1, batch):
+            raise ValueError(f"batch={batch}, but segment_ids has {masks.tile_id.shape[0]} rows")
+        return flex.block_mask(masks, batch, _int_arg("heads", heads, 1), torch.device(device))
 
     def share_layouts(self, q, k, block_m: int = 64, block_n: int = 64, q_offset: int | None = None,
                       **inputs) -> list[tuple[Share, BlockLayout, tuple | None]]:

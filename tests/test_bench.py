@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sparsec
+from sparsec.runtime import flex
 from sparsec.tools import bench, peers
 from sparsec.tools.cli import main
 
@@ -22,14 +23,14 @@ CASES = [  # (pattern, n_q, n_k, heads, block)
 ]
 
 
-def densify(masks: peers.TileMasks, n_q: int, n_k: int) -> np.ndarray:
+def densify(masks: flex.TileMasks, n_q: int, n_k: int) -> np.ndarray:
     """The (LB, LH, n_q, n_k) mask the tiles describe: FULL tiles whole, PARTIAL tiles their bits."""
     lb, lh, tq, tk = masks.tile_id.shape
     block = masks.layout.block_m
     out = np.zeros((lb, lh, tq * block, tk * block), bool)
-    for b, h, t, j in zip(*np.nonzero(masks.tile_id != peers.EMPTY_TILE)):
+    for b, h, t, j in zip(*np.nonzero(masks.tile_id != flex.EMPTY_TILE)):
         tile = masks.tile_id[b, h, t, j]
-        out[b, h, t * block:(t + 1) * block, j * block:(j + 1) * block] = True if tile == peers.FULL_TILE else \
+        out[b, h, t * block:(t + 1) * block, j * block:(j + 1) * block] = True if tile == flex.FULL_TILE else \
             masks.bits[tile]
     return out[..., :n_q, :n_k]
 
@@ -62,7 +63,7 @@ def test_tile_masks_of_documents():
 def _flex_mask_differences(src, n_q, n_k, heads, block) -> int:
     from torch.nn.attention.flex_attention import create_mask
     kern = sparsec.compile(f"pattern p = {src}")
-    block_mask = peers.flex_block_mask(peers.tile_masks(kern, n_q, n_k, heads, block), 1, heads, "cpu")
+    block_mask = peers.block_mask(peers.tile_masks(kern, n_q, n_k, heads, block), 1, heads, "cpu")
     got = create_mask(block_mask.mask_mod, 1, heads, n_q, n_k, device="cpu")
     return int((got != kern.mask(n_q, n_k, heads=heads).expand_as(got)).sum())
 

@@ -1,0 +1,44 @@
+"""kern.block_mask: FlexAttention's BlockMask built from sparsec's layout. Through Flex's own
+create_mask it must be kern.mask everywhere, and its block lists must be the layout's tiles."""
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_mask
+
+import sparsec
+from sparsec.ir.tiles import EMPTY, FULL
+from sparsec.tools.bench import documents
+
+CASES = [   # (source, n_q, n_k, heads, batch, block, documents)
+    ("band(20) + global(3)", 300, 300, 2, 1, 64, False),                       # static
+    ("causal & heads(band(8), stride(16) + sink(2))", 150, 270, 2, 2, 32, False),   # per head, n_q < n_k
+    ("document & causal", 257, 257, 3, 2, 64, True),                           # documents: per batch row
+    ("blocks(16, band(1) + random(2))", 200, 200, 1, 1, 128, False),
+]
+
+
+@pytest.mark.parametrize("src, n_q, n_k, heads, batch, block, docs", CASES)
+def test_block_mask_is_the_pattern(src, n_q, n_k, heads, batch, block, docs):
+    kern = sparsec.compile(f"pattern p = {src}")
+    seg = {"segment_ids": documents(batch, n_k, np.random.default_rng())} if docs else {}
+    bm = kern.block_mask(n_q, n_k, heads=heads, batch=batch, block=block, **seg)
+    got = create_mask(bm.mask_mod, batch, heads, n_q, n_k, device="cpu")
+    want = kern.mask(n_q, n_k, heads=heads, **seg).expand(batch, heads, n_q, n_k)
+    assert torch.equal(got, want)
+    lay = kern.layout(n_q, n_k, block, block, heads=heads, **seg)
+    classes = torch.as_tensor(np.broadcast_to(lay.classes(), (batch, heads, *lay.shape[2:])).copy())
+    visited = bm.to_dense().bool()   # every listed tile, FULL or PARTIAL
+    assert torch.equal(visited, classes > EMPTY)
+    full = torch.zeros_like(visited)
+    counts, indices = bm.full_kv_num_blocks, bm.full_kv_indices
+    for b, h, t in np.ndindex(*counts.shape):
+        full[b, h, t, indices[b, h, t, :counts[b, h, t]]] = True
+    assert torch.equal(full, classes == FULL)
+
+
+def test_block_mask_errors():
+    with pytest.raises(ValueError, match="content-based"):
+        sparsec.compile("pattern p = lsh(4)").block_mask(64)
+    doc = sparsec.compile("pattern p = document")
+    with pytest.raises(ValueError, match="batch=3, but segment_ids has 2 rows"):
+        doc.block_mask(64, batch=3, segment_ids=torch.zeros(2, 64, dtype=torch.long))
