@@ -12,6 +12,7 @@ import torch
 from . import pipeline
 from . import reference as ref
 from .codegen import Generated, TileConfig
+from .grammar import library
 from .grammar.elaborate import pattern_names
 from .grammar.syntax import read_source
 from .ir.limits import check_lengths
@@ -87,6 +88,8 @@ class CompiledPattern:
             raise TypeError(f"autotune must be True or False, got {autotune!r}")
         self.autotune, self.config = autotune, tuning.check_config(config)
         self.program = read_source(path_or_source)
+        if pattern is None and isinstance(path_or_source, str) and library.NAME.fullmatch(path_or_source):
+            pattern = library.find(path_or_source)[1]   # a library pattern's own name picks it in its file
         module = pipeline.parse(self.program)
         self.patterns = pattern_names(module)
         self.source_ir = pipeline.elaborate(module, pattern, params)

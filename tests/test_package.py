@@ -24,6 +24,9 @@ def test_a_library_name_compiles_the_library_file():
     assert by_name.ir == by_path.ir and by_name.program.filename.endswith("bigbird.sa")
     with pytest.raises(ValueError, match="no library pattern named 'bigbrd'; the library has bigbird, "):
         sparsec.compile("bigbrd")
+    inner = sparsec.compile("reformer_bidirectional")   # a pattern's own name picks it in its file
+    assert inner.name == "reformer_bidirectional" and inner.ir == sparsec.compile(
+        "patterns/reformer.sa", pattern="reformer_bidirectional").ir
 
 
 @pytest.mark.parametrize("source, error", [("patterns/bigbird", "no such .sa file: patterns/bigbird"),

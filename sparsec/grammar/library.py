@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")   # a bare library name: never a program (which says `pattern`)
 
@@ -64,10 +65,16 @@ def names() -> list[str]:
     return [e.name for e in entries()]
 
 
-def find(name: str) -> Entry:
-    """The library entry called `name`; an unknown name is an error that lists the library."""
-    for e in entries():
+def find(name: str) -> tuple[Entry, str | None]:
+    """The library entry called `name`, or the one with a pattern of that name: (entry, the
+    pattern to pick, or None for the file's default). An unknown name is an error listing the
+    library."""
+    every = entries()
+    for e in every:
         if e.name == name:
-            return e
-    raise ValueError(f"no library pattern named {name!r}; the library has {', '.join(names())} "
-                     f"(a .sa path or program text also works)")
+            return e, None
+    for e in every:
+        if re.search(rf"^pattern\s+{re.escape(name)}\b", Path(e.path).read_text(), re.M):
+            return e, name
+    raise ValueError(f"no library pattern named {name!r}; the library has {', '.join(e.name for e in every)} "
+                     f"and the patterns they define (sparsec list; a .sa path or program text also works)")

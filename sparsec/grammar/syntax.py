@@ -297,7 +297,7 @@ def read_source(path_or_source: str | os.PathLike) -> Source:
     """A library name (`bigbird`: grammar/library.py), a path (a Path, or a string that looks
     like one) or the program text itself."""
     if isinstance(path_or_source, str) and library.NAME.fullmatch(path_or_source):
-        entry = library.find(path_or_source)
+        entry, _ = library.find(path_or_source)
         return Source(Path(entry.path).read_text(), entry.path)
     if isinstance(path_or_source, os.PathLike) or (isinstance(path_or_source, str) and _path_like(path_or_source)):
         path = Path(path_or_source)

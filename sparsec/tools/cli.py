@@ -209,6 +209,7 @@ def kernel_error(kern, inputs: dict, n: int, heads: int, backend: str) -> tuple[
 def show(args) -> None:
     """Draw the mask and the layout a call uses (tools/show.py): for any n the layout supports."""
     kern = _compile(args)
+    picture.check_drawable(kern, args.n)
     inputs = synthetic_inputs(kern, args.n, args.head + 1)
     lays = layouts(kern, args.n, args.n, picture.layout_tiles(args.n, args.block), args.head + 1)
     picture.draw(kern, lays, args.n, args.block, args.head, args.pixels, inputs, args.output, list(inputs))

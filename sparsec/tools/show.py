@@ -41,6 +41,13 @@ def pixel_density(kern, n: int, cells: int, heads: int, head: int, inputs: dict)
     return picture, f"FULL and EMPTY pixels exact, PARTIAL ones sampled {s}x{s}"
 
 
+def check_drawable(kern, n: int) -> None:
+    """Before any work: content-based patterns need q and k (and their dense mask) at n."""
+    if {"q", "k"} & kern.needs and n > CONTENT_LIMIT:
+        raise ValueError(f"--n {n}: content-based patterns are drawn up to n = {CONTENT_LIMIT} (their tiles need "
+                         f"q and k, drawn here as synthetic inputs)")
+
+
 def draw(kern, layouts, n: int, block: tuple[int, int], head: int, pixels: int, inputs: dict, output: str,
          synthetic: list[str]) -> None:
     import matplotlib
@@ -49,9 +56,6 @@ def draw(kern, layouts, n: int, block: tuple[int, int], head: int, pixels: int, 
     from matplotlib.colors import ListedColormap, Normalize, PowerNorm
     from matplotlib.patches import Patch
 
-    if {"q", "k"} & kern.needs and n > CONTENT_LIMIT:
-        raise ValueError(f"--n {n}: content-based patterns are drawn up to n = {CONTENT_LIMIT} (their tiles need "
-                         f"q and k, drawn here as synthetic inputs)")
     cells = max(1, -(-n // pixels))
     picture, how = pixel_density(kern, n, cells, head + 1, head, inputs)
     title, lay = layouts[0]
