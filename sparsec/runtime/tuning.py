@@ -121,29 +121,27 @@ def search(configs: list[TileConfig], timer: Timer, progress: "Progress | None" 
 
 
 class Progress:
-    """A one-line progress bar on stderr: candidates timed (of those known so far: each round
-    adds its own), the latest and the best so far."""
+    """The tuner's progress bar (tqdm, on stderr): candidates timed of those known so far (each
+    round adds its own), the latest and the best so far."""
 
-    def __init__(self, label: str, stream=None, width: int = 24):
-        self.label, self.stream, self.width, self.total = label, stream or sys.stderr, width, 0
+    def __init__(self, label: str, stream=None):
+        from tqdm import tqdm
+        self.bar = tqdm(total=0, desc=label, file=stream or sys.stderr, unit="config", dynamic_ncols=True)
 
     def extend(self, more: int) -> None:
-        self.total += more
+        self.bar.total += more
+        self.bar.refresh()
 
     def step(self, timings: list[Timing]) -> None:
-        done = len(timings)
-        filled = self.width * done // max(1, self.total)
         last = timings[-1]
         best = min((t for t in timings if t.ms is not None), key=lambda t: t.ms, default=None)
-        text = (f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
-                f"{_short(last.config)} {'failed' if last.ms is None else f'{last.ms:.3f} ms'}"
-                f"{'' if best is None else f'; best {_short(best.config)} {best.ms:.3f} ms'}")
-        self.stream.write(text)
-        self.stream.flush()
+        self.bar.set_postfix_str(f"{_short(last.config)} {'failed' if last.ms is None else f'{last.ms:.3f} ms'}"
+                                 f"{'' if best is None else f'; best {_short(best.config)} {best.ms:.3f} ms'}",
+                                 refresh=False)
+        self.bar.update(1)
 
     def finish(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+        self.bar.close()
 
 
 def _short(c: TileConfig) -> str:

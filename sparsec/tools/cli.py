@@ -111,20 +111,25 @@ def check_examples(kern: CompiledPattern, count: int, backends: list[str]) -> in
     """`check --examples N`: N calls drawn by sparsec.testing.attention_inputs (odd and unequal
     lengths, GQA, offsets, inputs) per backend, forward and backward against the float64 reference."""
     from hypothesis import HealthCheck, given, settings
+    from tqdm import tqdm
     from .. import testing
     for backend in backends:
         device = "cuda" if backend == "triton" else "cpu"
+        bar = tqdm(total=count, desc=f"{backend}: drawn calls", file=sys.stderr, unit="call")
 
         @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(testing.attention_inputs(kern, device=device))
         def run(call):
             testing.assert_matches_reference(kern, backend=backend, **call)
+            bar.update(1)
         try:
             run()
         except AssertionError as e:
+            bar.close()
             print(f"{backend}: FAILED on a drawn call (a sparsec bug; please report it)\n{e}")
             return 1
-        print(f"{backend}: {count} drawn calls match the float64 reference, forward and backward")
+        bar.close()
+        print(f"{backend}: {bar.n} drawn calls match the float64 reference, forward and backward")
     return 0
 
 
