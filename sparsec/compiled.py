@@ -194,12 +194,32 @@ class CompiledPattern:
                    block: int = 128, q_offset: int | None = None, segment_ids=None):
         """The pattern as FlexAttention's BlockMask for (batch, heads, n_q, n_k): built from
         sparsec's layout at block x block tiles, FULL and PARTIAL tiles as it lists them (not
-        from all pairs); its mask_mod looks up a PARTIAL tile's bits."""
+        from all pairs). Its mask_mod is `mask_mod`'s torch lowering, or for patterns not lowered
+        yet (random, global([...]), where, content) a lookup of the PARTIAL tiles' bits."""
         batch, block = _int_arg("batch", batch, 1), _int_arg("block", block, 1)
-        masks = self.tile_masks(n_q, n_k, heads, block, q_offset, segment_ids)
-        if masks.tile_id.shape[0] not in (1, batch):
-            raise ValueError(f"batch={batch}, but segment_ids has {masks.tile_id.shape[0]} rows")
-        return flex.block_mask(masks, batch, _int_arg("heads", heads, 1), torch.device(device))
+        heads = _int_arg("heads", heads, 1)
+        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
+        if flex.lowered(specialize(self.ir, n_q, n_k, q_offset, heads)) and not {"q", "k"} & self.needs:
+            seg = self._segments(segment_ids, n_k)
+            lay = self.layout(n_q, n_k, block, block, heads=heads, q_offset=q_offset, segment_ids=seg)
+            mod = self.mask_mod(n_q, n_k, heads, q_offset, None if seg is None else torch.as_tensor(seg).to(device))
+        else:
+            masks = self.tile_masks(n_q, n_k, heads, block, q_offset, segment_ids)
+            lay, mod = masks.layout, flex.bits_mask_mod(masks, torch.device(device))
+        if lay.shape[0] not in (1, batch):
+            raise ValueError(f"batch={batch}, but segment_ids has {lay.shape[0]} rows")
+        return flex.block_mask(lay, batch, heads, torch.device(device), mod)
+
+    def mask_mod(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
+                 segment_ids=None):
+        """Flex's mask_mod(b, h, q_idx, kv_idx) of the pattern, lowered from the IR to torch ops
+        (runtime/flex.py) for these lengths: a pattern's arguments may depend on n, which Flex's
+        mask_mod is never told. segment_ids: a (B, n_k) integer tensor for document patterns."""
+        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
+        self._segments(segment_ids, n_k)
+        inputs = {} if segment_ids is None else {"segment_ids": torch.as_tensor(segment_ids).long()}
+        body = specialize(self.ir, n_q, n_k, q_offset, _int_arg("heads", heads, 1))
+        return flex.mask_mod(body, n_q, n_k, q_offset, inputs)
 
     def share_layouts(self, q, k, block_m: int = 64, block_n: int = 64, q_offset: int | None = None,
                       **inputs) -> list[tuple[Share, BlockLayout, tuple | None]]:

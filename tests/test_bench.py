@@ -63,7 +63,8 @@ def test_tile_masks_of_documents():
 def _flex_mask_differences(src, n_q, n_k, heads, block) -> int:
     from torch.nn.attention.flex_attention import create_mask
     kern = sparsec.compile(f"pattern p = {src}")
-    block_mask = peers.block_mask(peers.tile_masks(kern, n_q, n_k, heads, block), 1, heads, "cpu")
+    masks = peers.tile_masks(kern, n_q, n_k, heads, block)
+    block_mask = flex.block_mask(masks.layout, 1, heads, "cpu", flex.bits_mask_mod(masks, "cpu"))
     got = create_mask(block_mask.mask_mod, 1, heads, n_q, n_k, device="cpu")
     return int((got != kern.mask(n_q, n_k, heads=heads).expand_as(got)).sum())
 

@@ -42,3 +42,31 @@ def test_block_mask_errors():
     doc = sparsec.compile("pattern p = document")
     with pytest.raises(ValueError, match="batch=3, but segment_ids has 2 rows"):
         doc.block_mask(64, batch=3, segment_ids=torch.zeros(2, 64, dtype=torch.long))
+
+
+# ---- kern.mask_mod: the IR lowered to torch ops ----
+
+LOWERED = [   # every node type of runtime.flex.MASK_MODS at least once; odd, unequal lengths
+    "band(5) + global(2)", "causal & dilated(3, 2)", "dilated(3, 2) + sink(1)", "stride(4) + last(3)", "logsparse",
+    "chunk(16) - sink(2)",
+    "heads(band(4), causal & stride(3), full)", "blocks(8, band(1) + global(1) + last(1))", "full - band(2)",
+    "empty + band(1)", "document & causal & band(8)", "band(n // 8) & causal", "blocks(4, heads(causal, chunk(3)))",
+]
+
+
+@pytest.mark.parametrize("src", LOWERED)
+def test_mask_mod_is_the_pattern(src):
+    kern = sparsec.compile(f"pattern p = {src}")
+    n_q, n_k, heads, batch = 77, 131, 3, 2
+    seg = {"segment_ids": documents(batch, n_k, np.random.default_rng())} if "document" in src else {}
+    got = create_mask(kern.mask_mod(n_q, n_k, heads=heads, **seg), batch, heads, n_q, n_k, device="cpu")
+    assert torch.equal(got, kern.mask(n_q, n_k, heads=heads, **seg).expand(batch, heads, n_q, n_k))
+
+
+def test_every_node_type_is_lowered_or_declared():
+    from sparsec.ir import nodes
+    from sparsec.runtime.flex import MASK_MODS, NO_MASK_MODS
+    kinds = {getattr(nodes, name) for name in nodes.__all__} - {nodes.Pattern}
+    assert kinds <= set(MASK_MODS) | set(NO_MASK_MODS) and not set(MASK_MODS) & set(NO_MASK_MODS)
+    with pytest.raises(ValueError, match=r"random\(2, seed=0\) has no torch lowering yet.*kern.block_mask"):
+        sparsec.compile("pattern p = band(3) + random(2)").mask_mod(64)

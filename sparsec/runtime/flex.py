@@ -1,4 +1,4 @@
-"""FlexAttention's BlockMask of a pattern, built from sparsec's layout: FULL and PARTIAL tiles as listed, PARTIAL tiles' bits from the IR's reference rule."""
+"""FlexAttention from sparsec: a pattern's BlockMask built from its layout, its mask_mod lowered from the IR to torch ops (or its tiles' bits)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +6,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..ir.combinators import Blocks, Difference, Heads, Intersection, Union
+from ..ir.content import Cluster, Lsh, TopK
+from ..ir.document import Document
+from ..ir.pattern import value
+from ..ir.positional import Band, Causal, Chunk, Dilated, Empty, Full, LogSparse, Stride
+from ..ir.random import Random
+from ..ir.rows import Global, GlobalSet, Last, Sink
 from ..ir.tiles import Grid, TableSpace
+from ..ir.where import Where
 from ..layout import BlockLayout
 
 FULL_TILE, EMPTY_TILE = -2, -1
@@ -64,13 +72,25 @@ def tile_masks(body, lay: BlockLayout, q_offset: int, segment_ids=None) -> TileM
     return TileMasks(lay, tile_id, np.concatenate(bits) if bits else np.zeros((1, block, block), bool))
 
 
-def block_mask(masks: TileMasks, batch: int, heads: int, device):
-    """A FlexAttention BlockMask with the same FULL / PARTIAL tiles. Its mask_mod is the pattern
-    everywhere (Flex only calls it on PARTIAL tiles): a lookup of the tile, then of its bits."""
+def bits_mask_mod(masks: TileMasks, device):
+    """A mask_mod for every pattern, the pattern everywhere Flex calls it (PARTIAL tiles only): a
+    lookup of the tile, then of its bits."""
+    lb, lh, _, _ = masks.layout.shape
+    block = masks.layout.block_m
+    tile_id = torch.as_tensor(masks.tile_id, device=device)
+    bits = torch.as_tensor(masks.bits, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        t = tile_id[b % lb, h % lh, q_idx // block, kv_idx // block]
+        return (t == FULL_TILE) | ((t >= 0) & bits[t.clamp(min=0), q_idx % block, kv_idx % block])
+    return mask_mod
+
+
+def block_mask(lay: BlockLayout, batch: int, heads: int, device, mask_mod):
+    """A FlexAttention BlockMask with the layout's FULL / PARTIAL tiles and this mask_mod (the
+    lowered one, or bits_mask_mod)."""
     from torch.nn.attention.flex_attention import BlockMask
-    lay = masks.layout
     lb, lh, tq, tk = lay.shape
-    block = lay.block_m
 
     def lists(tl):
         counts = torch.as_tensor(tl.counts(), dtype=torch.int32)
@@ -81,13 +101,99 @@ def block_mask(masks: TileMasks, batch: int, heads: int, device):
         expand = lambda x: x.expand(batch, heads, *x.shape[2:]).contiguous().to(device)
         return expand(counts), expand(indices)
 
-    tile_id = torch.as_tensor(masks.tile_id, device=device)
-    bits = torch.as_tensor(masks.bits, device=device)
+    partial, full = lists(lay.partial), lists(lay.full)
+    return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=lay.block_m, mask_mod=mask_mod,
+                                    seq_lengths=(lay.n_q, lay.n_k))
+
+
+def lowered(body) -> bool:
+    """Whether every node of the body has a torch rule."""
+    return all(type(node) in MASK_MODS for node in body.nodes())
+
+
+# ---- the torch lowering: a pattern as FlexAttention's mask_mod, by node type ----
+
+@dataclass(frozen=True)
+class Index:
+    """What a node's torch rule sees: Flex's batch and head, the query position p (q_idx +
+    q_offset) and key j, in the node's coordinates (block indices inside blocks(...)), with the
+    lengths in those coordinates and the call's input tensors."""
+    b: torch.Tensor
+    h: torch.Tensor
+    p: torch.Tensor
+    j: torch.Tensor
+    n_q: int
+    n_k: int
+    inputs: dict
+
+
+def _heads(node, x: Index):
+    out = lower_torch(node.parts[0], x)
+    for k, part in enumerate(node.parts[1:], 1):
+        out = torch.where(x.h % len(node.parts) == k, lower_torch(part, x), out)
+    return out
+
+
+def _blocks(node, x: Index):
+    size = value(node.size)
+    inner = Index(x.b, x.h, x.p // size, x.j // size, -(-x.n_q // size), -(-x.n_k // size), x.inputs)
+    return lower_torch(node.body, inner)
+
+
+def _any(parts, x: Index):
+    out = lower_torch(parts[0], x)
+    for part in parts[1:]:
+        out = out | lower_torch(part, x)
+    return out
+
+
+def _all(parts, x: Index):
+    out = lower_torch(parts[0], x)
+    for part in parts[1:]:
+        out = out & lower_torch(part, x)
+    return out
+
+
+# Each node's predicate in torch ops, the same rules as its Triton `lower` (beside it in ir/), on
+# scalars under Flex's vmap or on broadcast index tensors. Arguments are constants here: the body
+# is specialized for the call's lengths first.
+MASK_MODS = {
+    Full: lambda node, x: (x.p - x.j) == (x.p - x.j),
+    Empty: lambda node, x: (x.p - x.j) != (x.p - x.j),
+    Causal: lambda node, x: x.p >= x.j,
+    Band: lambda node, x: ((x.p - x.j) >= -value(node.after)) & ((x.p - x.j) <= value(node.before)),
+    Dilated: lambda node, x: ((x.p - x.j).abs() <= value(node.w) * value(node.d)) & ((x.p - x.j) % value(node.d) == 0),
+    Stride: lambda node, x: (x.p - x.j) % value(node.s) == 0,
+    LogSparse: lambda node, x: ((x.p - x.j) == 0) | (((x.p - x.j) > 0) & (((x.p - x.j) & (x.p - x.j - 1)) == 0)),
+    Chunk: lambda node, x: x.p // value(node.c) == x.j // value(node.c),
+    Global: lambda node, x: (x.p < value(node.g)) | (x.j < value(node.g)),
+    Last: lambda node, x: (x.p >= x.n_k - value(node.g)) | (x.j >= x.n_k - value(node.g)),
+    Sink: lambda node, x: x.j < value(node.g),
+    Document: lambda node, x: x.inputs["segment_ids"][x.b, x.p] == x.inputs["segment_ids"][x.b, x.j],
+    Union: lambda node, x: _any(node.parts, x),
+    Intersection: lambda node, x: _all(node.parts, x),
+    Difference: lambda node, x: lower_torch(node.left, x) & ~lower_torch(node.right, x),
+    Heads: _heads,
+    Blocks: _blocks,
+}
+# Not lowered to torch yet (kern.block_mask's mask_mod covers them, from the layout's bits):
+NO_MASK_MODS = (Random, GlobalSet, Where, Lsh, Cluster, TopK)
+
+
+def lower_torch(node, x: Index) -> torch.Tensor:
+    rule = MASK_MODS.get(type(node))
+    if rule is None:
+        raise ValueError(f"{node.show()} has no torch lowering yet, so no mask_mod of its own; "
+                         f"kern.block_mask(...).mask_mod serves every pattern (from the layout's tiles)")
+    return rule(node, x)
+
+
+def mask_mod(body, n_q: int, n_k: int, q_offset: int, inputs: dict):
+    """Flex's mask_mod(b, h, q_idx, kv_idx) of a body specialized for these lengths."""
+    for node in body.nodes():   # fail now, not inside Flex's vmap
+        if type(node) not in MASK_MODS:
+            lower_torch(node, None)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        t = tile_id[b % lb, h % lh, q_idx // block, kv_idx // block]
-        return (t == FULL_TILE) | ((t >= 0) & bits[t.clamp(min=0), q_idx % block, kv_idx % block])
-
-    partial, full = lists(lay.partial), lists(lay.full)
-    return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(lay.n_q, lay.n_k))
+        return lower_torch(body, Index(b, h, q_idx + q_offset, kv_idx, n_q, n_k, inputs))
+    return mask_mod

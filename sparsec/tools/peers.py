@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compiled import CompiledPattern
-from ..runtime.flex import TileMasks, block_mask
+from ..runtime.flex import TileMasks, bits_mask_mod, block_mask
 
 
 class Skipped(Exception):
@@ -50,7 +50,7 @@ def flex(masks: TileMasks, q, k, v, scale: float):
     from torch.nn.attention.flex_attention import flex_attention
     if q.device.type == "cpu" and q.requires_grad:
         raise Skipped("FlexAttention has no backward on CPU")
-    mask = block_mask(masks, q.shape[0], q.shape[1], q.device)
+    mask = block_mask(masks.layout, q.shape[0], q.shape[1], q.device, bits_mask_mod(masks, q.device))
     # every new shape and block mask recompiles; past dynamo's default limit (8) flex_attention
     # would fall back to its slow eager path for the rest of a suite run, which is not Flex's speed
     limits = torch._dynamo.config
