@@ -199,10 +199,12 @@ class CompiledPattern:
         batch, block = _int_arg("batch", batch, 1), _int_arg("block", block, 1)
         heads = _int_arg("heads", heads, 1)
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
-        if flex.lowered(specialize(self.ir, n_q, n_k, q_offset, heads)) and not {"q", "k"} & self.needs:
+        body = specialize(self.ir, n_q, n_k, q_offset, heads)
+        if flex.unlowered(body) is None:   # content nodes have no rule: they take the other branch
             seg = self._segments(segment_ids, n_k)
-            lay = self.layout(n_q, n_k, block, block, heads=heads, q_offset=q_offset, segment_ids=seg)
-            mod = self.mask_mod(n_q, n_k, heads, q_offset, None if seg is None else torch.as_tensor(seg).to(device))
+            lay = build_layout(body, n_q, n_k, block, block, q_offset, heads, seg)
+            inputs = {} if seg is None else {"segment_ids": torch.as_tensor(seg).long().to(device)}
+            mod = flex.mask_mod(body, n_q, n_k, q_offset, inputs)
         else:
             masks = self.tile_masks(n_q, n_k, heads, block, q_offset, segment_ids)
             lay, mod = masks.layout, flex.bits_mask_mod(masks, torch.device(device))

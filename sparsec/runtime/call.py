@@ -100,13 +100,17 @@ def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, input
     why = check_lengths(n_q, n_k, int(q_offset))
     if why:
         raise ValueError(why)
+    check_input_names(inputs)
+    call = Call(B, H, Hkv, n_q, n_k, D, int(q_offset), float(scale), q.device)
+    check_inputs(name, needs, call, inputs)
+    return call
+
+
+def check_input_names(inputs: dict) -> None:
     for arg in inputs:
         if arg not in INPUTS:
             raise TypeError(f"unexpected keyword argument {arg}=; a call takes scale=, q_offset=, return_lse=, "
                             f"backend= and the inputs {', '.join(INPUTS)}")
-    call = Call(B, H, Hkv, n_q, n_k, D, int(q_offset), float(scale), q.device)
-    check_inputs(name, needs, call, inputs)
-    return call
 
 
 def check_inputs(name: str, needs: frozenset[str], c: Call, inputs: dict) -> None:

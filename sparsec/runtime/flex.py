@@ -106,9 +106,14 @@ def block_mask(lay: BlockLayout, batch: int, heads: int, device, mask_mod):
                                     seq_lengths=(lay.n_q, lay.n_k))
 
 
-def lowered(body) -> bool:
-    """Whether every node of the body has a torch rule."""
-    return all(type(node) in MASK_MODS for node in body.nodes())
+def unlowered(body):
+    """The first node of the body with no torch rule, or None."""
+    return next((node for node in body.nodes() if type(node) not in MASK_MODS), None)
+
+
+def _no_rule(node) -> ValueError:
+    return ValueError(f"{node.show()} has no torch lowering yet, so no mask_mod of its own; "
+                      f"kern.block_mask(...).mask_mod serves every pattern (from the layout's tiles)")
 
 
 # ---- the torch lowering: a pattern as FlexAttention's mask_mod, by node type ----
@@ -183,16 +188,15 @@ NO_MASK_MODS = (Random, GlobalSet, Where, Lsh, Cluster, TopK)
 def lower_torch(node, x: Index) -> torch.Tensor:
     rule = MASK_MODS.get(type(node))
     if rule is None:
-        raise ValueError(f"{node.show()} has no torch lowering yet, so no mask_mod of its own; "
-                         f"kern.block_mask(...).mask_mod serves every pattern (from the layout's tiles)")
+        raise _no_rule(node)
     return rule(node, x)
 
 
 def mask_mod(body, n_q: int, n_k: int, q_offset: int, inputs: dict):
     """Flex's mask_mod(b, h, q_idx, kv_idx) of a body specialized for these lengths."""
-    for node in body.nodes():   # fail now, not inside Flex's vmap
-        if type(node) not in MASK_MODS:
-            lower_torch(node, None)
+    missing = unlowered(body)
+    if missing is not None:   # fail now, not inside Flex's vmap
+        raise _no_rule(missing)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return lower_torch(body, Index(b, h, q_idx + q_offset, kv_idx, n_q, n_k, inputs))

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .call import INPUTS
+from .call import INPUTS, check_input_names
 
 # Registry key -> the living patterns compiled to that key (any of them serves: same IR, same tiles).
 _PATTERNS: dict[str, weakref.WeakSet] = {}
@@ -43,10 +43,8 @@ def registered(key: str):
 
 def input_list(inputs: dict) -> list:
     """A call's keyword inputs as the ops take them: INPUTS order, None where not given."""
+    check_input_names(inputs)
     for name, x in inputs.items():
-        if name not in INPUTS:
-            raise TypeError(f"unexpected keyword argument {name}=; a call takes scale=, q_offset=, return_lse=, "
-                            f"backend= and the inputs {', '.join(INPUTS)}")
         if x is not None and not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     return [inputs.get(name) for name in INPUTS]
