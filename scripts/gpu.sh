@@ -13,9 +13,29 @@
 #              hand-written Flex mask_mods at n = 16K (gpu_forward_<gpu>.json, gpu_backward_<gpu>.json)
 #              and lsh(64) (gpu_content_<gpu>.json)
 # Tuned tiles go to a fresh cache dir (SPARSEC_CACHE_DIR), so every run tunes from nothing and reports it.
+#   scripts/gpu.sh wheels   (on the CPU machine, before a device call) downloads the pure-Python
+#              packages the lent machine lacks (lark, tqdm) into .gpu/wheels; carry .gpu there.
+# Python: $PYTHON, else .venv/bin/python, else the machine's python3 (the lent GPU machine: torch 2.11,
+# triton 3.6, no lark), with the carried wheels installed into .gpu/site and the checkout on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+if [ "${1:-}" = wheels ]; then
+  mkdir -p .gpu/wheels
+  "${PYTHON:-.venv/bin/python}" -m pip download -q --no-deps -d .gpu/wheels lark tqdm
+  ls .gpu/wheels
+  exit 0
+fi
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3
+fi
+if ! "$PY" -c "import lark, tqdm" 2>/dev/null; then
+  [ -d .gpu/wheels ] || { echo "scripts/gpu.sh: $PY lacks lark/tqdm and .gpu/wheels is missing (run scripts/gpu.sh wheels here, carry .gpu)" >&2; exit 2; }
+  "$PY" -m pip install -q --no-deps --no-index --target .gpu/site .gpu/wheels/*.whl
+  export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # sparsec from the checkout (not installed there)
+"$PY" -c "import torch, triton, sparsec; print('gpu.sh:', '$PY', 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 export SPARSEC_CACHE_DIR=${SPARSEC_CACHE_DIR:-$(mktemp -d)}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests goals-forward goals-backward focused library)

@@ -16,6 +16,7 @@ from .grammar import library
 from .grammar.elaborate import pattern_names
 from .grammar.syntax import read_source
 from .ir.limits import check_lengths
+from .ir.tiles import TableSpace
 from .layout import BlockLayout, LayoutRequest, SortedOrder, build_layout
 from .passes import specialize
 from .passes.shares import Share
@@ -178,39 +179,34 @@ class CompiledPattern:
         return build_layout(specialize(self.ir, n_q, n_k, q_offset, heads), n_q, n_k, block_m, block_n, q_offset,
                             heads, seg)
 
+    def _flex_layout(self, n_q, n_k, heads, block, q_offset, segment_ids):
+        """(specialized body, layout at block x block tiles, its TableSpace) for Flex's masks."""
+        if {"q", "k"} & self.needs:
+            raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
+                             f"block mask of its own (backend='flex' builds one per call)")
+        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
+        block, heads = _int_arg("block", block, 1), _int_arg("heads", heads, 1)
+        seg = self._segments(segment_ids, n_k)
+        body = specialize(self.ir, n_q, n_k, q_offset, heads)
+        lay = build_layout(body, n_q, n_k, block, block, q_offset, heads, seg)
+        return body, lay, TableSpace(n_q, n_k, q_offset, lay.shape[1], lay.shape[0], inputs=dict(segment_ids=seg))
+
     def tile_masks(self, n_q: int, n_k: int | None = None, heads: int = 1, block: int = 128,
                    q_offset: int | None = None, segment_ids=None):
         """The layout at block x block tiles and its PARTIAL tiles' masks (runtime/flex.py)."""
-        if {"q", "k"} & self.needs:
-            raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
-                             f"block mask of its own")
-        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
-        heads = heads if self.ir.body.varies_with_head() else 1
-        seg = self._segments(segment_ids, n_k)
-        lay = self.layout(n_q, n_k, block, block, heads=heads, q_offset=q_offset, segment_ids=seg)
-        return flex.tile_masks(specialize(self.ir, n_q, n_k, q_offset, heads), lay, q_offset, seg)
+        return flex.tile_masks(*self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids))
 
     def block_mask(self, n_q: int, n_k: int | None = None, heads: int = 1, batch: int = 1, device="cpu",
                    block: int = 128, q_offset: int | None = None, segment_ids=None):
         """The pattern as FlexAttention's BlockMask for (batch, heads, n_q, n_k): built from
         sparsec's layout at block x block tiles, FULL and PARTIAL tiles as it lists them (not
         from all pairs). Its mask_mod is `mask_mod`'s torch lowering, or for patterns not lowered
-        yet (random, global([...]), where, content) a lookup of the PARTIAL tiles' bits."""
-        batch, block = _int_arg("batch", batch, 1), _int_arg("block", block, 1)
-        heads = _int_arg("heads", heads, 1)
-        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
-        body = specialize(self.ir, n_q, n_k, q_offset, heads)
-        if flex.unlowered(body) is None:   # content nodes have no rule: they take the other branch
-            seg = self._segments(segment_ids, n_k)
-            lay = build_layout(body, n_q, n_k, block, block, q_offset, heads, seg)
-            inputs = {} if seg is None else {"segment_ids": torch.as_tensor(seg).long().to(device)}
-            mod = flex.mask_mod(body, n_q, n_k, q_offset, inputs)
-        else:
-            masks = self.tile_masks(n_q, n_k, heads, block, q_offset, segment_ids)
-            lay, mod = masks.layout, flex.bits_mask_mod(masks, torch.device(device))
+        yet (random, global([...]), where) a lookup of the PARTIAL tiles' bits."""
+        batch = _int_arg("batch", batch, 1)
+        body, lay, space = self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids)
         if lay.shape[0] not in (1, batch):
             raise ValueError(f"batch={batch}, but segment_ids has {lay.shape[0]} rows")
-        return flex.block_mask(lay, batch, heads, torch.device(device), mod)
+        return flex.share_block_mask(body, lay, space, None, batch, heads, torch.device(device))
 
     def mask_mod(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
                  segment_ids=None):
@@ -261,18 +257,21 @@ class CompiledPattern:
                  return_lse: bool = False, backend: str | None = None, **inputs):
         """Attention of q (B, Hq, n_q, D) over k, v (B, Hkv, n_k, D) under the pattern: O, or
         (O, LSE) with return_lse=True. backend: 'triton' (CUDA), 'interpret' (the generated kernel
-        in Triton's interpreter, CPU) or 'cpu' (the fast CPU path); default from SPARSEC_BACKEND,
-        else by device. One call is one torch.ops.sparsec.attention (runtime/ops.py): what runs
+        in Triton's interpreter, CPU), 'cpu' (the fast CPU path) or 'flex' (compiled FlexAttention
+        under the layout's BlockMask; on CPU forward-only); default from SPARSEC_BACKEND, else by
+        device. One call is one torch.ops.sparsec.attention (runtime/ops.py): what runs
         here, before it, is only what torch.compile can trace without a break."""
         check_tensors(q, k, v)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
         o, lse = ops.attention(q, k, v, ops.input_list(inputs), self.key, *op_options(scale, q_offset, backend),
-                               wants_grad(q, k, v))
+                               wants_grad(q, k, v), return_lse)
         return (o, lse) if return_lse else o
 
-    def forward_op(self, q, k, v, inputs: dict, scale, q_offset, backend, training: bool):
+    def forward_op(self, q, k, v, inputs: dict, scale, q_offset, backend, training: bool, return_lse: bool):
         """torch.ops.sparsec.attention: every share run, merged by LSE."""
+        if choose_backend(backend, q.device) == "flex":
+            flex.check_cpu_call(q.device, training or return_lse or len(self.shares) > 1)
         return content.merge_by_lse([b.run() for b in self.bind(q, k, v, scale, q_offset, backend, training,
                                                                 **inputs)], q.dtype)
 

@@ -8,7 +8,8 @@
     specialize  passes      a share's body -> its arguments evaluated for one call's lengths
     layout      layout      specialized body + call -> BlockLayout / DeviceLayout (layout.BUILDERS)
     emit        codegen     a share's body -> the source of its Triton module ("source")
-    bind        runtime     all of the above -> a runner: the backend bound to one share of one call
+    bind        runtime     all of the above -> a runner: the backend (generated kernels, CPU path or
+                            FlexAttention) bound to one share of one call
 
 `compile` runs the first three; a call runs the others per share (cached per shape where the
 share reads no call input). `watching` sends a stage's output to any sink: SPARSEC_DEBUG sends
@@ -30,7 +31,7 @@ from .ir.tiles import TableSpace
 from .layout import LayoutRequest, device_layout, host_layout
 from .passes.shares import Share
 from .passes.shares import split as split_body
-from .runtime import cpu
+from .runtime import cpu, flex
 from .runtime.call import Call
 from .runtime.launch import GeneratedAttention, table_values
 from .runtime.loader import load_kernel
@@ -128,13 +129,18 @@ def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generat
         """Cached by shape when the share reads no call input; else made per call."""
         return make() if needs else cached((what, *shape), make)
 
-    if backend == "cpu":   # masks read content ids once computed, never q and k themselves
+    if backend in ("cpu", "flex"):   # masks read content ids once computed, never q and k themselves
         known = {k: x for k, x in r.inputs.items() if "content" not in r.inputs or k not in ("q", "k")}
         space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, known)
-        rows = None if r.order is None else (r.order.q_pos.numpy(), r.order.k_pos.numpy())
-        plan = per_shape("plan", lambda: cpu.plan(r.body, build_layout(r, cached, "host"), space, call.kv_heads,
-                                                  per_batch=bool(needs), order=rows))
-        runner = cpu.CpuAttention(plan, call.scale)
+        rows = None if r.order is None else (r.order.q_pos.cpu().numpy(), r.order.k_pos.cpu().numpy())
+        if backend == "cpu":
+            plan = per_shape("plan", lambda: cpu.plan(r.body, build_layout(r, cached, "host"), space, call.kv_heads,
+                                                      per_batch=bool(needs), order=rows))
+            runner = cpu.CpuAttention(plan, call.scale)
+        else:
+            mask = per_shape("block mask", lambda: flex.share_block_mask(
+                r.body, build_layout(r, cached, "host"), space, rows, call.batch, call.heads, call.device))
+            runner = flex.FlexAttention(mask, call.scale)
     else:
         interpret = backend == "interpret"
         gen = generated()

@@ -45,6 +45,42 @@ def test_check_passes_on_bigbird(sa, capsys):
     assert out.count(" (relative) against dense attention and autograd") == 2   # gradients checked too
 
 
+def test_check_at_large_n_samples_rows(sa, capsys):
+    """Past DENSE_PAIRS, check compares sampled tiles and rows, never the n x n mask; an odd n puts
+    a short last tile in the sample, a document pattern a per-batch layout."""
+    assert main(["check", sa("pattern p = band(70) + global(3) + document & causal"), "--n", "6001",
+                 "--heads", "2", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "sampled: " in out and "(seed 5) checked over all 6001 keys" in out
+    assert "(sampled tiles): 0 allowed tiles missed, 0 tiles wrongly FULL" in out
+    assert "CPU path: on " in out and "dQ " in out and "OK: " in out
+
+
+def test_the_sampled_check_fails_when_the_reference_disagrees(sa, capsys, monkeypatch):
+    """The sampled check can fail: one more allowed pair in the reference rows is a missed tile
+    (the layout report), and with the layout left alone, a changed row is a kernel error."""
+    from sparsec.tools import check
+    true_rows = check.row_masks
+
+    def one_more(kern, n, heads, rows, inputs):
+        m = true_rows(kern, n, heads, rows, inputs)
+        m[:, :, n - 1] = True   # the last key, outside band(70) for early rows
+        return m
+    monkeypatch.setattr(check, "row_masks", one_more)
+    assert main(["check", sa("pattern p = band(70)"), "--n", "6000", "--heads", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "allowed tiles missed" in out and "FAILED: the layout is unsound" in out
+    monkeypatch.setattr(check, "layout_report", lambda pairs, sampled="": 0)
+    assert main(["check", sa("pattern p = band(70)"), "--n", "6000", "--heads", "2"]) == 1
+    assert "FAILED: the kernel disagrees with the reference on a sampled row" in capsys.readouterr().out
+
+
+def test_check_of_content_patterns_stays_dense(capsys):
+    assert main(["check", "reformer", "--n", "9000"]) == 1
+    assert "content-based patterns are checked against their dense mask, so up to 5792 tokens" in \
+        capsys.readouterr().err
+
+
 def test_check_reports_the_call_time_layouts_of_content_patterns(capsys):
     """routing: a positional share and a share sorted by cluster, each checked against its own
     reference mask in its own order; the sorted layout skips most tiles."""

@@ -175,9 +175,9 @@ def test_opcheck(src, backend, n_q, n_k, kv_heads, q_offset):
     kern = sparsec.compile(f"pattern p = {src}")
     q, k, v, inputs = _op_inputs(src, n_q, n_k, kv_heads, torch.Generator().manual_seed(3))
     torch.library.opcheck(torch.ops.sparsec.attention.default,
-                          (q, k, v, inputs, kern.key, None, q_offset, backend, True))
+                          (q, k, v, inputs, kern.key, None, q_offset, backend, True, True))
     with torch.no_grad():
-        o, lse = torch.ops.sparsec.attention(q, k, v, inputs, kern.key, None, q_offset, backend, True)
+        o, lse = torch.ops.sparsec.attention(q, k, v, inputs, kern.key, None, q_offset, backend, True, True)
     do, dlse = torch.randn_like(o), torch.randn_like(lse)
     plain = [x.detach() for x in (q, k, v)]
     for grad_lse in (None, dlse):
@@ -188,7 +188,7 @@ def test_opcheck(src, backend, n_q, n_k, kv_heads, q_offset):
 def test_unregistered_key_is_a_clear_error():
     q = torch.randn(1, 1, 8, DIM)
     with pytest.raises(ValueError, match="no sparsec pattern is registered as 'nope'"):
-        torch.ops.sparsec.attention(q, q, q, [None, None, None], "nope", None, None, "cpu", False)
+        torch.ops.sparsec.attention(q, q, q, [None, None, None], "nope", None, None, "cpu", False, False)
 
 
 def test_one_pattern_one_key_in_every_process():

@@ -70,3 +70,38 @@ def test_every_node_type_is_lowered_or_declared():
     assert kinds <= set(MASK_MODS) | set(NO_MASK_MODS) and not set(MASK_MODS) & set(NO_MASK_MODS)
     with pytest.raises(ValueError, match=r"random\(2, seed=0\) has no torch lowering yet.*kern.block_mask"):
         sparsec.compile("pattern p = band(3) + random(2)").mask_mod(64)
+
+
+# ---- backend="flex": compiled FlexAttention under the layout's BlockMask ----
+
+FLEX_CALLS = [   # (source, heads, kv_heads, n_q, n_k, documents): lowered and bits mask_mods, a sorted share
+    ("band(20) + global(3)", 4, 4, 200, 200, False),
+    ("causal & heads(band(8), stride(16) + sink(2))", 4, 2, 77, 203, False),   # GQA, n_q < n_k, per head
+    ("document & causal", 2, 1, 190, 190, True),
+    ("blocks(16, band(1) + random(2))", 2, 2, 250, 250, False),               # no torch rule: the tiles' bits
+    ("lsh(16) & causal", 2, 1, 150, 150, False),                              # one sorted share
+]
+
+
+@pytest.mark.parametrize("src, heads, kv_heads, n_q, n_k, docs", FLEX_CALLS)
+def test_flex_backend_is_the_cpu_path(src, heads, kv_heads, n_q, n_k, docs):
+    kern = sparsec.compile(f"pattern p = {src}")
+    batch, gen = 2, torch.Generator().manual_seed(int.from_bytes(np.random.bytes(4), "little"))
+    q = torch.randn(batch, heads, n_q, 32, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, n_k, 32, generator=gen) for _ in range(2))
+    seg = {"segment_ids": documents(batch, n_k, np.random.default_rng())} if docs else {}
+    with torch.no_grad():
+        got = kern(q, k, v, scale=0.3, backend="flex", **seg)
+    want = kern(q, k, v, scale=0.3, backend="cpu", **seg)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_flex_backend_on_cpu_refuses_what_needs_the_lse():
+    q = torch.randn(1, 2, 64, 16)
+    kern = sparsec.compile("pattern p = causal")
+    with pytest.raises(ValueError, match="backend='flex' on CPU.*forward-only"):
+        kern(q, q, q, backend="flex", return_lse=True)
+    with pytest.raises(ValueError, match="backend='flex' on CPU"):
+        kern(q.clone().requires_grad_(), q, q, backend="flex")
+    with pytest.raises(ValueError, match="several shares"):
+        sparsec.compile("pattern p = lsh(4) + band(2)")(q, q, q, backend="flex")

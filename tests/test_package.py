@@ -29,6 +29,18 @@ def test_a_library_name_compiles_the_library_file():
         "patterns/reformer.sa", pattern="reformer_bidirectional").ir
 
 
+def test_the_library_from_a_checkout_without_installing(monkeypatch):
+    """On the GPU machine sparsec runs from the checkout on PYTHONPATH (scripts/gpu.sh): no
+    sparsec.patterns package there, so the library is the checkout's patterns/ folder."""
+    from sparsec.grammar import library
+
+    def not_installed(name):
+        raise ModuleNotFoundError(name)
+    monkeypatch.setattr(library, "files", not_installed)
+    assert {"bigbird", "longformer", "reformer"} <= set(library.names())
+    assert sparsec.compile("bigbird").ir.body.show().startswith("blocks(64")
+
+
 @pytest.mark.parametrize("source, error", [("patterns/bigbird", "no such .sa file: patterns/bigbird"),
                                            ("missing.sa", "no such .sa file: missing.sa")])
 def test_a_missing_path_is_no_such_file(source, error):

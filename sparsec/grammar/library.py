@@ -55,9 +55,18 @@ def _density(header: list[str]):
     return int(stated["n"]), int(stated["heads"]), float(value), "approx" in stated, inputs
 
 
+def _folder():
+    """The installed package data; in a checkout put on PYTHONPATH without installing (the GPU
+    machine's runs, scripts/gpu.sh), the checkout's patterns/ folder."""
+    try:
+        return files("sparsec.patterns")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "patterns"
+
+
 def entries() -> list[Entry]:
     """The library, by name."""
-    found = (r for r in files("sparsec.patterns").iterdir() if r.name.endswith(".sa"))
+    found = (r for r in _folder().iterdir() if r.name.endswith(".sa"))
     return sorted((_entry(r) for r in found), key=lambda e: e.name)
 
 

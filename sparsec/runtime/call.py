@@ -13,7 +13,7 @@ from ..codegen import TileConfig
 from ..ir.limits import check_lengths
 
 
-BACKENDS = ("triton", "interpret", "cpu")
+BACKENDS = ("triton", "interpret", "cpu", "flex")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INPUTS = ("segment_ids", "centroids", "rotations")   # the tensors a call takes by keyword
 
@@ -150,7 +150,7 @@ def choose_backend(backend: str | None, device: torch.device) -> str:
         raise ValueError(f"backend='triton' needs CUDA tensors, got {device}; on CPU use 'cpu' or 'interpret'")
     if backend in ("cpu", "interpret") and device.type != "cpu":
         raise ValueError(f"backend={backend!r} needs CPU tensors, got {device}")
-    if backend != "cpu" and importlib.util.find_spec("triton") is None:
+    if backend in ("triton", "interpret") and importlib.util.find_spec("triton") is None:
         raise RuntimeError(f"backend={backend!r} runs the generated Triton kernels, and triton is not installed "
                            f"(pip install triton, Linux only); backend='cpu' needs no triton")
     return backend
@@ -160,9 +160,12 @@ def default_config(backend: str, call: Call) -> TileConfig:
     """Tiles when none is given or tuned: 64x64 on a GPU (32 for the largest head dims, to stay
     in shared memory). In the interpreter each program is numpy work, so tiles are 16x16 for the
     tests' short sequences and 64x64 beyond (fewer, larger numpy operations). The CPU path's
-    64x64 measured fastest of 32..128 (benchmarks/cpu_forward.py)."""
+    64x64 measured fastest of 32..128 (benchmarks/cpu_forward.py); FlexAttention gets its own
+    default, 128x128."""
     if backend == "cpu":
         return TileConfig(64, 64, 1, 1)
+    if backend == "flex":   # Flex's own default block size
+        return TileConfig(128, 128, 1, 1)
     if backend == "interpret":
         side = 16 if max(call.n_q, call.n_k) <= 256 else 64
         return TileConfig(side, side, 1, 1)

@@ -34,7 +34,7 @@ class Plan:
     groups: dict[int | None, list[TileGroup]]
 
 
-def _row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, inputs, t: int,
+def row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, inputs, t: int,
               key_tiles: np.ndarray, order) -> np.ndarray:
     """The reference mask over query tile t x the visited key tiles (padding rows/keys False).
     order: (q rows, k rows) of a sorted share, the original row of each sorted one."""
@@ -76,7 +76,7 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
                     continue
                 if (lay_h, t) not in masks:
                     past_n_k = (visits[-1] + 1) * layout.block_n > space.n_k
-                    masks[(lay_h, t)] = _row_mask(body, layout, space, h, inputs, t, visits, rows_of) \
+                    masks[(lay_h, t)] = row_mask(body, layout, space, h, inputs, t, visits, rows_of) \
                         if len(part) or past_n_k else None
                 by_count.setdefault(len(visits), []).append((h * tq + t, (h // group) * tk + visits, (lay_h, t)))
         out = []

@@ -13,9 +13,10 @@ from ..ir.pattern import value
 from ..ir.positional import Band, Causal, Chunk, Dilated, Empty, Full, LogSparse, Stride
 from ..ir.random import Random
 from ..ir.rows import Global, GlobalSet, Last, Sink
-from ..ir.tiles import Grid, TableSpace
+from ..ir.tiles import TableSpace
 from ..ir.where import Where
 from ..layout import BlockLayout
+from . import cpu
 
 FULL_TILE, EMPTY_TILE = -2, -1
 
@@ -44,29 +45,24 @@ class TileMasks:
         return (full + partial) * (batch // lb) * (heads // lh)
 
 
-def tile_masks(body, lay: BlockLayout, q_offset: int, segment_ids=None) -> TileMasks:
+def tile_masks(body, lay: BlockLayout, space: TableSpace, order=None) -> TileMasks:
     """The PARTIAL tiles' masks of layout `lay`, from the specialized body's reference rule
-    evaluated on those tiles only (memory: block^2 bits per PARTIAL tile)."""
-    n_q, n_k, block = lay.n_q, lay.n_k, lay.block_m
+    evaluated on those tiles only (memory: block^2 bits per PARTIAL tile). order: for a share in
+    a sorted order, (q rows, k rows) numpy (B, H, n), the original row of each sorted row."""
+    block = lay.block_m
     lb, lh, tq, tk = lay.shape
-    space = TableSpace(n_q, n_k, q_offset, lh, lb, inputs=dict(segment_ids=segment_ids))
     tile_id = np.full((lb, lh, tq, tk), EMPTY_TILE, np.int32)
     bits, count = [], 0
     for b in range(lb):
         for h in range(lh):
+            rows_of = None if order is None else (order[0][b, h], order[1][b, h])
             for t in range(tq):
                 tile_id[b, h, t, lay.full.row(b, h, t)] = FULL_TILE
                 cols = lay.partial.row(b, h, t)
                 if not len(cols):
                     continue
-                rows = np.arange(t * block, min(n_q, (t + 1) * block), dtype=np.int64)
-                keys = (cols[:, None].astype(np.int64) * block + np.arange(block)).ravel()
-                inside = keys < n_k
-                m = np.zeros((len(rows), len(keys)), bool)
-                m[:, inside] = body.mask(Grid(rows + q_offset, keys[inside], n_q, n_k, h, space.per_head(b, h)))
-                tiles = np.zeros((len(cols), block, block), bool)
-                tiles[:, :len(rows)] = m.reshape(len(rows), len(cols), block).transpose(1, 0, 2)
-                bits.append(tiles)
+                keep = cpu.row_mask(body, lay, space, h, space.per_head(b, h), t, cols, rows_of)
+                bits.append(keep.reshape(block, len(cols), block).transpose(1, 0, 2))
                 tile_id[b, h, t, cols] = np.arange(count, count + len(cols))
                 count += len(cols)
     return TileMasks(lay, tile_id, np.concatenate(bits) if bits else np.zeros((1, block, block), bool))
@@ -104,6 +100,71 @@ def block_mask(lay: BlockLayout, batch: int, heads: int, device, mask_mod):
     partial, full = lists(lay.partial), lists(lay.full)
     return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=lay.block_m, mask_mod=mask_mod,
                                     seq_lengths=(lay.n_q, lay.n_k))
+
+
+def share_block_mask(body, lay: BlockLayout, space: TableSpace, order, batch: int, heads: int, device):
+    """The BlockMask of one share's layout: its mask_mod the torch lowering where the share is
+    in positional order and every node has a rule, the PARTIAL tiles' bits otherwise."""
+    if order is None and unlowered(body) is None:
+        seg = space.inputs.get("segment_ids")
+        inputs = {} if seg is None else {"segment_ids": torch.as_tensor(seg).long().to(device)}
+        mod = mask_mod(body, space.n_q, space.n_k, space.q_offset, inputs)
+    else:
+        mod = bits_mask_mod(tile_masks(body, lay, space, order), device)
+    return block_mask(lay, batch, heads, device, mod)
+
+
+def compiled_flex():
+    """torch.compile(flex_attention), made once per process (Flex's speed needs the compile).
+    Every new shape and block mask recompiles; past dynamo's default limit (8) flex_attention
+    would fall back to its slow eager path for the rest of the process, so the limits are raised."""
+    global _COMPILED
+    if _COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        limits = torch._dynamo.config
+        limits.recompile_limit = max(limits.recompile_limit, 128)
+        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 1024)
+        _COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED
+
+
+_COMPILED = None
+
+
+def check_cpu_call(device, needs_lse: bool) -> None:
+    """backend='flex' on CPU runs what torch.compile's CPU Flex kernels support (torch 2.13):
+    inference without the LSE; a call that needs it is refused, not answered approximately."""
+    if device.type == "cpu" and needs_lse:
+        raise ValueError("backend='flex' on CPU runs compiled FlexAttention, which on CPU is forward-only and "
+                         "returns no LSE: calls with return_lse=True, a backward, or patterns that run as several "
+                         "shares need backend='cpu' (the same attention) or CUDA tensors")
+
+
+@dataclass(frozen=True)
+class FlexAttention:
+    """One share of one call run by compiled FlexAttention under the share's BlockMask. On CUDA
+    the LSE is Flex's and the backward is Flex's own (the forward recomputed under autograd); on
+    CPU, Flex's compiled kernels are inference-only, so the LSE is NaN and never read
+    (check_cpu_call refuses the calls that would read it)."""
+    mask: object
+    scale: float
+
+    def _run(self, q, k, v, lse: bool):
+        return compiled_flex()(q, k, v, block_mask=self.mask, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
+                               return_lse=lse)
+
+    def forward(self, q, k, v):
+        if q.device.type == "cpu":
+            return self._run(q, k, v, False), torch.full(q.shape[:3], float("nan"))
+        o, lse = self._run(q, k, v, True)
+        return o, lse.float()
+
+    def backward(self, q, k, v, o, lse, do, dlse):
+        with torch.enable_grad():
+            args = [x.detach().requires_grad_() for x in (q, k, v)]
+            o2, lse2 = self._run(*args, True)
+            outs, grads = (o2, lse2), (do, torch.zeros_like(lse2) if dlse is None else dlse.to(lse2.dtype))
+            return torch.autograd.grad(outs, args, grads)
 
 
 def unlowered(body):

@@ -57,16 +57,18 @@ def input_dict(given) -> dict:
 @torch.library.custom_op("sparsec::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, inputs: list[Optional[Tensor]], pattern: str,
               scale: Optional[float], q_offset: Optional[int], backend: Optional[str],
-              training: bool) -> tuple[Tensor, Tensor]:
+              training: bool, return_lse: bool) -> tuple[Tensor, Tensor]:
     """(O, LSE) of one call: O of q's shape and dtype, LSE (B, Hq, n_q) float32, both contiguous
     (what the fake says: strides included). training: whether a backward will follow (the
-    autotuner keys forward-only and training tiles apart)."""
-    out = registered(pattern).forward_op(q, k, v, input_dict(inputs), scale, q_offset, backend, training)
+    autotuner keys forward-only and training tiles apart); return_lse: whether the caller reads
+    the LSE (backend='flex' on CPU computes none)."""
+    out = registered(pattern).forward_op(q, k, v, input_dict(inputs), scale, q_offset, backend, training,
+                                         return_lse)
     return tuple(x.contiguous() for x in out)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, inputs, pattern, scale, q_offset, backend, training):
+def _attention_fake(q, k, v, inputs, pattern, scale, q_offset, backend, training, return_lse):
     B, H, n_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, n_q), dtype=torch.float32)
 
@@ -87,7 +89,7 @@ def _attention_backward_fake(q, k, v, o, lse, do, dlse, inputs, pattern, scale, 
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, given, pattern, scale, q_offset, backend, _ = inputs
+    q, k, v, given, pattern, scale, q_offset, backend, _, _ = inputs
     o, lse = output
     ctx.given = [x is not None for x in given]
     ctx.save_for_backward(q, k, v, o, lse, *(x for x in given if x is not None))
@@ -105,7 +107,7 @@ def _backward(ctx, do, dlse):
         dlse = dlse.float().contiguous()
     dq, dk, dv = attention_backward(q, k, v, o, lse, do, dlse, given, ctx.pattern, ctx.scale, ctx.q_offset,
                                     ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup)

@@ -7,19 +7,21 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import peers
 from ..reference import attention
 from ..runtime.call import check_call, choose_backend, default_config
 from ..compiled import CompiledPattern
 
-PEERS = ("flex", "sdpa", "dense")
+PEERS = ("flex", "sdpa", "dense", "backend_flex")   # backend_flex: sparsec's call with backend="flex"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -79,7 +81,8 @@ def round_robin(impls: dict, device, warmup: int, repeats: int) -> tuple[dict[st
         for _ in range(warmup):
             timed(fn, device)
     times, foreign = {name: [] for name in impls}, []
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc=f"timing {len(impls)} implementations", unit="round", file=sys.stderr,
+                  leave=False):
         (busy, own), t = cpu_seconds(), time.perf_counter()
         for name, fn in impls.items():
             times[name].append(timed(fn, device)[1])
@@ -201,7 +204,7 @@ def run(kern: CompiledPattern, case: Case) -> dict:
             raise peers.Skipped(why_not)
         return peers.flex(masks, q, k, v, scale)
     makers = dict(flex=flex, sdpa=lambda: peers.masked_sdpa(kern, q, k, v, scale, limit, inputs),
-                  dense=lambda: peers.dense(q, k, v, scale))
+                  dense=lambda: peers.dense(q, k, v, scale), backend_flex=lambda: flex_backend(kern, q, k, v, scale, inputs))
     for name in case.vs:
         add(name, makers[name])
     if not case.backward:   # what a call adds to its kernels: argument checks, cache lookups, layouts
@@ -263,6 +266,16 @@ def kernels_only(kern: CompiledPattern, q, k, v, scale: float, inputs: dict, bac
     return lambda: bound.runner.forward(*bound.args)[0]
 
 
+def flex_backend(kern: CompiledPattern, q, k, v, scale: float, inputs: dict):
+    """sparsec's call with backend='flex': compiled FlexAttention under the layout's BlockMask. Its
+    setup is the first call (block mask and Flex's compile)."""
+    if q.device.type == "cpu" and q.requires_grad:
+        raise peers.Skipped("backend='flex' has no backward on CPU (FlexAttention's CPU kernels are forward-only)")
+    if q.device.type == "cpu" and len(kern.shares) > 1:
+        raise peers.Skipped("backend='flex' on CPU returns no LSE, so it cannot merge several shares")
+    return lambda: kern(q, k, v, scale=scale, backend="flex", **inputs)
+
+
 def compiled_call(kern: CompiledPattern, q, k, v, scale: float, inputs: dict):
     """The call under torch.compile(fullgraph=True): a graph of one torch.ops.sparsec.attention.
     Its setup is the compile; compiled minus kernels_only is the compiled call's overhead."""
@@ -295,15 +308,15 @@ def table(result: dict) -> str:
         head += f"; density {100 * result['density']:.2f}%"
     if result.get("layout_build_ms") is not None:
         head += f"; layout build {result['layout_build_ms']:.1f} ms"
-    lines = [head, f"  {'impl':<10}{'median ms':>12}{'TFLOP/s':>10}{'sparsec is':>12}{'setup s':>10}{'max err':>10}"]
+    lines = [head, f"  {'impl':<13}{'median ms':>12}{'TFLOP/s':>10}{'sparsec is':>12}{'setup s':>10}{'max err':>10}"]
     for name, r in result["impls"].items():
         if "skipped" in r:
-            lines.append(f"  {name:<10}skipped: {r['skipped']}")
+            lines.append(f"  {name:<13}skipped: {r['skipped']}")
             continue
         tflops = "-" if r["tflops"] is None else f"{r['tflops']:.3f}"
         speed = "" if name == "sparsec" else f"{r['sparsec_speedup']:.2f}x"
         err = f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-"
-        lines.append(f"  {name:<10}{r['median_ms']:>12.3f}{tflops:>10}{speed:>12}{r['setup_s']:>10.2f}{err:>10}")
+        lines.append(f"  {name:<13}{r['median_ms']:>12.3f}{tflops:>10}{speed:>12}{r['setup_s']:>10.2f}{err:>10}")
     if result.get("call_overhead"):
         o = result["call_overhead"]
         compiled = f", compiled {o['compiled_ms']:.3f} ms" if "compiled_ms" in o else ""

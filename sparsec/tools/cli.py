@@ -12,13 +12,11 @@ import numpy as np
 import torch
 
 from .. import __version__, pipeline
-from ..reference import attention
 from . import bench
+from . import check as checking
 from . import show as picture
 from ..compiled import CompiledPattern, read_source
 from ..errors import SparsecError
-from ..ir.tiles import EMPTY, FULL, PARTIAL
-from ..layout import tile_classes
 from ..grammar import library
 from ..grammar.elaborate import pattern_names
 from ..grammar.syntax import dump, parse
@@ -74,14 +72,14 @@ def emit(args) -> None:
         print_layout(lay, args.rows)
 
 
-def layouts(kern: CompiledPattern, n: int, n_k: int | None, block, heads: int) -> list[tuple[str, object]]:
+def layouts(kern: CompiledPattern, n: int, n_k: int | None, block, heads: int, seed: int = 0) -> list[tuple[str, object]]:
     """(title, layout) to show: the pattern's layout, or for a content-based pattern the layouts a
     call on seeded q and k builds, one per share (a sorted share's tiles are in bucket order)."""
-    inputs = synthetic_inputs(kern, n_k or n, heads)
+    inputs = synthetic_inputs(kern, n_k or n, heads, seed)
     if "q" not in inputs:
         return [("", kern.layout(n, n_k, block[0], block[1], heads=heads, segment_ids=inputs.get("segment_ids")))]
-    print(f"using synthetic inputs: {', '.join(inputs)} (seeded)")
-    q = torch.as_tensor(synthetic_inputs(kern, n, heads)["q"], dtype=torch.float32)
+    print(f"using synthetic inputs: {', '.join(inputs)} (seed {seed})")
+    q = torch.as_tensor(synthetic_inputs(kern, n, heads, seed)["q"], dtype=torch.float32)
     k = torch.as_tensor(inputs["k"], dtype=torch.float32)
     seg = {"segment_ids": torch.as_tensor(inputs["segment_ids"])} if "segment_ids" in inputs else {}
     return [(f"share {i}, {'positional order' if order is None else 'rows sorted by ' + share.key.show()}: "
@@ -103,121 +101,24 @@ def print_layout(lay, rows: int) -> None:
             print(f"  ... {tq - rows} more query tiles (--rows)")
 
 
-def _backends(args) -> list[str]:
-    return args.backend or (["triton"] if torch.cuda.is_available() else ["interpret", "cpu"])
-
-
-def check_examples(kern: CompiledPattern, count: int, backends: list[str]) -> int:
-    """`check --examples N`: N calls drawn by sparsec.testing.attention_inputs (odd and unequal
-    lengths, GQA, offsets, inputs) per backend, forward and backward against the float64 reference."""
-    from hypothesis import HealthCheck, given, settings
-    from tqdm import tqdm
-    from .. import testing
-    for backend in backends:
-        device = "cuda" if backend == "triton" else "cpu"
-        bar = tqdm(total=count, desc=f"{backend}: drawn calls", file=sys.stderr, unit="call")
-
-        @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-        @given(testing.attention_inputs(kern, device=device))
-        def run(call):
-            testing.assert_matches_reference(kern, backend=backend, **call)
-            bar.update(1)
-        try:
-            run()
-        except AssertionError as e:
-            bar.close()
-            print(f"{backend}: FAILED on a drawn call (a sparsec bug; please report it)\n{e}")
-            return 1
-        bar.close()
-        print(f"{backend}: {bar.n} drawn calls match the float64 reference, forward and backward")
-    return 0
-
-
 def check(args) -> int:
     kern = _compile(args)
     if args.examples:
-        return check_examples(kern, args.examples, _backends(args))
-    n = args.n
-    inputs = synthetic_inputs(kern, n, args.heads)
+        return checking.examples(kern, args.examples, args.backend)
+    inputs = synthetic_inputs(kern, args.n, args.heads, args.seed)
     if inputs:
-        print(f"using synthetic inputs: {', '.join(inputs)} (seeded)")
-    mask = kern.mask(n, heads=args.heads, **inputs).numpy()
-    print(f"pattern {kern.name}: {kern.ir.body.show()}")
-    print(f"n = {n}, heads = {args.heads}, tile {args.block[0]}x{args.block[1]}")
-    print(f"density: {mask.mean():.6f} of pairs allowed")
-    pairs = []   # (true tile classes, listed tile classes), per share
-    if "q" in inputs:   # content-based: the layouts a call builds, each share in its own order
-        q, k = (torch.as_tensor(inputs[x], dtype=torch.float32) for x in ("q", "k"))
-        seg = {"segment_ids": torch.as_tensor(inputs["segment_ids"])} if "segment_ids" in inputs else {}
-        for i, (share, lay, order) in enumerate(kern.share_layouts(q, k, *args.block, **seg)):
-            part = kern.mask(n, heads=args.heads, share=i, **inputs).numpy()
-            if order is not None:   # the share's pairs in its sorted order, where its tiles are
-                part = np.take_along_axis(np.take_along_axis(part, order[0][..., None], 2), order[1][:, :, None, :], 3)
-            pairs.append((tile_classes(part, *args.block), lay.classes()))
-            print(f"share {i} ({'positional order' if order is None else 'sorted by ' + share.key.show()}): "
-                  f"{share.body.show()}")
-    else:
-        lay = kern.layout(n, n, args.block[0], args.block[1], heads=args.heads, segment_ids=inputs.get("segment_ids"))
-        pairs.append((tile_classes(mask, *args.block), lay.classes()))
-    truth = np.concatenate([t.ravel() for t, _ in pairs])
-    got = np.concatenate([np.broadcast_to(g, t.shape).ravel() for t, g in pairs])
-    missed = int(((truth > EMPTY) & (got == EMPTY)).sum())
-    false_full = int(((got == FULL) & (truth != FULL)).sum())
-    loose = int(((got == PARTIAL) & (truth != PARTIAL)).sum())
-    tiles = pairs[0][0].size
-    print(f"tiles visited: {int((got > EMPTY).sum())} of {tiles} ({(got > EMPTY).sum() / tiles:.2%}), "
-          f"{int((got == FULL).sum())} FULL, {int((got == PARTIAL).sum())} PARTIAL")
-    print(f"layout vs dense reference: {missed} allowed tiles missed, {false_full} tiles wrongly FULL, "
-          f"{loose} listed PARTIAL that are EMPTY or FULL")
-    if missed or false_full:
-        print("FAILED: the layout is unsound for this pattern (a sparsec bug; please report it)")
-        return 1
-    errors = []
-    for backend in _backends(args):
-        err, grad_err = kernel_error(kern, inputs, n, args.heads, backend)
-        errors += [err, grad_err]
-        what = "generated Triton kernels" + (" (interpreter)" if backend == "interpret" else "") \
-            if backend != "cpu" else "CPU path"
-        print(f"{what}: max |O - O_ref| = {err:.2e}, gradients {grad_err:.2e} (relative) against dense "
-              f"attention and autograd in float64 (fp32, D = 64)")
-    if not all(e < 1e-4 for e in errors):   # NaN fails too
-        print("FAILED: the kernel disagrees with the dense reference (a sparsec bug; please report it)")
-        return 1
-    print("OK: the layout covers the reference mask and the kernels match dense attention")
-    return 0
-
-
-def kernel_error(kern, inputs: dict, n: int, heads: int, backend: str) -> tuple[float, float]:
-    """Run the kernel forward and backward on seeded fp32 inputs; return max |O - O_ref| and the
-    largest relative gradient error max |g - g_ref| / max(1, max |g_ref|) over dq, dk, dv, against
-    float64 autograd through masked softmax attention."""
-    device = "cuda" if backend == "triton" else "cpu"
-    gen = torch.Generator().manual_seed(1)
-    q, k, v, do = (torch.randn(1, heads, n, 64, generator=gen) for _ in range(4))
-    if "q" in inputs:
-        q, k = torch.as_tensor(inputs["q"], dtype=torch.float32), torch.as_tensor(inputs["k"], dtype=torch.float32)
-    call_inputs = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
-    mask = kern.mask(n, heads=heads, **inputs)
-    ref = [x.double().requires_grad_() for x in (q, k, v)]
-    want = attention(*ref, mask, 1 / q.shape[-1] ** 0.5)[0]   # the kernel's default scale
-    want_grads = torch.autograd.grad(want, ref, do.double())
-    leaves = [x.to(device).requires_grad_() for x in (q, k, v)]
-    got = kern(*leaves, backend=backend, **call_inputs)
-    grads = torch.autograd.grad(got, leaves, do.to(device))
-    if got.isnan().any() or any(g.isnan().any() for g in grads):
-        return float("nan"), float("nan")
-    grad_err = max(float((g.cpu().double() - w).abs().max()) / max(1.0, float(w.abs().max()))
-                   for g, w in zip(grads, want_grads))
-    return float((got.detach().cpu().double() - want.detach()).abs().max()), grad_err
+        print(f"using synthetic inputs: {', '.join(inputs)} (seed {args.seed})")
+    return checking.run(kern, args.n, args.heads, args.block, inputs, args.backend, args.seed)
 
 
 def show(args) -> None:
     """Draw the mask and the layout a call uses (tools/show.py): for any n the layout supports."""
     kern = _compile(args)
     picture.check_drawable(kern, args.n)
-    inputs = synthetic_inputs(kern, args.n, args.head + 1)
-    lays = layouts(kern, args.n, args.n, picture.layout_tiles(args.n, args.block), args.head + 1)
-    picture.draw(kern, lays, args.n, args.block, args.head, args.pixels, inputs, args.output, list(inputs))
+    heads = picture.heads_to_draw(kern, args.head)
+    inputs = synthetic_inputs(kern, args.n, max(heads) + 1, args.seed)
+    lays = layouts(kern, args.n, args.n, picture.layout_tiles(args.n, args.block), max(heads) + 1, args.seed)
+    picture.draw(kern, lays, args.n, args.block, heads, args.pixels, inputs, args.output, list(inputs), args.seed)
 
 
 def _shapes(args, n: int):
@@ -319,13 +220,17 @@ def parser() -> argparse.ArgumentParser:
     common(c, 2048)
     c.add_argument("--heads", type=int, default=2)
     c.add_argument("--backend", choices=["triton", "interpret", "cpu"], action="append",
-                   help="kernel(s) to run (repeatable; default: triton with a GPU, else interpret and cpu)")
+                   help="kernel(s) to run (repeatable; default: triton with a GPU, else interpret and cpu, "
+                        "or cpu alone at large n)")
     c.add_argument("--examples", type=int, default=0, metavar="N",
                    help="instead of one shape, N drawn calls (sparsec.testing.attention_inputs) per backend")
+    c.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs and the sampled rows")
     s = sub.add_parser("show", help="draw the mask and its block layout to a PNG")
     common(s, 2048)
     s.add_argument("-o", "--output", required=True, help="PNG path")
-    s.add_argument("--head", type=int, default=0, help="which head to draw")
+    s.add_argument("--head", type=int, action="append", help="a head to draw (repeatable; default: every "
+                   "distinct head, up to 4)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (documents, q and k)")
     s.add_argument("--pixels", type=int, default=1024, help="largest picture side in cells")
     t = sub.add_parser("tune", help="autotune the tiles on this GPU and store them in the tuning cache")
     common(t, 16384, many=True)

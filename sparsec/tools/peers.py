@@ -3,11 +3,10 @@ SDPA, SDPA under the pattern's boolean mask, and compiled FlexAttention with a b
 same pattern."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..compiled import CompiledPattern
-from ..runtime.flex import TileMasks, bits_mask_mod, block_mask
+from ..runtime.flex import TileMasks, bits_mask_mod, block_mask, compiled_flex
 
 
 class Skipped(Exception):
@@ -47,15 +46,8 @@ def tile_masks(kern: CompiledPattern, n_q: int, n_k: int, heads: int, block: int
 
 def flex(masks: TileMasks, q, k, v, scale: float):
     """Compiled flex_attention under the block mask (the compile happens on the first call)."""
-    from torch.nn.attention.flex_attention import flex_attention
     if q.device.type == "cpu" and q.requires_grad:
         raise Skipped("FlexAttention has no backward on CPU")
     mask = block_mask(masks.layout, q.shape[0], q.shape[1], q.device, bits_mask_mod(masks, q.device))
-    # every new shape and block mask recompiles; past dynamo's default limit (8) flex_attention
-    # would fall back to its slow eager path for the rest of a suite run, which is not Flex's speed
-    limits = torch._dynamo.config
-    limits.recompile_limit = max(limits.recompile_limit, 128)
-    limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 1024)
-    compiled = torch.compile(flex_attention, dynamic=False)
-    gqa = q.shape[1] != k.shape[1]
+    compiled, gqa = compiled_flex(), q.shape[1] != k.shape[1]
     return lambda: compiled(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
