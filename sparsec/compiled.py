@@ -201,7 +201,7 @@ class CompiledPattern:
         """The pattern as FlexAttention's BlockMask for (batch, heads, n_q, n_k): built from
         sparsec's layout at block x block tiles, FULL and PARTIAL tiles as it lists them (not
         from all pairs). Its mask_mod is `mask_mod`'s torch lowering, or for patterns not lowered
-        yet (random, global([...]), where) a lookup of the PARTIAL tiles' bits."""
+        yet (random, where) a lookup of the PARTIAL tiles' bits."""
         batch = _int_arg("batch", batch, 1)
         body, lay, space = self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids)
         if lay.shape[0] not in (1, batch):

@@ -51,6 +51,7 @@ LOWERED = [   # every node type of runtime.flex.MASK_MODS at least once; odd, un
     "chunk(16) - sink(2)",
     "heads(band(4), causal & stride(3), full)", "blocks(8, band(1) + global(1) + last(1))", "full - band(2)",
     "empty + band(1)", "document & causal & band(8)", "band(n // 8) & causal", "blocks(4, heads(causal, chunk(3)))",
+    "global([1, 5, 70, 70]) + band(2)", "blocks(8, global([0, 9]))",
 ]
 
 

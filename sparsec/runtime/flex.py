@@ -220,6 +220,13 @@ def _all(parts, x: Index):
     return out
 
 
+def _global_set(node, x: Index):
+    out = x.p != x.p
+    for m in node.members().tolist():   # a handful of listed positions: one comparison each
+        out = out | (x.p == m) | (x.j == m)
+    return out
+
+
 # Each node's predicate in torch ops, the same rules as its Triton `lower` (beside it in ir/), on
 # scalars under Flex's vmap or on broadcast index tensors. Arguments are constants here: the body
 # is specialized for the call's lengths first.
@@ -235,6 +242,7 @@ MASK_MODS = {
     Global: lambda node, x: (x.p < value(node.g)) | (x.j < value(node.g)),
     Last: lambda node, x: (x.p >= x.n_k - value(node.g)) | (x.j >= x.n_k - value(node.g)),
     Sink: lambda node, x: x.j < value(node.g),
+    GlobalSet: _global_set,
     Document: lambda node, x: x.inputs["segment_ids"][x.b, x.p] == x.inputs["segment_ids"][x.b, x.j],
     Union: lambda node, x: _any(node.parts, x),
     Intersection: lambda node, x: _all(node.parts, x),
@@ -243,7 +251,7 @@ MASK_MODS = {
     Blocks: _blocks,
 }
 # Not lowered to torch yet (kern.block_mask's mask_mod covers them, from the layout's bits):
-NO_MASK_MODS = (Random, GlobalSet, Where, Lsh, Cluster, TopK)
+NO_MASK_MODS = (Random, Where, Lsh, Cluster, TopK)
 
 
 def lower_torch(node, x: Index) -> torch.Tensor:
