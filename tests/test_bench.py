@@ -111,8 +111,9 @@ def test_bench_skips_what_a_peer_cannot_run():
 
 def test_bench_backward_times_the_gradient():
     r = bench.run(sparsec.compile("pattern p = causal"), bench.Case(256, 256, heads=2, dim=16, repeats=1,
-                                                                   backward=True, vs=("dense",)))
+                                                                   backward=True, vs=("dense", "backend_flex")))
     assert r["mode"] == "forward+backward" and "call_overhead" not in r
+    assert "backend='flex' on CPU runs compiled FlexAttention" in r["impls"]["backend_flex"]["skipped"]
     assert r["impls"]["sparsec"]["tflops"] == pytest.approx(
         14 * 16 * r["pairs"] / (r["impls"]["sparsec"]["median_ms"] / 1e3) / 1e12)
 

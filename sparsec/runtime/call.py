@@ -89,19 +89,14 @@ def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, input
         raise ValueError(f"head dim D must be between 16 and 256, got {D}")
     if n_q == 0 or n_k == 0 or B == 0 or H == 0:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must not be empty")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float, got {scale!r}")
-    if q_offset is None:
-        q_offset = n_k - n_q
-    if isinstance(q_offset, bool) or not isinstance(q_offset, (int, np.integer)):
-        raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__}")
-    why = check_lengths(n_q, n_k, int(q_offset))
+    scale, q_offset, _ = op_options(scale, q_offset, None)   # their types, as before the op
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q_offset = n_k - n_q if q_offset is None else int(q_offset)
+    why = check_lengths(n_q, n_k, q_offset)
     if why:
         raise ValueError(why)
     check_input_names(inputs)
-    call = Call(B, H, Hkv, n_q, n_k, D, int(q_offset), float(scale), q.device)
+    call = Call(B, H, Hkv, n_q, n_k, D, q_offset, scale, q.device)
     check_inputs(name, needs, call, inputs)
     return call
 

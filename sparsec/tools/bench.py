@@ -19,6 +19,7 @@ from tqdm import tqdm
 from . import peers
 from ..reference import attention
 from ..runtime.call import check_call, choose_backend, default_config
+from ..runtime.flex import check_cpu_call
 from ..compiled import CompiledPattern
 
 PEERS = ("flex", "sdpa", "dense", "backend_flex")   # backend_flex: sparsec's call with backend="flex"
@@ -269,10 +270,10 @@ def kernels_only(kern: CompiledPattern, q, k, v, scale: float, inputs: dict, bac
 def flex_backend(kern: CompiledPattern, q, k, v, scale: float, inputs: dict):
     """sparsec's call with backend='flex': compiled FlexAttention under the layout's BlockMask. Its
     setup is the first call (block mask and Flex's compile)."""
-    if q.device.type == "cpu" and q.requires_grad:
-        raise peers.Skipped("backend='flex' has no backward on CPU (FlexAttention's CPU kernels are forward-only)")
-    if q.device.type == "cpu" and len(kern.shares) > 1:
-        raise peers.Skipped("backend='flex' on CPU returns no LSE, so it cannot merge several shares")
+    try:   # the op's own refusal, as a reason in the report
+        check_cpu_call(q.device, q.requires_grad or len(kern.shares) > 1)
+    except ValueError as why:
+        raise peers.Skipped(str(why)) from None
     return lambda: kern(q, k, v, scale=scale, backend="flex", **inputs)
 
 

@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from .. import passes
 from ..compiled import CompiledPattern
-from ..ir.tiles import EMPTY, FULL, PARTIAL, Grid, TableSpace
+from ..ir.tiles import EMPTY, FULL, PARTIAL
 from ..layout import tile_classes
-from ..reference import attention
+from ..reference import attention, dense_mask
 
 DENSE_PAIRS = 1 << 26     # heads x n x n above this: sampled rows instead of the dense mask (float64 scores: 512 MB)
 SAMPLED_TILES = 32        # query tiles whose whole rows are checked at large n (the first, the last, random ones)
@@ -74,10 +74,8 @@ def dense_layout_pairs(kern: CompiledPattern, n: int, heads: int, block, inputs:
 def row_masks(kern: CompiledPattern, n: int, heads: int, rows: np.ndarray, inputs: dict) -> np.ndarray:
     """bool (heads, len(rows), n): the reference mask on these query rows only (O(rows x n))."""
     body = passes.specialize(kern.ir, n, n, 0, heads)
-    space = TableSpace(n, n, 0, heads, 1, inputs=dict(segment_ids=inputs.get("segment_ids")))
-    keys = np.arange(n, dtype=np.int64)
-    return np.stack([body.mask(Grid(rows.astype(np.int64), keys, n, n, h, space.per_head(0, h)))
-                     for h in range(heads)])
+    seg = {"segment_ids": inputs["segment_ids"]} if "segment_ids" in inputs else {}
+    return dense_mask(body, n, n, 0, heads, 1, seg, rows)[0].numpy()
 
 
 # ---- the kernels ----
@@ -109,31 +107,25 @@ def kernel_error(kern: CompiledPattern, inputs: dict, n: int, heads: int, backen
 def sampled_kernel_error(kern: CompiledPattern, inputs: dict, n: int, heads: int, backend: str, rows: np.ndarray,
                          masks: np.ndarray) -> tuple[float, float, float]:
     """The kernel run at full n (forward and backward), its O, LSE and dQ on `rows` against float64
-    attention of those rows alone (masks: their reference mask rows): (O error, LSE error, dQ
-    relative error). dQ of a row needs only that row: dQ_i = scale sum_j P_ij (dO_i.V_j - delta_i) K_j."""
+    attention of those rows alone under `masks` (their reference mask rows, (heads, rows, n)):
+    (O error, LSE error, dQ relative error). A row's output and dQ depend on that row's query
+    only, so autograd through the rows' reference gives their dQ exactly."""
     device = "cuda" if backend == "triton" else "cpu"
     gen = torch.Generator().manual_seed(1)
     q, k, v, do = (torch.randn(1, heads, n, 64, generator=gen) for _ in range(4))
     call_inputs = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
     leaves = [x.clone().to(device).requires_grad_() for x in (q, k, v)]
     o, lse = kern(*leaves, backend=backend, return_lse=True, **call_inputs)
-    dq = torch.autograd.grad(o, leaves[0], do.to(device))[0].cpu().double()
-    o, lse = o.detach().cpu().double(), lse.detach().cpu().double()
-    scale, errors = 1 / math.sqrt(64), [0.0, 0.0, 0.0]
-    for h in range(heads):
-        qh, kh, vh, doh = (x[0, h].double() for x in (q, k, v, do))
-        s = (qh[rows] @ kh.T * scale).masked_fill(~torch.from_numpy(masks[h]), -math.inf)
-        some = torch.isfinite(s).any(-1, keepdim=True)
-        want_lse = torch.where(some, torch.logsumexp(torch.where(some, s, 0.0), -1, keepdim=True), -math.inf)
-        p = torch.where(some & torch.isfinite(s), torch.exp(s - torch.where(some, want_lse, 0.0)), 0.0)
-        want_o = p @ vh
-        delta = (doh[rows] * want_o).sum(-1, keepdim=True)
-        want_dq = (p * (doh[rows] @ vh.T - delta)) @ kh * scale
-        both_inf = torch.isinf(lse[0, h, rows]) & torch.isinf(want_lse[:, 0])
-        errors[0] = max(errors[0], float((o[0, h, rows] - want_o).abs().max()))
-        errors[1] = max(errors[1], float(torch.where(both_inf, 0.0, lse[0, h, rows] - want_lse[:, 0]).abs().max()))
-        errors[2] = max(errors[2], float((dq[0, h, rows] - want_dq).abs().max()) / max(1.0, float(want_dq.abs().max())))
-    return tuple(float("nan") if math.isnan(e) else e for e in errors)
+    dq = torch.autograd.grad(o, leaves[0], do.to(device))[0].cpu().double()[:, :, rows]
+    o, lse = o.detach().cpu().double()[:, :, rows], lse.detach().cpu().double()[:, :, rows]
+    q_rows = q[:, :, rows].double().requires_grad_()
+    want_o, want_lse = attention(q_rows, k.double(), v.double(), torch.from_numpy(masks)[None], 1 / math.sqrt(64))
+    want_dq = torch.autograd.grad(want_o, q_rows, do[:, :, rows].double())[0]
+    both_inf = torch.isinf(lse) & torch.isinf(want_lse) & (lse == want_lse)
+    errors = (float((o - want_o.detach()).abs().max()),
+              float(torch.where(both_inf, 0.0, lse - want_lse.detach()).abs().max()),
+              float((dq - want_dq).abs().max()) / max(1.0, float(want_dq.abs().max())))
+    return errors
 
 
 def _what(backend: str) -> str:
