@@ -30,6 +30,28 @@ PATTERNS = {"band(1024) + global(16)": "pattern p = band(1024) + global(16)",   
             "bigbird": str(ROOT / "patterns/bigbird.sa")}                       # global + last block rows
 
 
+def measure(name: str, source: str, n: int, heads: int, dim: int, dtype: str, repeats: int) -> dict:
+    """One pattern at one n: median ms of each launch order, interleaved rounds, the same tiles."""
+    cuda = torch.cuda.is_available()
+    device, backend = ("cuda", "triton") if cuda else ("cpu", "interpret")
+    kern = sparsec.compile(source, autotune=False)   # the same tiles for both orders
+    q, k, v = (torch.randn(1, heads, n, dim, device=device).to(bench.DTYPES[dtype]) for _ in range(3))
+
+    def call(order):
+        def run():
+            os.environ["SPARSEC_LAUNCH_ORDER"] = order   # read when a layout's order is first made
+            return kern(q, k, v, backend=backend)
+        return run
+    try:
+        times, _ = bench.round_robin({order: call(order) for order in ("classes", "positional")}, device,
+                                     warmup=2, repeats=repeats)
+    finally:
+        os.environ.pop("SPARSEC_LAUNCH_ORDER", None)
+    row = {"pattern": name, "n": n, **{f"{o}_ms": float(np.median(t)) * 1e3 for o, t in times.items()}}
+    row["positional_over_classes"] = row["positional_ms"] / row["classes_ms"]
+    return row
+
+
 def main() -> int:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,24 +63,10 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     device = "cuda" if cuda else "cpu"
-    backend = "triton" if cuda else "interpret"
     results = []
     for name, source in PATTERNS.items():
-        kern = sparsec.compile(source, autotune=False)   # the same tiles for both orders
         for n in args.n:
-            q, k, v = (torch.randn(1, args.heads, n, args.dim, device=device).to(bench.DTYPES[args.dtype])
-                       for _ in range(3))
-
-            def call(order):
-                def run():
-                    os.environ["SPARSEC_LAUNCH_ORDER"] = order   # read when a layout's order is first made
-                    return kern(q, k, v, backend=backend)
-                return run
-            impls = {order: call(order) for order in ("classes", "positional")}
-            times, _ = bench.round_robin(impls, device, warmup=2, repeats=args.repeats)
-            os.environ.pop("SPARSEC_LAUNCH_ORDER", None)
-            row = {"pattern": name, "n": n, **{f"{o}_ms": float(np.median(t)) * 1e3 for o, t in times.items()}}
-            row["positional_over_classes"] = row["positional_ms"] / row["classes_ms"]
+            row = measure(name, source, n, args.heads, args.dim, args.dtype, args.repeats)
             results.append(row)
             print(f"{name:<26} n={n:<6} classes {row['classes_ms']:9.3f} ms  positional {row['positional_ms']:9.3f} ms"
                   f"  ({row['positional_over_classes']:.3f}x)", flush=True)

@@ -77,9 +77,11 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
-def run_case(name: str, source: str, n: int, backward: bool, args) -> dict:
+def run_case(name: str, source: str, n: int, backward: bool, args, compiled: bool = True) -> dict:
+    """One (pattern, n, mode) through bench.run; an error is recorded, not raised. compiled: also
+    time the call under torch.compile."""
     case = bench.Case(n, n, args.batch, args.heads, None, args.dim, args.dtype, args.device, backward,
-                      tuple(x for x in args.vs.split(",") if x), args.repeats, args.warmup)
+                      tuple(x for x in args.vs.split(",") if x), args.repeats, args.warmup, compiled=compiled)
     try:
         result = bench.run(sparsec.compile(source), case)
     except Exception as e:   # one case failing (out of memory at 128K, say) must not lose the others

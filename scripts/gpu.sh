@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The GPU runner, one command on a CUDA machine; nothing else needed, results go to benchmarks/results/.
 #   scripts/gpu.sh            everything, in this order
+#   scripts/gpu.sh quick      the validation that fits one 10-minute device call (benchmarks/quick.py):
+#              the gpu tests, the goals at 16K and 64K, tuned vs default tiles, the launch order, each
+#              stage within its budget (480 s in all) -> ${OUT:-benchmarks/results}/quick_<gpu>.json and
+#              a table last. Pass SPARSEC_COMMIT=<hash> where the copy has no .git.
+#   scripts/gpu.sh quick-dry  the same on the CPU at toy sizes (CI runs it: tests/test_quick.py)
 #   scripts/gpu.sh STAGE ...  some stages (each fits a shorter time limit than the whole):
 #     tests    the gpu-marked tests: generated kernels forward and backward vs float64, the tuner on the device
 #     goals-forward, goals-backward
@@ -41,6 +46,8 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests goals-forward goals-backward focused library)
 for stage in "${stages[@]}"; do
   case "$stage" in
+    quick) "$PY" benchmarks/quick.py ;;
+    quick-dry) "$PY" benchmarks/quick.py --dry-run ${QUICK_OUT:+--out "$QUICK_OUT"} ;;
     tests) "$PY" -m pytest -q -m gpu tests/ ;;
     goals-forward)
       # the suite then finds this key cached (its tune_s ~ 0 there)
@@ -53,7 +60,8 @@ for stage in "${stages[@]}"; do
       "$PY" benchmarks/cpu_forward.py --device cuda
       "$PY" benchmarks/cpu_backward.py --device cuda
       "$PY" benchmarks/content.py --device cuda ;;
-    *) echo "scripts/gpu.sh: unknown stage $stage (tests, goals-forward, goals-backward, focused, library)" >&2
+    *) echo "scripts/gpu.sh: unknown stage $stage (quick, quick-dry, tests, goals-forward, goals-backward," \
+            "focused, library)" >&2
        exit 2 ;;
   esac
 done

@@ -20,7 +20,7 @@ from .ir.tiles import TableSpace
 from .layout import BlockLayout, LayoutRequest, SortedOrder, build_layout
 from .passes import specialize
 from .passes.shares import Share
-from .runtime import content, flex, ops, tuning
+from .runtime import content, flex, mask_mods, ops, tuning
 from .runtime.cache import cache_dir
 from .runtime.call import Call, check_call, check_tensors, choose_backend, default_config, op_options, wants_grad
 
@@ -200,8 +200,7 @@ class CompiledPattern:
                    block: int = 128, q_offset: int | None = None, segment_ids=None):
         """The pattern as FlexAttention's BlockMask for (batch, heads, n_q, n_k): built from
         sparsec's layout at block x block tiles, FULL and PARTIAL tiles as it lists them (not
-        from all pairs). Its mask_mod is `mask_mod`'s torch lowering, or for patterns not lowered
-        yet (random, where) a lookup of the PARTIAL tiles' bits."""
+        from all pairs). Its mask_mod is `mask_mod`'s torch lowering."""
         batch = _int_arg("batch", batch, 1)
         body, lay, space = self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids)
         if lay.shape[0] not in (1, batch):
@@ -209,15 +208,17 @@ class CompiledPattern:
         return flex.share_block_mask(body, lay, space, None, batch, heads, torch.device(device))
 
     def mask_mod(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
-                 segment_ids=None):
+                 segment_ids=None, device="cpu"):
         """Flex's mask_mod(b, h, q_idx, kv_idx) of the pattern, lowered from the IR to torch ops
-        (runtime/flex.py) for these lengths: a pattern's arguments may depend on n, which Flex's
-        mask_mod is never told. segment_ids: a (B, n_k) integer tensor for document patterns."""
+        (runtime/mask_mods.py) for these lengths and heads (those Flex runs with: random draws per
+        head): a pattern's arguments may depend on n, which Flex's mask_mod is never told.
+        segment_ids: a (B, n_k) integer tensor for document patterns; device: where its tables go."""
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         self._segments(segment_ids, n_k)
-        inputs = {} if segment_ids is None else {"segment_ids": torch.as_tensor(segment_ids).long()}
-        body = specialize(self.ir, n_q, n_k, q_offset, _int_arg("heads", heads, 1))
-        return flex.mask_mod(body, n_q, n_k, q_offset, inputs)
+        heads, device = _int_arg("heads", heads, 1), torch.device(device)
+        inputs = {} if segment_ids is None else {"segment_ids": torch.as_tensor(segment_ids).long().to(device)}
+        body = specialize(self.ir, n_q, n_k, q_offset, heads)
+        return mask_mods.mask_mod(body, n_q, n_k, q_offset, heads, inputs, device)
 
     def share_layouts(self, q, k, block_m: int = 64, block_n: int = 64, q_offset: int | None = None,
                       **inputs) -> list[tuple[Share, BlockLayout, tuple | None]]:
@@ -334,7 +335,8 @@ class CompiledPattern:
 
     # ---- tiles ----
     def _config(self, share: int, body, call: Call, backend: str, values: dict, order, args: tuple,
-                training: bool, retune: bool = False, must_save: bool = False) -> TileConfig:
+                training: bool, retune: bool = False, must_save: bool = False,
+                budget_s: float | None = None) -> TileConfig:
         """Share `share`'s tiles for this call: the user's config=; else, on a GPU with autotune
         on, the tuned config for its key (from the tuning cache, or tuned now on this call's own
         layout and inputs); else the backend's default. Resolved once per pattern and shape."""
@@ -348,10 +350,10 @@ class CompiledPattern:
         if retune:
             self._cache.pop(memo, None)
         return self._cached(memo, lambda: self._tuned(share, body, call, backend, values, order, args, dtype,
-                                                      training, retune, must_save))
+                                                      training, retune, must_save, budget_s))
 
     def _tuned(self, share: int, body, call: Call, backend: str, values: dict, order, args: tuple, dtype: str,
-               training: bool, retune: bool, must_save: bool) -> TileConfig:
+               training: bool, retune: bool, must_save: bool, budget_s: float | None) -> TileConfig:
         """The tuning cache's config for this share and call, or the winner of tuning it now."""
         import triton   # only on the GPU path
         key = tuning.make_key(body.show(), call.n_q, call.n_k, call.dim, dtype, call.heads // call.kv_heads,
@@ -364,13 +366,15 @@ class CompiledPattern:
                                     args, training)
         label = f"sparsec: tuning {self.name}" + (f" share {share}" if len(self.shares) > 1 else "")
         found = tuning.tuned(key, tuning.cache_at(cache_dir() / tuning.FILE), configs, timer,
-                             tuning.Progress(label), retune, must_save)
+                             tuning.Progress(label), retune, must_save, budget_s)
         return found or default_config(backend, call)
 
     def tune(self, q, k, v, scale: float | None = None, q_offset: int | None = None, retune: bool = False,
-             **inputs) -> list[TileConfig]:
+             budget_s: float | None = None, **inputs) -> list[TileConfig]:
         """Tune every share for this call's shapes now (a GPU call does so itself the first time a
-        key is seen): the chosen config per share. retune=True times again even when cached."""
+        key is seen): the chosen config per share. retune=True times again even when cached;
+        budget_s caps each share's search (default: SPARSEC_TUNE_BUDGET_S, else no cap)."""
+        tuning.budget(budget_s)   # a bad budget is an error here, on any device
         call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
         backend = choose_backend(None, call.device)
         if backend != "triton":
@@ -383,7 +387,7 @@ class CompiledPattern:
         for i, (body, order) in enumerate(zip(bodies, orders)):
             c, args = self._arguments(order, call, q, k, v)
             out.append(self._config(i, body, c, backend, values, order, args, wants_grad(q, k, v), retune,
-                                    must_save=True))
+                                    must_save=True, budget_s=budget_s))
         return out
 
 

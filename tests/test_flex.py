@@ -46,12 +46,18 @@ def test_block_mask_errors():
 
 # ---- kern.mask_mod: the IR lowered to torch ops ----
 
-LOWERED = [   # every node type of runtime.flex.MASK_MODS at least once; odd, unequal lengths
+LOWERED = [   # every node type of runtime.mask_mods.MASK_MODS at least once; odd, unequal lengths
     "band(5) + global(2)", "causal & dilated(3, 2)", "dilated(3, 2) + sink(1)", "stride(4) + last(3)", "logsparse",
     "chunk(16) - sink(2)",
     "heads(band(4), causal & stride(3), full)", "blocks(8, band(1) + global(1) + last(1))", "full - band(2)",
     "empty + band(1)", "document & causal & band(8)", "band(n // 8) & causal", "blocks(4, heads(causal, chunk(3)))",
     "global([1, 5, 70, 70]) + band(2)", "blocks(8, global([0, 9]))",
+    "random(3, seed=7) + band(1)", "blocks(8, random(2, seed=123456789012345))", "heads(random(4), causal)",
+    "random(200)",   # r beyond n_k: every key
+    "where((i * j + h) % 7 == 3 or abs(i - j) < isqrt(i + 1))",
+    "where(ilog2(i + 1) == ilog2(j + 1) and not (i - j) // 3 == ceil_div(n_k, 50))",
+    "where(max(i, j, 10) - min(i, j) <= ceil(sqrt(n_q)) + floor(log2(j + 2)) and i ** 2 >= j)",
+    "where(h == 1) + band(1)",
 ]
 
 
@@ -64,13 +70,52 @@ def test_mask_mod_is_the_pattern(src):
     assert torch.equal(got, kern.mask(n_q, n_k, heads=heads, **seg).expand(batch, heads, n_q, n_k))
 
 
+SAMPLES = 50_000   # isqrt's float estimate lands one low for about 2 in 10**4 squares near 2**62
+
+
+def draw_operands(name, op, rng):
+    """Operands in the operator's domain, large enough to reach 64-bit corner cases."""
+    count = op.arity[0] if op.arity[1] != -1 else 3
+    if op.operands == "bool":
+        return [rng.random(SAMPLES) < 0.5 for _ in range(count)]
+    if name in ("sqrt", "log2", "ceil", "floor"):
+        return [rng.uniform(0.5, 2.0 ** 50, SAMPLES) * rng.choice([1, 1e-12], SAMPLES)]
+    if name in ("isqrt", "ilog2"):   # squares and powers of two, one off either side, up to 2**62
+        base = rng.integers(1, 1 << 31, SAMPLES) ** 2 if name == "isqrt" else 1 << rng.integers(0, 62, SAMPLES)
+        return [np.maximum(base + rng.integers(-1, 2, SAMPLES), 1)]
+    if name == "**":
+        return [rng.integers(-40, 40, SAMPLES), rng.integers(0, 11, SAMPLES)]
+    top = 1 << 31 if name == "*" else 1 << 60
+    args = [rng.integers(-top, top, SAMPLES) for _ in range(count)]
+    if name in ("//", "%", "ceil_div"):
+        args[1] = args[1] >> rng.integers(0, 60, SAMPLES)
+        args[1][args[1] == 0] = 7
+    return args
+
+
+def test_torch_ops_are_the_operators():
+    """runtime.mask_mods.TORCH_OPS against ir/operators.py's evaluators, operator by operator."""
+    from sparsec.ir.operators import OPS
+    from sparsec.runtime.mask_mods import TORCH_OPS
+    assert set(TORCH_OPS) == set(OPS)
+    rng = np.random.default_rng()
+    for name, op in OPS.items():
+        args = draw_operands(name, op, rng)
+        want = np.asarray(op.evaluate(None, *args))
+        got = TORCH_OPS[name](*(torch.as_tensor(a) for a in args)).numpy()
+        if want.dtype.kind == "f":   # torch's vectorized float64 sqrt on CPU rounds 1 ulp low at times
+            np.testing.assert_array_max_ulp(got, want, maxulp=1)
+        else:
+            assert got.dtype == want.dtype and np.array_equal(got, want), (name, [a[got != want][:3] for a in args])
+
+
 def test_every_node_type_is_lowered_or_declared():
     from sparsec.ir import nodes
-    from sparsec.runtime.flex import MASK_MODS, NO_MASK_MODS
+    from sparsec.runtime.mask_mods import MASK_MODS, NO_MASK_MODS
     kinds = {getattr(nodes, name) for name in nodes.__all__} - {nodes.Pattern}
     assert kinds <= set(MASK_MODS) | set(NO_MASK_MODS) and not set(MASK_MODS) & set(NO_MASK_MODS)
-    with pytest.raises(ValueError, match=r"random\(2, seed=0\) has no torch lowering yet.*kern.block_mask"):
-        sparsec.compile("pattern p = band(3) + random(2)").mask_mod(64)
+    with pytest.raises(ValueError, match=r"lsh\(4, .*\) is content-based .* no mask_mod"):
+        sparsec.compile("pattern p = band(3) & lsh(4)").mask_mod(64)
 
 
 # ---- backend="flex": compiled FlexAttention under the layout's BlockMask ----
@@ -79,8 +124,9 @@ FLEX_CALLS = [   # (source, heads, kv_heads, n_q, n_k, documents): lowered and b
     ("band(20) + global(3)", 4, 4, 200, 200, False),
     ("causal & heads(band(8), stride(16) + sink(2))", 4, 2, 77, 203, False),   # GQA, n_q < n_k, per head
     ("document & causal", 2, 1, 190, 190, True),
-    ("blocks(16, band(1) + random(2))", 2, 2, 250, 250, False),               # no torch rule: the tiles' bits
-    ("lsh(16) & causal", 2, 1, 150, 150, False),                              # one sorted share
+    ("blocks(16, band(1) + random(2))", 2, 2, 250, 250, False),               # the int64 hash, compiled
+    ("where((i + j) % 5 == 0 or i // 64 == j // 64)", 2, 2, 130, 170, False),
+    ("lsh(16) & causal", 2, 1, 150, 150, False),                              # sorted: the tiles' bits
 ]
 
 

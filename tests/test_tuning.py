@@ -95,6 +95,45 @@ def test_search_skips_failures_and_breaks_ties_by_order():
     assert tuning.search(configs, lambda c: None)[0] is None
 
 
+def test_a_budget_stops_the_search_with_the_best_so_far(monkeypatch):
+    """A fake clock: each timing takes 1 s; with a 5 s budget, no timing starts after the 5th
+    second once one succeeded, and the fastest of those timed wins."""
+    configs = tuning.candidates(128, 2, 16384, 16384, H100_SHARED)
+    clock = [0.0]
+    monkeypatch.setattr(tuning.time, "monotonic", lambda: clock[0])
+    times = {c: float(i % 7) + 1 for i, c in enumerate(configs)}
+
+    def timer(c):
+        clock[0] += 1.0
+        return times[c]
+    full = tuning.search(configs, timer)[1]
+    clock[0] = 0.0
+    winner, timings = tuning.search(configs, timer, budget_s=5)
+    assert len(timings) == 6 < len(full) and [t.config for t in timings] == [t.config for t in full[:6]]
+    assert winner == min((t.config for t in timings), key=times.get)
+    failing = lambda c: clock.__setitem__(0, clock[0] + 1.0)   # every timing fails (None), 1 s each
+    unbudgeted = tuning.search(configs, failing)[1]
+    clock[0] = 0.0   # the budget does not stop a search that has nothing yet
+    winner, timings = tuning.search(configs, failing, budget_s=5)
+    assert winner is None and len(timings) == len(unbudgeted) > 6
+
+
+def test_budget_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv("SPARSEC_TUNE_BUDGET_S", raising=False)
+    assert tuning.budget() is None and tuning.budget(30) == 30.0
+    monkeypatch.setenv("SPARSEC_TUNE_BUDGET_S", "12.5")
+    assert tuning.budget() == 12.5 and tuning.budget(3) == 3.0
+    monkeypatch.setenv("SPARSEC_TUNE_BUDGET_S", "soon")
+    with pytest.raises(ValueError, match="SPARSEC_TUNE_BUDGET_S must be a number of seconds, got 'soon'"):
+        tuning.budget()
+    for bad in (0, -1, True, "5"):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            tuning.budget(bad)
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="positive number of seconds, got -2"):
+        sparsec.compile("pattern p = causal").tune(q, q, q, budget_s=-2)
+
+
 def key(**changes):
     base = dict(canonical_ir="band(4)", n_q=1000, n_k=1000, head_dim=128, dtype="bfloat16", group=1,
                 device="NVIDIA H100 80GB HBM3", triton="3.9.0", mode="forward")

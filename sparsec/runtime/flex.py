@@ -1,4 +1,4 @@
-"""FlexAttention from sparsec: a pattern's BlockMask built from its layout, its mask_mod lowered from the IR to torch ops (or its tiles' bits)."""
+"""FlexAttention from sparsec: a pattern's BlockMask built from its layout, with the lowered mask_mod (mask_mods.py) or its tiles' bits, and backend='flex'."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,17 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ir.combinators import Blocks, Difference, Heads, Intersection, Union
-from ..ir.content import Cluster, Lsh, TopK
-from ..ir.document import Document
-from ..ir.pattern import value
-from ..ir.positional import Band, Causal, Chunk, Dilated, Empty, Full, LogSparse, Stride
-from ..ir.random import Random
-from ..ir.rows import Global, GlobalSet, Last, Sink
 from ..ir.tiles import TableSpace
-from ..ir.where import Where
 from ..layout import BlockLayout
 from . import cpu
+from .mask_mods import mask_mod, unlowered
 
 FULL_TILE, EMPTY_TILE = -2, -1
 
@@ -108,7 +101,7 @@ def share_block_mask(body, lay: BlockLayout, space: TableSpace, order, batch: in
     if order is None and unlowered(body) is None:
         seg = space.inputs.get("segment_ids")
         inputs = {} if seg is None else {"segment_ids": torch.as_tensor(seg).long().to(device)}
-        mod = mask_mod(body, space.n_q, space.n_k, space.q_offset, inputs)
+        mod = mask_mod(body, space.n_q, space.n_k, space.q_offset, heads, inputs, device)
     else:
         mod = bits_mask_mod(tile_masks(body, lay, space, order), device)
     return block_mask(lay, batch, heads, device, mod)
@@ -165,108 +158,3 @@ class FlexAttention:
             o2, lse2 = self._run(*args, True)
             outs, grads = (o2, lse2), (do, torch.zeros_like(lse2) if dlse is None else dlse.to(lse2.dtype))
             return torch.autograd.grad(outs, args, grads)
-
-
-def unlowered(body):
-    """The first node of the body with no torch rule, or None."""
-    return next((node for node in body.nodes() if type(node) not in MASK_MODS), None)
-
-
-def _no_rule(node) -> ValueError:
-    return ValueError(f"{node.show()} has no torch lowering yet, so no mask_mod of its own; "
-                      f"kern.block_mask(...).mask_mod serves every pattern (from the layout's tiles)")
-
-
-# ---- the torch lowering: a pattern as FlexAttention's mask_mod, by node type ----
-
-@dataclass(frozen=True)
-class Index:
-    """What a node's torch rule sees: Flex's batch and head, the query position p (q_idx +
-    q_offset) and key j, in the node's coordinates (block indices inside blocks(...)), with the
-    lengths in those coordinates and the call's input tensors."""
-    b: torch.Tensor
-    h: torch.Tensor
-    p: torch.Tensor
-    j: torch.Tensor
-    n_q: int
-    n_k: int
-    inputs: dict
-
-
-def _heads(node, x: Index):
-    out = lower_torch(node.parts[0], x)
-    for k, part in enumerate(node.parts[1:], 1):
-        out = torch.where(x.h % len(node.parts) == k, lower_torch(part, x), out)
-    return out
-
-
-def _blocks(node, x: Index):
-    size = value(node.size)
-    inner = Index(x.b, x.h, x.p // size, x.j // size, -(-x.n_q // size), -(-x.n_k // size), x.inputs)
-    return lower_torch(node.body, inner)
-
-
-def _any(parts, x: Index):
-    out = lower_torch(parts[0], x)
-    for part in parts[1:]:
-        out = out | lower_torch(part, x)
-    return out
-
-
-def _all(parts, x: Index):
-    out = lower_torch(parts[0], x)
-    for part in parts[1:]:
-        out = out & lower_torch(part, x)
-    return out
-
-
-def _global_set(node, x: Index):
-    out = x.p != x.p
-    for m in node.members().tolist():   # a handful of listed positions: one comparison each
-        out = out | (x.p == m) | (x.j == m)
-    return out
-
-
-# Each node's predicate in torch ops, the same rules as its Triton `lower` (beside it in ir/), on
-# scalars under Flex's vmap or on broadcast index tensors. Arguments are constants here: the body
-# is specialized for the call's lengths first.
-MASK_MODS = {
-    Full: lambda node, x: (x.p - x.j) == (x.p - x.j),
-    Empty: lambda node, x: (x.p - x.j) != (x.p - x.j),
-    Causal: lambda node, x: x.p >= x.j,
-    Band: lambda node, x: ((x.p - x.j) >= -value(node.after)) & ((x.p - x.j) <= value(node.before)),
-    Dilated: lambda node, x: ((x.p - x.j).abs() <= value(node.w) * value(node.d)) & ((x.p - x.j) % value(node.d) == 0),
-    Stride: lambda node, x: (x.p - x.j) % value(node.s) == 0,
-    LogSparse: lambda node, x: ((x.p - x.j) == 0) | (((x.p - x.j) > 0) & (((x.p - x.j) & (x.p - x.j - 1)) == 0)),
-    Chunk: lambda node, x: x.p // value(node.c) == x.j // value(node.c),
-    Global: lambda node, x: (x.p < value(node.g)) | (x.j < value(node.g)),
-    Last: lambda node, x: (x.p >= x.n_k - value(node.g)) | (x.j >= x.n_k - value(node.g)),
-    Sink: lambda node, x: x.j < value(node.g),
-    GlobalSet: _global_set,
-    Document: lambda node, x: x.inputs["segment_ids"][x.b, x.p] == x.inputs["segment_ids"][x.b, x.j],
-    Union: lambda node, x: _any(node.parts, x),
-    Intersection: lambda node, x: _all(node.parts, x),
-    Difference: lambda node, x: lower_torch(node.left, x) & ~lower_torch(node.right, x),
-    Heads: _heads,
-    Blocks: _blocks,
-}
-# Not lowered to torch yet (kern.block_mask's mask_mod covers them, from the layout's bits):
-NO_MASK_MODS = (Random, Where, Lsh, Cluster, TopK)
-
-
-def lower_torch(node, x: Index) -> torch.Tensor:
-    rule = MASK_MODS.get(type(node))
-    if rule is None:
-        raise _no_rule(node)
-    return rule(node, x)
-
-
-def mask_mod(body, n_q: int, n_k: int, q_offset: int, inputs: dict):
-    """Flex's mask_mod(b, h, q_idx, kv_idx) of a body specialized for these lengths."""
-    missing = unlowered(body)
-    if missing is not None:   # fail now, not inside Flex's vmap
-        raise _no_rule(missing)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return lower_torch(body, Index(b, h, q_idx + q_offset, kv_idx, n_q, n_k, inputs))
-    return mask_mod

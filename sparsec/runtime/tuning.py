@@ -5,7 +5,9 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,20 +81,27 @@ class Timing:
     ms: float | None
 
 
-def search(configs: list[TileConfig], timer: Timer, progress: "Progress | None" = None
-           ) -> tuple[TileConfig | None, list[Timing]]:
+def search(configs: list[TileConfig], timer: Timer, progress: "Progress | None" = None,
+           budget_s: float | None = None) -> tuple[TileConfig | None, list[Timing]]:
     """The fastest config and every timing taken, by coordinate rounds: every tile shape
     (BLOCK_M, BLOCK_N) at the launch options nearest 4 warps and 3 stages; every warp count for
     the FINALISTS best shapes; every pipeline depth for the best (shape, warps). About 20
     timings where trying every config takes 110-160 (each one a compile), and the same winner
-    whenever the options' effects roughly add up. Ties go to the earlier timing."""
+    whenever the options' effects roughly add up. Ties go to the earlier timing. budget_s: no
+    timing starts after that many seconds once one has succeeded (the best so far wins)."""
     timings: list[Timing] = []
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+
+    def spent() -> bool:
+        return deadline is not None and time.monotonic() > deadline and any(t.ms is not None for t in timings)
 
     def time_all(batch: list[TileConfig]) -> None:
         batch = [c for c in batch if all(t.config != c for t in timings)]
         if progress:
             progress.extend(len(batch))
         for c in batch:
+            if spent():
+                return
             timings.append(Timing(c, timer(c)))
             if progress:
                 progress.step(timings)
@@ -213,8 +222,9 @@ class TuningCache:
                           f"again): {json.dumps(found)[:200]}", RuntimeWarning, stacklevel=2)
         return config
 
-    def put(self, key: TuneKey, config: TileConfig, ms: float, timings: Iterable[Timing]) -> None:
-        entry = {"config": asdict(config), "ms": ms, "key": asdict(key),
+    def put(self, key: TuneKey, config: TileConfig, ms: float, timings: Iterable[Timing],
+            budget_s: float | None = None) -> None:
+        entry = {"config": asdict(config), "ms": ms, "key": asdict(key), "budget_s": budget_s,
                  "timed": [[_short(t.config), t.ms] for t in timings],
                  "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         entries = self._read()
@@ -245,19 +255,37 @@ def cache_at(path: Path) -> TuningCache:
     return _CACHES[path]
 
 
+def budget(given: float | None = None) -> float | None:
+    """The search's time budget in seconds: as given, else SPARSEC_TUNE_BUDGET_S, else none."""
+    if given is None:
+        text = os.environ.get("SPARSEC_TUNE_BUDGET_S", "").strip()
+        if not text:
+            return None
+        try:
+            given = float(text)
+        except ValueError:
+            raise ValueError(f"SPARSEC_TUNE_BUDGET_S must be a number of seconds, got {text!r}") from None
+    if isinstance(given, bool) or not isinstance(given, (int, float)) or not given > 0:
+        raise ValueError(f"the tuning budget must be a positive number of seconds, got {given!r}")
+    return float(given)
+
+
 def tuned(key: TuneKey, cache: TuningCache, configs: Callable[[], list[TileConfig]], timer: Timer,
-          progress: Progress | None = None, retune: bool = False, must_save: bool = False) -> TileConfig | None:
-    """The cached config for key (unless retune), else the winner of a search, stored; None when
-    every candidate failed (the caller falls back to its default). When the cache cannot be
-    written, the winner is still used (and kept for this process): a warning says why, unless
-    must_save (`kern.tune`, `sparsec tune`: filling the cache is the point), which raises."""
+          progress: Progress | None = None, retune: bool = False, must_save: bool = False,
+          budget_s: float | None = None) -> TileConfig | None:
+    """The cached config for key (unless retune), else the winner of a search (within budget_s
+    seconds, see `budget`), stored with its budget; None when every candidate failed (the caller
+    falls back to its default). When the cache cannot be written, the winner is still used (and
+    kept for this process): a warning says why, unless must_save (`kern.tune`, `sparsec tune`:
+    filling the cache is the point), which raises."""
     found = None if retune else cache.get(key)
     if found is not None:
         return found
-    winner, timings = search(configs(), timer, progress)
+    budget_s = budget(budget_s)
+    winner, timings = search(configs(), timer, progress, budget_s)
     if winner is not None:
         try:
-            cache.put(key, winner, min(t.ms for t in timings if t.ms is not None), timings)
+            cache.put(key, winner, min(t.ms for t in timings if t.ms is not None), timings, budget_s)
         except CacheError as e:
             if must_save:
                 raise

@@ -6,6 +6,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -109,19 +110,24 @@ def machine(device) -> dict:
     if Path("/proc/cpuinfo").exists():
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    root = Path(__file__).resolve().parents[1]
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
+    root = Path(__file__).resolve().parents[2]   # the checkout
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,
+                                    check=False).stdout.strip() if shutil.which("git") else ""
     version = lambda name: next((d.version for d in importlib.metadata.distributions() if d.metadata["Name"] == name),
                                 None)
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
            "cpus_usable": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
            "torch": torch.__version__, "numpy": np.__version__, "triton": version("triton"),
-           "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "sparsec"))}
+           "git_commit": git("rev-parse", "HEAD") or os.environ.get("SPARSEC_COMMIT"),   # a copy without .git:
+           "git_dirty": bool(git("status", "--porcelain", "--", "sparsec"))}              # the caller says which
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=False) if shutil.which("nvidia-smi") else None
         out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count,
-                   cuda=torch.version.cuda)
+                   cuda=torch.version.cuda, driver=smi.stdout.strip().splitlines()[0] if smi and smi.stdout.strip()
+                   else None)
     return out
 
 

@@ -142,7 +142,7 @@ def tune(args) -> None:
             call_inputs["segment_ids"] = bench.documents(args.batch, k.shape[2], np.random.default_rng()).to(q.device)
         if args.backward:
             q.requires_grad_(True)
-        configs = kern.tune(q, k, v, retune=args.retune, **call_inputs)
+        configs = kern.tune(q, k, v, retune=args.retune, budget_s=args.budget, **call_inputs)
         for i, c in enumerate(configs):
             share = f" share {i}" if len(configs) > 1 else ""
             print(f"{kern.name}{share} n={n} {args.dtype} D={args.dim}: {c.show()}")
@@ -235,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="autotune the tiles on this GPU and store them in the tuning cache")
     common(t, 16384, many=True)
     t.add_argument("--retune", action="store_true", help="time again even when the cache has the key")
+    t.add_argument("--budget", type=float, help="seconds per share's search: no candidate is timed after "
+                   "that, the best so far wins (default: SPARSEC_TUNE_BUDGET_S, else none)")
     b = sub.add_parser("bench", help="time against FlexAttention, masked SDPA and dense SDPA in one run")
     common(b, 4096, many=True)
     b.add_argument("--vs", default=",".join(bench.PEERS), help="peers, a comma list (default: %(default)s)")
