@@ -15,6 +15,7 @@ from .codegen import Generated, TileConfig
 from .grammar import library
 from .grammar.elaborate import pattern_names
 from .grammar.syntax import read_source
+from .ir.inputs import check_arrays
 from .ir.limits import check_lengths
 from .ir.tiles import TableSpace
 from .layout import BlockLayout, LayoutRequest, SortedOrder, build_layout
@@ -35,14 +36,14 @@ def _int_arg(name: str, v, lowest: int) -> int:
     return int(v)
 
 
-def _numpy(name: str, x, ndim: int):
+def _numpy(name: str, x, ndim: int | None):
     if x is None:
         return None
     if hasattr(x, "detach"):
         x = x.detach().cpu()
         x = (x.double() if x.is_floating_point() else x).numpy()   # numpy has no bfloat16
     x = np.asarray(x)
-    if x.ndim != ndim:
+    if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     return x
 
@@ -139,13 +140,28 @@ class CompiledPattern:
             raise ValueError(f"segment_ids must be integers of shape (B, n_k={n_k}), got {seg.dtype} {seg.shape}")
         return seg
 
+    def _reference_only(self, what: str) -> None:
+        """Patterns that read declared inputs (issue 17's first step) have the dense reference
+        only: everything that needs their layouts or kernels says so."""
+        if self.ir.inputs:
+            names = ", ".join(d.name for d in self.ir.inputs)
+            raise NotImplementedError(
+                f"pattern {self.name} reads the call-time input(s) {names}: {what} for such patterns is not built "
+                f"yet (docs/plan_inputs_and_scores.md); the dense reference is: kern.mask(..., {self.ir.inputs[0].name}"
+                f"=...) and sparsec.testing.reference")
+
     def mask(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
-             q=None, k=None, segment_ids=None, centroids=None, rotations=None, share: int | None = None):
+             q=None, k=None, segment_ids=None, centroids=None, rotations=None, share: int | None = None,
+             **inputs):
         """The dense reference mask, bool (B or 1, heads, n_q, n_k), as a torch tensor; with
-        share=i, the mask of the pairs share i computes (see `shares`)."""
+        share=i, the mask of the pairs share i computes (see `shares`). inputs: the program's
+        declared call-time inputs, by name (numpy arrays or tensors)."""
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         heads = _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
+        declared, declared_batch = check_arrays(
+            self.name, self.ir.inputs, {name: _numpy(name, x, None) for name, x in inputs.items()}, heads,
+            {"n": n_k, "n_q": n_q, "n_k": n_k})
         q, k = _numpy("q", q, 4), _numpy("k", k, 4)
         centroids, rotations = _numpy("centroids", centroids, 3), _numpy("rotations", rotations, 3)
         if {"q", "k"} & self.needs:
@@ -155,13 +171,13 @@ class CompiledPattern:
                     or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
                 raise ValueError(f"q must be (B, heads={heads}, n_q={n_q}, D) and k (B, Hkv, n_k={n_k}, D) with "
                                  f"heads % Hkv == 0; got q {q.shape}, k {k.shape}")
-        batch = seg.shape[0] if seg is not None else q.shape[0] if {"q", "k"} & self.needs else 1
+        batch = seg.shape[0] if seg is not None else q.shape[0] if {"q", "k"} & self.needs else declared_batch
         if share is not None and _int_arg("share", share, 0) >= len(self.shares):
             raise ValueError(f"share must be below {len(self.shares)} (pattern {self.name} runs as "
                              f"{len(self.shares)} shares), got {share}")
         body = specialize(self.ir if share is None else self.shares[share].body, n_q, n_k, q_offset, heads)
         return ref.dense_mask(body, n_q, n_k, q_offset, heads, batch, dict(
-            segment_ids=seg, q=q, k=k, centroids=centroids, rotations=rotations))
+            segment_ids=seg, q=q, k=k, centroids=centroids, rotations=rotations, **declared))
 
     def layout(self, n_q: int, n_k: int | None = None, block_m: int = 64, block_n: int = 64,
                heads: int = 1, q_offset: int | None = None, segment_ids=None) -> BlockLayout:
@@ -172,6 +188,7 @@ class CompiledPattern:
         if {"q", "k"} & self.needs:
             raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
                              f"layout of its own; kern.share_layouts(q, k) gives the layouts a call builds")
+        self._reference_only("the block layout")
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         heads = _int_arg("heads", heads, 1)
@@ -181,6 +198,7 @@ class CompiledPattern:
 
     def _flex_layout(self, n_q, n_k, heads, block, q_offset, segment_ids):
         """(specialized body, layout at block x block tiles, its TableSpace) for Flex's masks."""
+        self._reference_only("FlexAttention's block mask")
         if {"q", "k"} & self.needs:
             raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
                              f"block mask of its own (backend='flex' builds one per call)")
@@ -213,6 +231,7 @@ class CompiledPattern:
         (runtime/mask_mods.py) for these lengths and heads (those Flex runs with: random draws per
         head): a pattern's arguments may depend on n, which Flex's mask_mod is never told.
         segment_ids: a (B, n_k) integer tensor for document patterns; device: where its tables go."""
+        self._reference_only("FlexAttention's mask_mod")
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         self._segments(segment_ids, n_k)
         heads, device = _int_arg("heads", heads, 1), torch.device(device)
@@ -225,6 +244,7 @@ class CompiledPattern:
         """The layouts a call on q, k builds, one per share: (share, layout, order), where order
         is None for the positional order, else (q rows, k rows), numpy (B, H, n): the original row
         of each sorted row, which is what the layout's tiles are made of."""
+        self._reference_only("the block layout")
         call = check_call(self.name, self.needs, q, k, k, None, q_offset, inputs)
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         values, bodies, orders = self._prepare(call, q, k, inputs)
@@ -262,6 +282,7 @@ class CompiledPattern:
         under the layout's BlockMask; on CPU forward-only); default from SPARSEC_BACKEND, else by
         device. One call is one torch.ops.sparsec.attention (runtime/ops.py): what runs
         here, before it, is only what torch.compile can trace without a break."""
+        self._reference_only("attention (layouts and kernels)")
         check_tensors(q, k, v)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
@@ -288,6 +309,7 @@ class CompiledPattern:
         """Every share of this call with its layout, tables and config resolved: what a call
         runs (`[b.run() for b in ...]`, merged by LSE), for timing the kernels alone. training:
         whether a backward follows (for the tiles; None: whether q, k or v need a gradient)."""
+        self._reference_only("attention (layouts and kernels)")
         call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
         backend = choose_backend(backend, call.device)
         training = wants_grad(q, k, v) if training is None else training
@@ -375,6 +397,7 @@ class CompiledPattern:
         key is seen): the chosen config per share. retune=True times again even when cached;
         budget_s caps each share's search (default: SPARSEC_TUNE_BUDGET_S, else no cap)."""
         tuning.budget(budget_s)   # a bad budget is an error here, on any device
+        self._reference_only("tuning")
         call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
         backend = choose_backend(None, call.device)
         if backend != "triton":

@@ -11,7 +11,7 @@ from .ir.tiles import Grid, TableSpace
 def dense_mask(body: Pattern, n_q: int, n_k: int, q_offset: int, heads: int, batch: int, inputs: dict,
                rows=None) -> torch.Tensor:
     """bool (batch, heads, n_q, n_k): every pair the specialized body allows, by its `mask` rules
-    (numpy inputs: segment_ids, q, k, centroids, rotations). n_q x n_k: for tests and small n;
+    (numpy inputs: segment_ids, q, k, centroids, rotations and declared inputs by name). n_q x n_k: for tests and small n;
     rows (query indices) restricts it to those rows, (batch, heads, len(rows), n_k)."""
     per_head = heads if body.varies_with_head() else 1
     rows = np.arange(n_q, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)

@@ -11,6 +11,7 @@ from ..errors import Span, SparsecError
 from ..ir.limits import EXACT, NESTING
 from ..ir import expr as E
 from ..ir import nodes as N
+from ..ir.inputs import InputDecl
 from ..ir.program import Binding, Definition
 
 LENGTHS = ("n", "n_q", "n_k")
@@ -66,6 +67,7 @@ class Scope:
     def __init__(self):
         self.numbers: dict[str, Binding] = {}
         self.patterns: dict[str, N.Pattern] = {}
+        self.inputs: dict[str, InputDecl] = {}
         self.uses: dict[str, frozenset[str]] = {}  # name -> the numeric names its definition uses
         self.depths: dict[int, tuple] = {}          # id(expression) -> (depth with lets inlined, it)
 
@@ -172,9 +174,19 @@ class Scope:
                 if in_where:
                     return E.Var(node.id, span=sp)
                 raise SparsecError(f"'{node.id}' is only defined inside where(...)", sp)
+            if node.id == "b" and in_where:
+                raise SparsecError("'b' (the batch row) is only defined in the index of an input read, "
+                                   "NAME[b, ...]", sp)
             if node.id in self.patterns or node.id in BARE:
                 raise SparsecError(f"'{node.id}' is a pattern, expected a number", sp)
+            if node.id in self.inputs:
+                raise SparsecError(f"'{node.id}' is an input: read one element, {node.id}[...]", sp)
             raise SparsecError(f"unknown name '{node.id}'", sp)
+        if isinstance(node, S.Index):
+            read = self.read(node, in_where)
+            if read.decl.dtype == "bool":
+                raise SparsecError(f"'{node.name}' is a bool input, used here as a number", sp)
+            return read
         if isinstance(node, S.Chain) and node.ops[0] in ("+", "-", "*", "//", "%"):
             acc = self.number(node.operands[0], in_where)
             for op, operand in zip(node.ops, node.operands[1:]):
@@ -209,12 +221,54 @@ class Scope:
         if isinstance(node, S.Binary) and node.op in ("==", "!=", "<", "<=", ">", ">="):
             return self._deep(E.Apply(node.op, (self.number(node.left, in_where), self.number(node.right, in_where)),
                                       span=sp))
+        if isinstance(node, S.Name) and node.id in self.inputs:
+            raise SparsecError(f"'{node.id}' is an input: read one element, {node.id}[...]", sp)
+        if isinstance(node, S.Index):
+            read = self.read(node, in_where)
+            if read.decl.dtype != "bool":
+                article = "an" if read.decl.dtype == "int" else "a"
+                raise SparsecError(f"'{node.name}' is {article} {read.decl.dtype} input, used here as a condition "
+                                   f"(compare it: {node.name}[...] != 0)", sp)
+            return read
         raise SparsecError(f"expected a condition (a comparison, and/or/not, true/false), found {_describe(node)}", sp)
+
+    def read(self, node: S.Index, in_where: bool) -> E.Read:
+        """NAME[e, ...] of a declared input: inside where(...) only, one index per dim, each an
+        integer expression over i, j, h, b, the lengths and params."""
+        sp = node.span
+        decl = self.inputs.get(node.name)
+        if decl is None:
+            what = "a pattern" if node.name in self.patterns or node.name in BARE else \
+                "a number" if node.name in self.numbers or node.name in LENGTHS else None
+            raise SparsecError(f"'{node.name}' is {what}, not an input" if what else
+                               f"unknown input '{node.name}' (declare it: input {node.name}(...) TYPE)", sp)
+        if not in_where:
+            raise SparsecError(f"inputs are read inside where(...) only; {node.name}[...] is outside one", sp)
+        if len(node.items) != len(decl.dims):
+            raise SparsecError(f"'{node.name}' has {len(decl.dims)} dim(s) ({decl.show().split('(', 1)[1].split(')')[0]}), "
+                               f"indexed here with {len(node.items)}", sp)
+        index = tuple(E.Var("b", span=x.span) if isinstance(x, S.Name) and x.id == "b" else self.number(x, in_where)
+                      for x in node.items)
+        return self._deep(E.Read(decl, index, span=sp))
+
+    def declaration(self, st: S.Statement) -> InputDecl:
+        """input NAME(DIMS) TYPE: each dim b, h, or an integer expression of the lengths and params."""
+        dims = []
+        for d in st.value.dims:
+            if isinstance(d, S.Name) and d.id in ("b", "h"):
+                dims.append(d.id)
+                continue
+            if isinstance(d, S.Name) and d.id in ("i", "j"):
+                raise SparsecError(f"an input's dims are b, h or lengths (n, n_q, n_k and expressions of them), "
+                                   f"not '{d.id}'", d.span)
+            dims.append(self.number(d))
+        return InputDecl(st.name, tuple(dims), st.value.dtype, span=st.span)
 
     def _deep(self, e):
         """e (an expression or a pattern node), if its depth once lets and named patterns are
         written out is within NESTING. Its parts' depths are known already: one step per node."""
-        parts = e.args if isinstance(e, E.Apply) else e.children() + tuple(e.arguments().values())
+        parts = e.args if isinstance(e, E.Apply) else e.index if isinstance(e, E.Read) else \
+            e.children() + tuple(e.arguments().values())
         depth = 1 + max((self._depth(a) for a in parts), default=0)
         if depth > NESTING:
             what = "operations" if isinstance(e, E.Expr) else "parts"
@@ -232,9 +286,13 @@ class Scope:
     def statement(self, st: S.Statement) -> None:
         if st.name in RESERVED:
             raise SparsecError(f"'{st.name}' is a built-in name and cannot be redefined", st.span)
-        if st.name in self.numbers or st.name in self.patterns:
+        if st.name in self.numbers or st.name in self.patterns or st.name in self.inputs:
             raise SparsecError(f"'{st.name}' is already defined", st.span)
-        if st.kind == "pattern":
+        if st.kind == "input":
+            self.inputs[st.name] = self.declaration(st)
+            self.uses[st.name] = frozenset().union(*(E.names(d) for d in self.inputs[st.name].dims
+                                                     if not isinstance(d, str)))
+        elif st.kind == "pattern":
             self.patterns[st.name] = self.pattern(st.value)
             self.uses[st.name] = _numeric_names(self.patterns[st.name])
         else:
@@ -266,6 +324,16 @@ def _numeric_names(p: N.Pattern) -> frozenset[str]:
     return frozenset().union(*(E.names(e, memo=memo) for node in p.nodes() for e in node.arguments().values()))
 
 
+def _inputs_read(p: N.Pattern) -> tuple[InputDecl, ...]:
+    """The declared inputs the body reads, in order of first use."""
+    out = {}
+    for node in p.nodes():
+        for e in node.arguments().values():
+            for decl in E.reads(e):
+                out.setdefault(decl.name, decl)
+    return tuple(out.values())
+
+
 def elaborate(module: S.Module, pattern: str | None = None) -> Definition:
     """The Definition of one pattern of a parsed program (by name, or the last one)."""
     scope = Scope()
@@ -279,7 +347,9 @@ def elaborate(module: S.Module, pattern: str | None = None) -> Definition:
         raise ValueError(f"pattern={pattern!r}: no such pattern; the program defines {', '.join(scope.patterns)}")
     body = scope.patterns[pattern]
     st = next(s for s in module.statements if s.kind == "pattern" and s.name == pattern)
-    return Definition(pattern, scope.closure(_numeric_names(body)), body, st.span)
+    inputs = _inputs_read(body)
+    names = _numeric_names(body).union(*(scope.uses[d.name] for d in inputs))
+    return Definition(pattern, scope.closure(names), body, st.span, inputs)
 
 
 def pattern_names(module: S.Module) -> list[str]:
@@ -300,4 +370,4 @@ def bind_params(d: Definition, module: S.Module, params: dict[str, Any]) -> Defi
             raise ValueError(f"{name}= must be below 2**256 in magnitude (as every constant of the language), got {v}")
     bindings = tuple(Binding(b.kind, b.name, E.Const(int(params[b.name])), b.span)
                      if b.kind == "param" and b.name in params else b for b in d.bindings)
-    return Definition(d.name, bindings, d.body, d.span)
+    return Definition(d.name, bindings, d.body, d.span, d.inputs)

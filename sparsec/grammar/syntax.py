@@ -12,6 +12,7 @@ from lark import Lark, Transformer, v_args
 
 from ..errors import Source, Span, SparsecError
 from . import library
+from ..ir.inputs import TYPES as INPUT_TYPES
 from ..ir.limits import EXACT, NESTING
 
 
@@ -75,8 +76,22 @@ class Unary(Syntax):
 
 
 @dataclass(frozen=True)
+class Index(Syntax):
+    """NAME[e, ...]: one element of a call-time input."""
+    name: str
+    items: tuple[Syntax, ...]
+
+
+@dataclass(frozen=True)
+class Declaration(Syntax):
+    """The (dims) TYPE of an `input` statement."""
+    dims: tuple[Syntax, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
 class Statement(Syntax):
-    kind: str  # param | let | pattern
+    kind: str  # param | let | pattern | input (value: a Declaration)
     name: str
     value: Syntax
 
@@ -105,6 +120,10 @@ def dump(node: Syntax, indent: int = 0) -> str:
         return "\n".join([f"{pad}call {node.func}{where}"] + [dump(k, indent + 1) for k in kids])
     if isinstance(node, ListOf):
         return "\n".join([f"{pad}list{where}"] + [dump(k, indent + 1) for k in node.items])
+    if isinstance(node, Index):
+        return "\n".join([f"{pad}index {node.name}{where}"] + [dump(k, indent + 1) for k in node.items])
+    if isinstance(node, Declaration):
+        return "\n".join([f"{pad}dims {node.dtype}{where}"] + [dump(k, indent + 1) for k in node.dims])
     if isinstance(node, Binary):
         return "\n".join([f"{pad}{node.op}{where}", dump(node.left, indent + 1), dump(node.right, indent + 1)])
     if isinstance(node, Chain):
@@ -158,6 +177,21 @@ class _Build(Transformer):
         return build
 
     param, let, pattern = _statement("param"), _statement("let"), _statement("pattern")
+
+    @v_args(meta=True)
+    def input(self, meta, children):
+        name, *dims, dtype = children
+        if str(dtype) not in INPUT_TYPES:
+            raise SparsecError(f"an input's type is one of {', '.join(INPUT_TYPES)}, found '{dtype}'",
+                               Span(self.source, dtype.line, dtype.column, dtype.end_line, dtype.end_column))
+        dims = tuple(d for d in dims if d is not None)
+        return Statement("input", str(name), Declaration(dims, str(dtype), span=self._span(meta)),
+                         span=self._span(meta))
+
+    @v_args(meta=True)
+    def index(self, meta, children):
+        name, *items = children
+        return Index(str(name), tuple(items), span=self._span(meta))
 
     @v_args(meta=True)
     def number(self, meta, children):
@@ -221,7 +255,7 @@ _TOKEN_WORDS = {"LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COM
                 "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "AMPERSAND": "'&'",
                 "PERCENT": "'%'", "DOUBLESLASH": "'//'", "DOUBLESTAR": "'**'", "CMP": "a comparison",
                 "NAME": "a name", "INT": "an integer", "PARAM": "'param'", "LET": "'let'",
-                "PATTERN": "'pattern'", "$END": "end of input", "OR": "'or'", "AND": "'and'",
+                "PATTERN": "'pattern'", "INPUT": "'input'", "$END": "end of input", "OR": "'or'", "AND": "'and'",
                 "NOT": "'not'", "TRUE": "'true'", "FALSE": "'false'"}
 
 

@@ -1,6 +1,7 @@
 """Integer, real and boolean expressions of the IR and their views (printer, kind, evaluator, bounds, sympy, Triton)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ import numpy as np
 import sympy
 
 from ..errors import Span, SparsecError
-from .limits import EXACT, INT_MAX
+from .limits import EXACT, INT_MAX, SATURATED
 from .operators import FUNCTIONS, OPS, Op, _nonzero, _range, _short  # noqa: F401 (E.OPS, E.FUNCTIONS, E.Op)
 
 
@@ -33,6 +34,13 @@ class Var(Expr):
 class Apply(Expr):
     op: str
     args: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Read(Expr):
+    """NAME[index, ...]: one element of a declared call-time input (ir/inputs.py)."""
+    decl: Any   # InputDecl
+    index: tuple[Expr, ...]
 
 
 def once_per_node(fn):
@@ -71,6 +79,10 @@ def _bounds(e: Expr, ranges: dict[str, tuple], memo=None) -> tuple[tuple, bool]:
         if e.name not in ranges:
             raise SparsecError(f"'{e.name}' has no value here", e.span)
         return ranges[e.name], False
+    if isinstance(e, Read):   # its index is checked too; its values: the declared type's range
+        for a in e.index:
+            _bounds(a, ranges, memo=memo)
+        return READ_RANGES[e.decl.dtype], e.decl.dtype == "float"
     parts = [_bounds(a, ranges, memo=memo) for a in e.args]
     real = e.op in ("sqrt", "log2") or (any(r for _, r in parts) and e.op not in ("ceil", "floor", "isqrt", "ilog2"))
     op = OPS[e.op]
@@ -83,6 +95,10 @@ def _bounds(e: Expr, ranges: dict[str, tuple], memo=None) -> tuple[tuple, bool]:
         raise SparsecError(f"integer overflow: {show(e)} ranges over {_range(out)} here, beyond the 64-bit "
                            f"integers the language computes with", e.span)
     return out, real
+
+
+INPUT_INT_RANGE = (-SATURATED, SATURATED)   # int inputs hold int32 values (checked per call)
+READ_RANGES = {"bool": (0, 1), "int": INPUT_INT_RANGE, "float": (-1e300, 1e300)}
 
 
 # ---- views --------------------------------------------------------------------------------------
@@ -105,6 +121,8 @@ def show(e: Expr) -> str:
         return str(e.value)
     if isinstance(e, Var):
         return e.name
+    if isinstance(e, Read):
+        return f"{e.decl.name}[{', '.join(show(a) for a in e.index)}]"
     op = OPS[e.op]
     if op.infix is None:
         return f"{e.op}({', '.join(show(a) for a in e.args)})"
@@ -132,6 +150,8 @@ def kind(e: Expr) -> str:
         return "bool" if isinstance(e.value, bool) else "num"
     if isinstance(e, Var):
         return "num"
+    if isinstance(e, Read):
+        return "bool" if e.decl.dtype == "bool" else "num"
     return OPS[e.op].kind
 
 
@@ -139,9 +159,27 @@ def kind(e: Expr) -> str:
 def names(e: Expr, memo=None) -> frozenset[str]:
     if isinstance(e, Var):
         return frozenset([e.name])
+    if isinstance(e, Read):
+        return frozenset().union(*(names(a, memo=memo) for a in e.index))
     if not isinstance(e, Apply):
         return frozenset()
     return frozenset().union(*(names(a, memo=memo) for a in e.args))
+
+
+def reads(e: Expr) -> tuple:
+    """The InputDecls that e reads, in order of first use."""
+    out, todo, seen = {}, [e], set()
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, Read):
+            out.setdefault(x.decl.name, x.decl)
+            todo.extend(reversed(x.index))
+        elif isinstance(x, Apply):
+            todo.extend(reversed(x.args))
+    return tuple(out.values())
 
 
 def checked(value, e: Expr):
@@ -163,6 +201,11 @@ def evaluate(e: Expr, env: dict[str, Any], memo=None):
         if e.name not in env:
             raise SparsecError(f"'{e.name}' has no value here", e.span)
         return env[e.name]
+    if isinstance(e, Read):
+        from .inputs import read   # ir/inputs.py imports this module
+        if e.decl.name not in env:
+            raise SparsecError(f"the input '{e.decl.name}' has no value here", e.span)
+        return read(env[e.decl.name], e.decl, [evaluate(a, env, memo=memo) for a in e.index])
     return checked(OPS[e.op].evaluate(e.span, *(evaluate(a, env, memo=memo) for a in e.args)), e)
 
 
@@ -174,6 +217,9 @@ def substitute(e: Expr, env: dict[str, Expr], memo=None) -> Expr:
         return env.get(e.name, e)
     if isinstance(e, Const):
         return e
+    if isinstance(e, Read):   # the declaration's dims too: they may use params and lengths
+        return Read(substitute_dims(e.decl, env, memo), tuple(substitute(a, env, memo=memo) for a in e.index),
+                    span=e.span)
     args = tuple(substitute(a, env, memo=memo) for a in e.args)
     if all(isinstance(a, Const) for a in args):
         value = checked(OPS[e.op].evaluate(e.span, *(a.value for a in args)), e)
@@ -184,9 +230,17 @@ def substitute(e: Expr, env: dict[str, Expr], memo=None) -> Expr:
     return Apply(e.op, args, span=e.span)  # reals stay symbolic until an integer is needed
 
 
+def substitute_dims(decl, env: dict[str, Expr], memo: dict | None = None):
+    """An InputDecl with `substitute` applied to its expression dims."""
+    dims = tuple(d if isinstance(d, str) else substitute(d, env, memo=memo) for d in decl.dims)
+    return decl if dims == decl.dims else dataclasses.replace(decl, dims=dims)
+
+
 @once_per_node
 def size(e: Expr, memo=None) -> int:
     """Operations in e written out as a tree (a shared sub-expression counts each time)."""
+    if isinstance(e, Read):
+        return 1 + sum(size(a, memo=memo) for a in e.index)
     return 1 + sum(size(a, memo=memo) for a in e.args) if isinstance(e, Apply) else 1
 
 
@@ -208,6 +262,8 @@ def to_sympy(e: Expr, symbols: dict[str, Any], memo=None):
         return sympy.true if e.value is True else sympy.false if e.value is False else sympy.Integer(e.value)
     if isinstance(e, Var):
         return symbols.get(e.name, sympy.Symbol(e.name, integer=True))
+    if isinstance(e, Read):   # an unknown function of its index
+        return sympy.Function(e.decl.name)(*(to_sympy(a, symbols, memo=memo) for a in e.index))
     return OPS[e.op].sympy(*(to_sympy(a, symbols, memo=memo) for a in e.args))
 
 
@@ -224,6 +280,8 @@ def to_triton(e: Expr, names: dict[str, str], bind: Callable[[str], str] = lambd
         if e.name not in names:
             raise SparsecError(f"'{e.name}' has no value inside a kernel", e.span)
         return names[e.name]
+    if isinstance(e, Read):
+        raise SparsecError(f"reads of call-time inputs ({e.decl.name}[...]) are not lowered into kernels yet", e.span)
     if e.op == "**":
         base, power = e.args
         if not (isinstance(power, Const) and isinstance(power.value, int) and 0 <= power.value <= 64):

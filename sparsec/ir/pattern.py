@@ -45,7 +45,7 @@ class Pattern:
     exact: ClassVar[frozenset[str]] = frozenset({"seed"})  # arguments never saturated (limits.py)
     head_dependent: ClassVar[bool] = False
     precedence: ClassVar[int] = 3                      # how tightly its source binds: + and - 1, & 2, calls 3
-    needs: ClassVar[frozenset[str]] = frozenset()      # call inputs it reads (segment_ids, q, k)
+    needs: ClassVar[frozenset[str]] = frozenset()      # call inputs it reads (segment_ids, q, k, declared ones)
     token_level: ClassVar[bool] = False                # defined on tokens only: not inside blocks()
 
     # ---- identity: by value, spans aside; the hash is cached, so that comparing two different
@@ -153,7 +153,7 @@ class Pattern:
         return self._remembered("_varies_with_head", lambda: any(n.uses_head() for n in self.nodes()))
 
     def inputs_read(self) -> frozenset[str]:
-        return self._remembered("_inputs_read", lambda: frozenset().union(*(type(n).needs for n in self.nodes())))
+        return self._remembered("_inputs_read", lambda: frozenset().union(*(n.needs for n in self.nodes())))
 
     # ---- views with defaults ----
     def show(self) -> str:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Span
 from . import expr as E
+from .inputs import InputDecl
 from .pattern import Pattern
 
 
@@ -22,7 +23,9 @@ class Definition:
     bindings: tuple[Binding, ...]
     body: Pattern
     span: Span | None = field(default=None, compare=False, repr=False)
+    inputs: tuple[InputDecl, ...] = ()   # the declared call-time inputs the body reads
 
     def show(self) -> str:
         lines = [f"{b.kind} {b.name} = {E.show(b.value)}" for b in self.bindings]
+        lines += [decl.show() for decl in self.inputs]
         return "\n".join(lines + [f"pattern {self.name} = {self.body.show()}"]) + "\n"

@@ -20,6 +20,12 @@ class CallInputs:
     rotations: np.ndarray | None = None      # (rounds, D, buckets/2)
     q_offset: int = 0                        # position of q's first row
     content: dict | None = None              # content node -> its ids or selection, computed per call
+    declared: dict = field(default_factory=dict)   # input statement name -> the whole array (ir/inputs.py)
+    batch: int = 0                           # the batch row, where declared inputs are read
+
+    def coarse(self) -> "CallInputs":
+        """What a blocks(...) body reads: the declared inputs (its i and j are block indices)."""
+        return CallInputs(declared=self.declared, batch=self.batch)
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,11 @@ class TableSpace:
                        centroids=None if x.get("centroids") is None else x["centroids"][h],
                        rotations=x.get("rotations"), q_offset=self.q_offset,
                        content=None if "content" not in x else
-                       {node: tuple(a[b, h] for a in arrays) for node, arrays in x["content"].items()})
+                       {node: tuple(a[b, h] for a in arrays) for node, arrays in x["content"].items()},
+                       declared={name: a for name, a in x.items() if name not in FIXED_INPUTS}, batch=b)
+
+
+FIXED_INPUTS = ("segment_ids", "q", "k", "centroids", "rotations", "content")   # the rest: declared inputs
 
 
 def _host(x):
@@ -98,7 +108,7 @@ class Grid:
         """The grid of blocks of size b, with the maps from tokens to its rows and columns."""
         rows, row_of = np.unique(self.pos // b, return_inverse=True)
         cols, col_of = np.unique(self.keys // b, return_inverse=True)
-        inner = Grid(rows, cols, -(-self.n_q // b), -(-self.n_k // b), self.head, CallInputs())
+        inner = Grid(rows, cols, -(-self.n_q // b), -(-self.n_k // b), self.head, self.inputs.coarse())
         return inner, row_of, col_of
 
 
@@ -133,7 +143,7 @@ class Tiling:
 
     def coarsen(self, b: int) -> "Tiling":
         return replace(self, q_lo=self.q_lo // b, q_hi=self.q_hi // b, k_lo=self.k_lo // b,
-                       k_hi=self.k_hi // b, n_q=-(-self.n_q // b), n_k=-(-self.n_k // b), inputs=CallInputs())
+                       k_hi=self.k_hi // b, n_q=-(-self.n_q // b), n_k=-(-self.n_k // b), inputs=self.inputs.coarse())
 
     def key_tiles(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For key intervals [lo, hi] (per query tile), the range [first, last) of key tiles they meet."""

@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import SparsecError
 from . import conditions
 from . import expr as E
+from .limits import SATURATED
 from .pattern import Pattern
 
 
@@ -26,13 +27,18 @@ class Where(Pattern):
     def uses_head(self):
         return "h" in E.names(self.cond)
 
+    @property
+    def needs(self) -> frozenset[str]:
+        """The declared inputs the condition reads."""
+        return frozenset(decl.name for decl in E.reads(self.cond))
+
     def specialize(self, env):
         """n, n_q and n_k substituted; then every sub-expression checked over this call's rows,
         keys and heads (expr.bounds): a value beyond 64 bits, a divisor that can be 0, a root or
         logarithm outside its domain is an error here, never a wrapped or NaN value later."""
         known = {k: E.Const(v) for k, v in env.items() if k in ("n", "n_q", "n_k")}
         cond = E.substitute(self.cond, known)
-        ranges = {"i": env["rows"], "j": (0, env["n_k"] - 1), "h": (0, env["heads"] - 1)}
+        ranges = {"i": env["rows"], "j": (0, env["n_k"] - 1), "h": (0, env["heads"] - 1), "b": (0, SATURATED)}
         try:
             E.bounds(cond, ranges)
         except SparsecError as e:
@@ -48,7 +54,8 @@ class Where(Pattern):
 
     def mask(self, grid):
         out = E.evaluate(self.cond, {"i": grid.pos[:, None], "j": grid.keys[None, :], "h": grid.head,
-                                     "n": grid.n_k, "n_q": grid.n_q, "n_k": grid.n_k})
+                                     "b": grid.inputs.batch, "n": grid.n_k, "n_q": grid.n_q, "n_k": grid.n_k,
+                                     **grid.inputs.declared})
         return np.broadcast_to(np.asarray(out, bool), (len(grid.pos), len(grid.keys))).copy()
 
     def tiles(self, t):

@@ -27,7 +27,7 @@ def fold_constants(d: Definition) -> Definition:
         for e in node.arguments().values():
             _check_expression(e)
         node.check()
-    return replace(d, bindings=(), body=body)
+    return replace(d, bindings=(), body=body, inputs=tuple(E.substitute_dims(x, env, memo) for x in d.inputs))
 
 
 def _fold(p: N.Pattern, env, memo: dict, done: dict) -> N.Pattern:

@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     except SparsecError as e:
         print(e, file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         print(f"sparsec: error: {e}", file=sys.stderr)
         return 1
     return 0

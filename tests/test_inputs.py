@@ -1,0 +1,156 @@
+"""Call-time inputs (spec section 6), the first step: `input` declarations and NAME[...] reads parse,
+print back, fail with located errors, and the dense reference applies them (checked against numpy
+formulas written here). Layouts and kernels for them are not built yet: calls say so."""
+import numpy as np
+import pytest
+import torch
+
+import sparsec
+from sparsec import testing
+from sparsec.passes import PASSES
+
+PROGRAM = """
+param w = 16
+input span(b, h, n_k) int
+input keep(b, h, ceil_div(n_q, w), ceil_div(n_k, w)) bool
+input valid(b, n_k) bool
+input sigma(b, h, ceil_div(n_q, w)) int
+input rel(h, 2 * w + 1) float
+pattern expire = causal & where(i - j < span[b, h, j])
+pattern learned = blocks(w, where(keep[b, h, i, j]))
+pattern padded = (band(8) + global(2)) & where(valid[b, j])
+pattern sinkhorn = blocks(w, band(0) + where(j == sigma[b, h, i]))
+pattern biased = band(w) & where(rel[h, j - i + w] > 0)
+"""
+NAMES = ["expire", "learned", "padded", "sinkhorn", "biased"]
+
+
+def reparse(d):
+    return sparsec.compile(d.show(), pattern=d.name).source_ir
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_programs_with_inputs_round_trip_through_every_pass(name):
+    d = sparsec.compile(PROGRAM, pattern=name).source_ir
+    assert d.inputs and reparse(d) == d
+    for _, run in PASSES:
+        d = run(d)
+        assert reparse(d) == d
+    assert "w" not in d.show().split("pattern")[0]   # the dims' params are folded with the body's
+
+
+def test_only_the_inputs_a_pattern_reads_are_its_own():
+    kern = sparsec.compile(PROGRAM, pattern="padded")
+    assert [d.name for d in kern.ir.inputs] == ["valid"] and kern.needs == {"valid"}
+    assert sparsec.compile(PROGRAM, pattern="padded", w=4).ir == kern.ir   # w does not reach it
+
+
+def draw(rng, B=2, H=3, n=50, w=16):
+    t = -(-n // w)
+    return dict(span=rng.integers(0, 20, (B, H, n)), keep=rng.random((B, 1, t, t)) < 0.4,
+                valid=rng.random((B, n)) < 0.8, sigma=rng.integers(-1, t + 1, (B, H, t)),
+                rel=rng.normal(size=(H, 2 * w + 1)))
+
+
+def expected(name, x, B=2, H=3, n=50, w=16):
+    """Each pattern's mask written with numpy alone, (B, H, n, n)."""
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    blocks = lambda m: np.repeat(np.repeat(m, w, -2), w, -1)[..., :n, :n]
+    if name == "expire":
+        out = (i >= j) & ((i - j) < x["span"][:, :, None, :])
+    elif name == "learned":
+        out = blocks(x["keep"])
+    elif name == "padded":
+        out = ((np.abs(i - j) <= 8) | (i < 2) | (j < 2)) & x["valid"][:, None, None, :]
+    elif name == "sinkhorn":   # block row I keeps its own block and block sigma[I] (out of range: none)
+        t = -(-n // w)
+        I, J = np.arange(t)[:, None], np.arange(t)[None, :]
+        out = blocks((I == J) | (J == x["sigma"][:, :, :, None]))
+    else:   # rel[h, j - i + w] > 0 inside the band, 0 (false) for an index out of range
+        at = j - i + w
+        inside = (at >= 0) & (at <= 2 * w)
+        out = (np.abs(i - j) <= w) & inside & (x["rel"][:, np.clip(at, 0, 2 * w)] > 0)[None]
+    return np.broadcast_to(out, (B, H, n, n))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_reference_mask_reads_the_inputs(name):
+    rng = np.random.default_rng()
+    x = draw(rng)
+    kern = sparsec.compile(PROGRAM, pattern=name)
+    mine = {d.name: x[d.name] for d in kern.ir.inputs}
+    got = kern.mask(50, heads=3, **mine).numpy()
+    assert np.array_equal(np.broadcast_to(got, (2, 3, 50, 50)), expected(name, x))
+
+
+def test_reads_out_of_range_are_false_and_size_one_axes_broadcast():
+    kern = sparsec.compile("input g(b, h, 8) bool\npattern p = where(g[b, h, i])")
+    g = np.ones((1, 1, 8), bool)
+    m = kern.mask(12, heads=2, g=g).numpy()
+    assert m.shape == (1, 2, 12, 12) and m[:, :, :8].all() and not m[:, :, 8:].any()
+    ints = sparsec.compile("input s(n_k) int\npattern p = where(s[j + 3] == 0)")
+    m = ints.mask(10, s=np.arange(1, 11)).numpy()   # s > 0 inside; a read past the end is 0
+    assert np.array_equal(m[0, 0, 0], np.arange(10) >= 7)
+
+
+def test_the_float64_reference_attention_uses_them():
+    kern = sparsec.compile(PROGRAM, pattern="padded")
+    q, k, v = (torch.randn(2, 3, 50, 16, dtype=torch.float64) for _ in range(3))
+    valid = np.random.default_rng().random((2, 50)) < 0.8
+    o, lse = testing.reference(kern, q, k, v, valid=torch.as_tensor(valid))
+    mask = torch.as_tensor(expected("padded", {"valid": valid}).copy())
+    s = (q @ k.transpose(-1, -2) / 4).masked_fill(~mask, -torch.inf)
+    want = torch.nan_to_num(torch.softmax(s, -1)) @ v
+    torch.testing.assert_close(o, want)
+
+
+ERRORS = [   # (program, message, line:col)
+    ("input x(b, n_k) bool\npattern p = where(y[b, j])", "unknown input 'y'", "2:19"),
+    ("input x(b, n_k) bool\npattern p = where(x[b, j, i])", "'x' has 2 dim(s) (b, n_k), indexed here with 3",
+     "2:19"),
+    ("input x(b, n_k) bool\npattern p = where(x[b, j] + 1 > 0)", "'x' is a bool input, used here as a number",
+     "2:19"),
+    ("input x(b, n_k) int\npattern p = where(x[b, j])", "'x' is an int input, used here as a condition", "2:19"),
+    ("input x(b, n_k) bool\npattern p = band(x[b, 0])", "inputs are read inside where(...) only", "2:18"),
+    ("input x(b, n_k) bool\npattern p = where(b == 0)", "'b' (the batch row) is only defined in the index", "2:19"),
+    ("input x(b, i) bool\npattern p = full", "not 'i'", "1:12"),
+    ("input x(b) double\npattern p = full", "an input's type is one of bool, int, float, found 'double'", "1:12"),
+    ("input x(b) bool\ninput x(h) int\npattern p = full", "'x' is already defined", "2:1"),
+    ("input x(b, n_k) bool\npattern p = where(x)", "'x' is an input: read one element, x[...]", "2:19"),
+    ("pattern p = band(2)\npattern q = where(p[i])", "'p' is a pattern, not an input", "2:19"),
+]
+
+
+@pytest.mark.parametrize("src, message, where", ERRORS)
+def test_misuse_is_a_located_error(src, message, where):
+    with pytest.raises(sparsec.SparsecError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")) as e:
+        sparsec.compile(src)
+    assert f"<string>:{where}:" in str(e.value)
+
+
+def test_inputs_are_checked_by_name_shape_and_type():
+    kern = sparsec.compile(PROGRAM, pattern="expire")
+    span = np.zeros((2, 3, 40), np.int64)
+    with pytest.raises(ValueError, match=r"reads the input span: pass span= \(span\(b, h, n_k\) int\)"):
+        kern.mask(40, heads=3)
+    with pytest.raises(ValueError, match="valid= given, but pattern expire reads no input of that name"):
+        kern.mask(40, heads=3, span=span, valid=np.ones((2, 40), bool))
+    with pytest.raises(ValueError, match=r"span must have shape \(b=2, h=3, 40\) \(b and h may be 1\), got \(2, 3, 39\)"):
+        kern.mask(40, heads=3, span=span[..., :39])
+    with pytest.raises(TypeError, match="span is declared int, got an array of float64"):
+        kern.mask(40, heads=3, span=span.astype(float))
+    with pytest.raises(ValueError, match=r"int inputs hold values within \+-\(2\*\*31 - 1\)"):
+        kern.mask(40, heads=3, span=span + 2**40)
+    assert kern.mask(40, heads=3, span=span[:1, :1]).shape == (1, 3, 40, 40)   # b and h broadcast
+
+
+def test_calls_and_layouts_say_they_are_not_built_yet():
+    kern = sparsec.compile(PROGRAM, pattern="padded")
+    q = torch.randn(1, 1, 32, 16)
+    valid = torch.ones(1, 32, dtype=torch.bool)
+    for run in (lambda: kern(q, q, q, valid=valid), lambda: kern.layout(32), lambda: kern.block_mask(32),
+                lambda: kern.mask_mod(32), lambda: kern.bind(q, q, q, valid=valid)):
+        with pytest.raises(NotImplementedError, match="reads the call-time input.* valid: .* not built yet.*"
+                                                      "kern.mask"):
+            run()
