@@ -23,7 +23,7 @@ from .passes import specialize
 from .passes.shares import Share
 from .runtime import content, flex, mask_mods, ops, tuning
 from .runtime.cache import cache_dir
-from .runtime.call import Call, check_call, check_tensors, choose_backend, default_config, op_options, wants_grad
+from .runtime.call import INPUTS, Call, check_call, check_tensors, choose_backend, default_config, op_options, wants_grad
 
 N = sympy.Symbol("n", positive=True, integer=True)
 
@@ -98,6 +98,7 @@ class CompiledPattern:
         self.ir = pipeline.optimize(self.source_ir)
         self.name = self.ir.name
         self.needs = self.ir.body.inputs_read()
+        self.input_names = INPUTS + tuple(d.name for d in self.ir.inputs)   # what a call takes by keyword
         self.key = ops.register(self, repr((self.ir, self.config, self.autotune)), self.name)
         self._cache: dict = {}   # shares, specializations, generated code, layouts, tables, CPU plans
 
@@ -140,15 +141,31 @@ class CompiledPattern:
             raise ValueError(f"segment_ids must be integers of shape (B, n_k={n_k}), got {seg.dtype} {seg.shape}")
         return seg
 
-    def _reference_only(self, what: str) -> None:
-        """Patterns that read declared inputs (issue 17's first step) have the dense reference
-        only: everything that needs their layouts or kernels says so."""
+    def _check_declared(self, call: Call, backend: str, inputs: dict) -> None:
+        """A call of a pattern that reads declared inputs: not through Flex yet, and the inputs
+        checked as kern.mask checks them (on host copies), on q's device."""
+        if backend == "flex":
+            raise NotImplementedError(
+                f"pattern {self.name} reads the call-time input(s) {', '.join(d.name for d in self.ir.inputs)}: "
+                f"backend='flex' does not run such patterns yet; backend='cpu' and the generated kernels do")
+        for d in self.ir.inputs:
+            x = inputs.get(d.name)
+            if isinstance(x, torch.Tensor) and x.device != call.device:
+                raise ValueError(f"{d.name} must be on q's device {call.device}, got {x.device}")
+        _, batch = check_arrays(self.name, self.ir.inputs, {n: _numpy(n, x, None) for n, x in inputs.items()
+                                                            if n in self.input_names[len(INPUTS):]},
+                                call.heads, {"n": call.n_k, "n_q": call.n_q, "n_k": call.n_k})
+        if batch not in (1, call.batch):
+            raise ValueError(f"the inputs' b axes have size {batch}, but q has batch {call.batch}")
+
+    def _not_for_declared_inputs(self, what: str) -> None:
+        """What patterns that read declared inputs do not have yet (issue 17) says so."""
         if self.ir.inputs:
             names = ", ".join(d.name for d in self.ir.inputs)
             raise NotImplementedError(
                 f"pattern {self.name} reads the call-time input(s) {names}: {what} for such patterns is not built "
-                f"yet (docs/plan_inputs_and_scores.md); the dense reference is: kern.mask(..., {self.ir.inputs[0].name}"
-                f"=...) and sparsec.testing.reference")
+                f"yet (docs/plan_inputs_and_scores.md); calls (backend='cpu' and the generated kernels), "
+                f"kern.layout(..., {self.ir.inputs[0].name}=...) and kern.mask(...) are")
 
     def mask(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
              q=None, k=None, segment_ids=None, centroids=None, rotations=None, share: int | None = None,
@@ -180,25 +197,35 @@ class CompiledPattern:
             segment_ids=seg, q=q, k=k, centroids=centroids, rotations=rotations, **declared))
 
     def layout(self, n_q: int, n_k: int | None = None, block_m: int = 64, block_n: int = 64,
-               heads: int = 1, q_offset: int | None = None, segment_ids=None) -> BlockLayout:
+               heads: int = 1, q_offset: int | None = None, segment_ids=None, **inputs) -> BlockLayout:
         """The block layout for these lengths and tile sizes (heads: layouts differ per head when
         the pattern does; otherwise one layout is shared, with a heads dimension of 1). A
         content-based pattern has none of its own (its tiles depend on q and k): an error that
-        points at share_layouts(q, k), the layouts a call builds."""
+        points at share_layouts(q, k), the layouts a call builds. inputs: the declared inputs of a
+        pattern that reads them (then one layout per batch row)."""
         if {"q", "k"} & self.needs:
             raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
                              f"layout of its own; kern.share_layouts(q, k) gives the layouts a call builds")
-        self._reference_only("the block layout")
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         heads = _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
-        return build_layout(specialize(self.ir, n_q, n_k, q_offset, heads), n_q, n_k, block_m, block_n, q_offset,
-                            heads, seg)
+        body = specialize(self.ir, n_q, n_k, q_offset, heads)
+        if not self.ir.inputs:
+            check_arrays(self.name, (), inputs, heads, {})   # a stray keyword is an error
+            return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, seg)
+        declared, batch = check_arrays(self.name, self.ir.inputs, {n: _numpy(n, x, None) for n, x in inputs.items()},
+                                       heads, {"n": n_k, "n_q": n_q, "n_k": n_k})
+        if seg is not None:
+            if batch not in (1, seg.shape[0]):
+                raise ValueError(f"the inputs' b axes have size {batch}, but segment_ids has {seg.shape[0]} rows")
+            declared, batch = {**declared, "segment_ids": seg}, seg.shape[0]
+        space = TableSpace(n_q, n_k, q_offset, heads, batch, 1, declared)
+        return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, space=space)
 
     def _flex_layout(self, n_q, n_k, heads, block, q_offset, segment_ids):
         """(specialized body, layout at block x block tiles, its TableSpace) for Flex's masks."""
-        self._reference_only("FlexAttention's block mask")
+        self._not_for_declared_inputs("FlexAttention's block mask")
         if {"q", "k"} & self.needs:
             raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
                              f"block mask of its own (backend='flex' builds one per call)")
@@ -231,7 +258,7 @@ class CompiledPattern:
         (runtime/mask_mods.py) for these lengths and heads (those Flex runs with: random draws per
         head): a pattern's arguments may depend on n, which Flex's mask_mod is never told.
         segment_ids: a (B, n_k) integer tensor for document patterns; device: where its tables go."""
-        self._reference_only("FlexAttention's mask_mod")
+        self._not_for_declared_inputs("FlexAttention's mask_mod")
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         self._segments(segment_ids, n_k)
         heads, device = _int_arg("heads", heads, 1), torch.device(device)
@@ -244,7 +271,7 @@ class CompiledPattern:
         """The layouts a call on q, k builds, one per share: (share, layout, order), where order
         is None for the positional order, else (q rows, k rows), numpy (B, H, n): the original row
         of each sorted row, which is what the layout's tiles are made of."""
-        self._reference_only("the block layout")
+        self._not_for_declared_inputs("kern.share_layouts")
         call = check_call(self.name, self.needs, q, k, k, None, q_offset, inputs)
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         values, bodies, orders = self._prepare(call, q, k, inputs)
@@ -282,11 +309,10 @@ class CompiledPattern:
         under the layout's BlockMask; on CPU forward-only); default from SPARSEC_BACKEND, else by
         device. One call is one torch.ops.sparsec.attention (runtime/ops.py): what runs
         here, before it, is only what torch.compile can trace without a break."""
-        self._reference_only("attention (layouts and kernels)")
         check_tensors(q, k, v)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
-        o, lse = ops.attention(q, k, v, ops.input_list(inputs), self.key, *op_options(scale, q_offset, backend),
+        o, lse = ops.attention(q, k, v, ops.input_list(inputs, self.input_names), self.key, *op_options(scale, q_offset, backend),
                                wants_grad(q, k, v), return_lse)
         return (o, lse) if return_lse else o
 
@@ -309,10 +335,11 @@ class CompiledPattern:
         """Every share of this call with its layout, tables and config resolved: what a call
         runs (`[b.run() for b in ...]`, merged by LSE), for timing the kernels alone. training:
         whether a backward follows (for the tiles; None: whether q, k or v need a gradient)."""
-        self._reference_only("attention (layouts and kernels)")
         call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
         backend = choose_backend(backend, call.device)
         training = wants_grad(q, k, v) if training is None else training
+        if self.ir.inputs:
+            self._check_declared(call, backend, inputs)
         values, bodies, orders = self._prepare(call, q, k, inputs)
         out = []
         for i, (body, order) in enumerate(zip(bodies, orders)):
@@ -397,7 +424,6 @@ class CompiledPattern:
         key is seen): the chosen config per share. retune=True times again even when cached;
         budget_s caps each share's search (default: SPARSEC_TUNE_BUDGET_S, else no cap)."""
         tuning.budget(budget_s)   # a bad budget is an error here, on any device
-        self._reference_only("tuning")
         call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
         backend = choose_backend(None, call.device)
         if backend != "triton":

@@ -1,6 +1,9 @@
-"""Call-time inputs (spec section 6), the first step: `input` declarations and NAME[...] reads parse,
-print back, fail with located errors, and the dense reference applies them (checked against numpy
-formulas written here). Layouts and kernels for them are not built yet: calls say so."""
+"""Call-time inputs (spec section 6) in where(...): `input` declarations and NAME[...] reads parse,
+print back and fail with located errors; the dense reference applies them (checked against numpy
+formulas written here); layouts classify tiles from the inputs' values (sound: every allowed pair in
+a listed tile, every FULL tile fully allowed), and the CPU path and the generated kernels (under
+Triton's interpreter) run them, forward and backward, against float64. Flex does not read inputs
+yet: it says so."""
 import numpy as np
 import pytest
 import torch
@@ -145,12 +148,80 @@ def test_inputs_are_checked_by_name_shape_and_type():
     assert kern.mask(40, heads=3, span=span[:1, :1]).shape == (1, 3, 40, 40)   # b and h broadcast
 
 
-def test_calls_and_layouts_say_they_are_not_built_yet():
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("block", [8, 16, 32])
+def test_layouts_from_inputs_are_sound(name, block):
+    from sparsec.ir.tiles import EMPTY, FULL
+    from sparsec.layout.build import tile_classes
+    x = draw(np.random.default_rng())
+    kern = sparsec.compile(PROGRAM, pattern=name)
+    mine = {d.name: x[d.name] for d in kern.ir.inputs}
+    lay = kern.layout(50, block_m=block, block_n=block, heads=3, **mine)
+    got = np.broadcast_to(lay.classes(), (2, 3, *lay.shape[2:]))
+    true = tile_classes(expected(name, x), block, block)
+    assert ((true == EMPTY) | (got > EMPTY)).all(), "an allowed pair outside every listed tile"
+    assert ((got != FULL) | (true == FULL)).all(), "a FULL tile with a pair not allowed"
+    assert (got > EMPTY).sum() <= 1.25 * (true > EMPTY).sum()   # tight up to boundary tiles
+
+
+def test_expire_span_tiles_come_from_per_tile_extremes():
+    """causal & i - j < span[j] with every span 10: tiles 16 wide beyond one tile of the diagonal
+    are EMPTY, found from each key tile's span range, not from any pair."""
+    kern = sparsec.compile(PROGRAM, pattern="expire")
+    lay = kern.layout(160, block_m=16, block_n=16, span=np.full((1, 1, 160), 10))
+    cls = lay.classes()[0, 0]
+    t = np.arange(10)
+    assert (cls[t[:, None] - t[None, :] >= 2] == 0).all() and (cls[t, t] > 0).all()
+
+
+def test_a_read_that_can_leave_its_input_counts_its_zero():
+    """rel > 0 everywhere, read at j - i + 4: outside 0..8 the read is 0, so far tiles are EMPTY and
+    none of the tiles the index leaves inside is FULL."""
+    from sparsec.ir.tiles import FULL
+    from sparsec.layout.build import tile_classes
+    kern = sparsec.compile("input rel(9) float\npattern p = where(rel[j - i + 4] > 0)")
+    rel = np.random.default_rng().uniform(0.5, 1.0, 9)
+    lay = kern.layout(64, block_m=8, block_n=8, rel=rel)
+    true = tile_classes(kern.mask(64, rel=rel).numpy(), 8, 8)
+    assert ((lay.classes() != FULL) | (true == FULL)).all() and (true > 0).sum() < true.size
+
+
+CALLS = [   # (pattern, heads, kv_heads, n_q, n_k)
+    ("expire", 4, 2, 50, 50), ("learned", 2, 2, 37, 61), ("padded", 3, 1, 50, 50), ("sinkhorn", 2, 1, 50, 50),
+    ("biased", 2, 2, 45, 70), ("edges", 2, 1, 40, 40),
+]
+EDGE = "input edge(h, 9) float\npattern edges = where(edge[h, j - i + 4] > 0 or i == j)\n"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "interpret"])
+@pytest.mark.parametrize("name, heads, kv_heads, n_q, n_k", CALLS)
+def test_calls_read_them_forward_and_backward(name, heads, kv_heads, n_q, n_k, backend):
+    """The CPU path and the generated kernels (forward, dQ, dK/dV) against float64 autograd of
+    the reference, inputs drawn fresh; `edges` reads outside its input at most pairs."""
+    rng = np.random.default_rng()
+    t_q, t_k = -(-n_q // 16), -(-n_k // 16)
+    inputs = dict(span=rng.integers(0, 30, (2, heads, n_k)), keep=rng.random((2, heads, t_q, t_k)) < 0.4,
+                  valid=rng.random((1, n_k)) < 0.8, sigma=rng.integers(-1, t_k + 1, (2, heads, t_q)),
+                  rel=rng.normal(size=(heads, 33)), edge=rng.uniform(0.5, 1, (1, 9)))
+    kern = sparsec.compile(PROGRAM + EDGE, pattern=name)
+    mine = {d.name: torch.as_tensor(inputs[d.name]) for d in kern.ir.inputs}
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    q = torch.randn(2, heads, n_q, 16, generator=gen)
+    k, v = (torch.randn(2, kv_heads, n_k, 16, generator=gen) for _ in range(2))
+    testing.assert_matches_reference(kern, q, k, v, backend=backend, **mine)
+
+
+def test_flex_says_it_does_not_read_inputs_yet():
     kern = sparsec.compile(PROGRAM, pattern="padded")
     q = torch.randn(1, 1, 32, 16)
     valid = torch.ones(1, 32, dtype=torch.bool)
-    for run in (lambda: kern(q, q, q, valid=valid), lambda: kern.layout(32), lambda: kern.block_mask(32),
-                lambda: kern.mask_mod(32), lambda: kern.bind(q, q, q, valid=valid)):
-        with pytest.raises(NotImplementedError, match="reads the call-time input.* valid: .* not built yet.*"
-                                                      "kern.mask"):
+    with pytest.raises(NotImplementedError, match="backend='flex' does not run such patterns yet; "
+                                                  "backend='cpu' and the generated kernels do"):
+        kern(q, q, q, backend="flex", valid=valid)
+    for run in (lambda: kern.block_mask(32), lambda: kern.mask_mod(32)):
+        with pytest.raises(NotImplementedError, match="reads the call-time input.* valid: .* not built yet.*calls"):
             run()
+    with pytest.raises(ValueError, match=r"valid must have shape \(b=1, 32\)"):
+        kern(q, q, q, valid=valid[:, :31])
+    with pytest.raises(TypeError, match="unexpected keyword argument span="):
+        kern(q, q, q, valid=valid, span=valid)

@@ -102,13 +102,13 @@ class Lowering:
         self.out.tables.append(TableParam(name, self.node, "", False, e))
         return name
 
-    def wide(self, e: E.Expr, names: dict[str, str]) -> str:
+    def wide(self, e: E.Expr, names: dict[str, str], read=None) -> str:
         """A where(...) expression over i, j, h (given) and n, all int64 in the kernel: bounds()
-        has checked every sub-expression fits 64 bits for the call."""
+        has checked every sub-expression fits 64 bits for the call. read: E.to_triton's."""
         lengths = {"n": self.n_k, "n_k": self.n_k, "n_q": self.n_q}
         wide = {k: self.let(f"({v}).to(tl.int64)", f"{k}64_", hoist=True) for k, v in lengths.items()
                 if k in E.names(e)}
-        return E.to_triton(e, {**wide, **names}, self.shallow, FAN_IN)
+        return E.to_triton(e, {**wide, **names}, self.shallow, FAN_IN, read)
 
     def let(self, expr: str, hint: str, hoist: bool = False) -> str:
         """Bind expr to a fresh name; hoist=True when it depends on rows only (computed once)."""

@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from . import expr as E
+from . import intervals
 from .pattern import CHUNK_PAIRS, Pattern
 from .combinators import Difference, Intersection, Union
 from .positional import Full
@@ -54,10 +55,17 @@ def plan(cond: E.Expr, negate: bool = False) -> Pattern:
     return PairCondition(_negated(cond, negate))
 
 
-def _values(e: E.Expr, name: str, at: np.ndarray, head: int, n_q: int, n_k: int) -> np.ndarray:
+def env(where, **names) -> dict:
+    """What an expression of where(...) reads on a Grid or Tiling: the head, the lengths, the
+    batch row and the declared inputs, and the given coordinates."""
+    x = where.inputs
+    return {"h": where.head, "b": x.batch, "n": where.n_k, "n_q": where.n_q, "n_k": where.n_k, **x.declared,
+            **names}
+
+
+def _values(e: E.Expr, name: str, at: np.ndarray, where) -> np.ndarray:
     """e evaluated at every coordinate `at` of one variable (a row or a key condition or key)."""
-    out = E.evaluate(e, {name: at, "h": head, "n": n_k, "n_q": n_q, "n_k": n_k})
-    return np.broadcast_to(np.asarray(out), at.shape)
+    return np.broadcast_to(np.asarray(E.evaluate(e, env(where, **{name: at}))), at.shape)
 
 
 def _first(at: np.ndarray) -> int:
@@ -104,11 +112,10 @@ class LineCondition(Pattern):
         """Whether some / every row (or key) of each query (key) tile is allowed."""
         lo, hi = (t.q_lo, t.q_hi) if self.on == "i" else (t.k_lo, t.k_hi)
         at = coordinates(lo, hi)
-        return _any_all(_values(self.cond, self.on, at, t.head, t.n_q, t.n_k).astype(bool), _first(at), lo, hi)
+        return _any_all(_values(self.cond, self.on, at, t).astype(bool), _first(at), lo, hi)
 
     def mask(self, grid):
-        ok = _values(self.cond, self.on, grid.pos if self.on == "i" else grid.keys, grid.head, grid.n_q,
-                     grid.n_k).astype(bool)
+        ok = _values(self.cond, self.on, grid.pos if self.on == "i" else grid.keys, grid).astype(bool)
         return np.broadcast_to(ok[:, None] if self.on == "i" else ok[None, :], (len(grid.pos), len(grid.keys))).copy()
 
     def tiles(self, t):
@@ -222,12 +229,11 @@ class KeyMatch(MatchedKeys, Pattern):
 
     def sides(self, t) -> Sides:
         rows, cols = coordinates(t.q_lo, t.q_hi), coordinates(t.k_lo, t.k_hi)
-        return Sides.of(t, rows, _values(self.f, "i", rows, t.head, t.n_q, t.n_k),
-                        cols, _values(self.g, "j", cols, t.head, t.n_q, t.n_k))
+        return Sides.of(t, rows, _values(self.f, "i", rows, t), cols, _values(self.g, "j", cols, t))
 
     def mask(self, grid):
-        fv = _values(self.f, "i", grid.pos, grid.head, grid.n_q, grid.n_k)
-        gv = _values(self.g, "j", grid.keys, grid.head, grid.n_q, grid.n_k)
+        fv = _values(self.f, "i", grid.pos, grid)
+        gv = _values(self.g, "j", grid.keys, grid)
         return fv[:, None] == gv[None, :]
 
 
@@ -244,26 +250,30 @@ def _tile_pairs(t, qt, kt):
 @dataclass(frozen=True, eq=False)
 class PairCondition(Pattern):
     """Any other condition of i and j: evaluated on every pair of the tiles it is asked about,
-    in chunks of CHUNK_PAIRS pairs (its own tiles are every tile: the fallback is quadratic)."""
+    in chunks of CHUNK_PAIRS pairs (its own tiles are every tile: the fallback is quadratic);
+    one that reads inputs is classified by intervals instead (intervals.py), pairs only where a
+    tile is one pair (blocks(B, ...) at B x B tiles: the input's own elements)."""
     cond: E.Expr
     keyword: ClassVar[str] = "where"
 
-    def _eval(self, rows, cols, head, n_q, n_k):
-        out = E.evaluate(self.cond, {"i": rows, "j": cols, "h": head, "n": n_k, "n_q": n_q, "n_k": n_k})
+    def _eval(self, rows, cols, where):
+        out = E.evaluate(self.cond, env(where, i=rows, j=cols))
         return np.broadcast_to(np.asarray(out, bool), np.broadcast_shapes(np.shape(rows), np.shape(cols)))
 
     def mask(self, grid):
-        return self._eval(grid.pos[:, None], grid.keys[None, :], grid.head, grid.n_q, grid.n_k).copy()
+        return self._eval(grid.pos[:, None], grid.keys[None, :], grid).copy()
 
     def classify(self, t, qt, kt):
         out = np.empty(len(qt), np.int8)
         if not len(qt):
             return out
         area = int((t.q_hi - t.q_lo).max() + 1) * int((t.k_hi - t.k_lo).max() + 1)
+        if area > 1 and E.reads(self.cond):   # an input: never pair by pair (one pair per tile is its own tensor)
+            return intervals.tile_classes(self.cond, t, qt, kt, env(t))
         step = max(1, CHUNK_PAIRS // area)
         for s in range(0, len(qt), step):
             rows, cols, valid = _tile_pairs(t, qt[s:s + step], kt[s:s + step])
-            ok = self._eval(rows, cols, t.head, t.n_q, t.n_k)
+            ok = self._eval(rows, cols, t)
             some = (ok & valid).any(axis=(1, 2))
             every = (ok | ~valid).all(axis=(1, 2))
             out[s:s + step] = np.where(every, FULL, np.where(some, PARTIAL, EMPTY))

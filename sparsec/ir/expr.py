@@ -267,11 +267,14 @@ def to_sympy(e: Expr, symbols: dict[str, Any], memo=None):
     return OPS[e.op].sympy(*(to_sympy(a, symbols, memo=memo) for a in e.args))
 
 
-def to_triton(e: Expr, names: dict[str, str], bind: Callable[[str], str] = lambda s: s, fan_in: int = 8) -> str:
+def to_triton(e: Expr, names: dict[str, str], bind: Callable[[str], str] = lambda s: s, fan_in: int = 8,
+              read: Callable[[Read, list[str]], str] | None = None) -> str:
     """Triton source for e, with each free name replaced by the Triton expression in `names`.
     `//` and `%` go through floor helpers (Triton's own truncate toward zero). bind(source) may
     return a name bound to a sub-expression (the lowering keeps statements shallow with it); the
-    operands of an n-ary and, or, min, max are combined at most fan_in at a time."""
+    operands of an n-ary and, or, min, max are combined at most fan_in at a time. read(e, index
+    sources) gives the source of an input read (the node that owns the input's tables)."""
+    again = lambda x: to_triton(x, names, bind, fan_in, read)
     if isinstance(e, Const):
         if isinstance(e.value, bool):
             return "True" if e.value else "False"
@@ -281,16 +284,18 @@ def to_triton(e: Expr, names: dict[str, str], bind: Callable[[str], str] = lambd
             raise SparsecError(f"'{e.name}' has no value inside a kernel", e.span)
         return names[e.name]
     if isinstance(e, Read):
-        raise SparsecError(f"reads of call-time inputs ({e.decl.name}[...]) are not lowered into kernels yet", e.span)
+        if read is None:
+            raise SparsecError(f"the input read {e.decl.name}[...] has no tables here", e.span)
+        return bind(read(e, [again(a) for a in e.index]))
     if e.op == "**":
         base, power = e.args
         if not (isinstance(power, Const) and isinstance(power.value, int) and 0 <= power.value <= 64):
             raise SparsecError("inside a kernel, ** needs a constant exponent between 0 and 64", e.span)
         if not power.value:
             return "1"
-        base = bind(to_triton(base, names, bind, fan_in))
+        base = bind(again(base))
         return bind("(" + " * ".join([base] * power.value) + ")")
-    args = [to_triton(a, names, bind, fan_in) for a in e.args]
+    args = [again(a) for a in e.args]
     while len(args) > fan_in:   # n-ary: groups of fan_in, each bound
         args = [bind(OPS[e.op].triton(*args[k:k + fan_in])) if len(args[k:k + fan_in]) > 1 else args[k]
                 for k in range(0, len(args), fan_in)]

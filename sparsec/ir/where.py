@@ -14,6 +14,9 @@ from .limits import SATURATED
 from .pattern import Pattern
 
 
+READ_DTYPES = {"bool": "int8", "int": "int64", "float": "float64"}   # of an input's kernel table
+
+
 @dataclass(frozen=True, eq=False)
 class Where(Pattern):
     """An arbitrary predicate over i (the position), j, h, n_q and n_k. Its tiles come from the
@@ -53,9 +56,7 @@ class Where(Pattern):
         return conditions.plan(self.cond)
 
     def mask(self, grid):
-        out = E.evaluate(self.cond, {"i": grid.pos[:, None], "j": grid.keys[None, :], "h": grid.head,
-                                     "b": grid.inputs.batch, "n": grid.n_k, "n_q": grid.n_q, "n_k": grid.n_k,
-                                     **grid.inputs.declared})
+        out = E.evaluate(self.cond, conditions.env(grid, i=grid.pos[:, None], j=grid.keys[None, :]))
         return np.broadcast_to(np.asarray(out, bool), (len(grid.pos), len(grid.keys))).copy()
 
     def tiles(self, t):
@@ -78,7 +79,44 @@ class Where(Pattern):
         rows = cx.let(f"{cx.rows}.to(tl.int64)", "where_i", hoist=True)
         cols = cx.let(f"{cx.cols}.to(tl.int64)", "where_j")
         head = cx.let(f"({cx.head}).to(tl.int64)", "where_h", hoist=True)
-        cond = cx.wide(self.cond, {"i": f"{rows}[:, None]", "j": f"{cols}[None, :]", "h": head})
+        names = {"i": f"{rows}[:, None]", "j": f"{cols}[None, :]", "h": head}
+        if self.needs:
+            names["b"] = cx.let(f"({cx.batch}).to(tl.int64)", "where_b", hoist=True)
+        cond = cx.wide(self.cond, names, lambda e, index: self._read(cx, e, index))
         return f"({cond} & {cx.constant(True)})"  # & broadcasts a condition of h alone to the tile
+
+    def _read(self, cx, e, index: list[str]) -> str:
+        """A masked load of one element per index (0 outside the extent), from the input's table:
+        its pointer, and per axis its size and stride (0 on a b or h axis given as 1)."""
+        name = e.decl.name
+        ptr = cx.table(self, f"in_{name}", dtype=READ_DTYPES[e.decl.dtype])
+        offset, inside = [], []
+        for k, (dim, at) in enumerate(zip(e.decl.dims, index)):
+            stride = cx.table(self, f"in_{name}_stride{k}", pointer=False)
+            offset.append(f"({at}) * {stride}")
+            if dim not in ("b", "h"):   # b and h are in range by construction
+                inside.append(f"(({at}) >= 0) & (({at}) < {cx.table(self, f'in_{name}_size{k}', pointer=False)})")
+        offset = " + ".join(offset) or "0"
+        if not inside:
+            load = f"tl.load({ptr} + {offset})"
+        else:
+            ok = cx.shallow(" & ".join(inside))
+            load = f"tl.load({ptr} + tl.where({ok}, {offset}, 0), mask={ok}, other=0)"
+        return f"({load} != 0)" if e.decl.dtype == "bool" else load
+
+    def tables(self, space):
+        """Per input read: the tensor, and per axis its size and its stride in the contiguous
+        copy the kernel gets (0 for a b or h axis of size 1: broadcast)."""
+        out = {}
+        for decl in E.reads(self.cond):
+            x = space.inputs[decl.name]
+            out[f"in_{decl.name}"] = x
+            stride = 1
+            for k in range(len(decl.dims) - 1, -1, -1):
+                size = int(x.shape[k])
+                out[f"in_{decl.name}_size{k}"] = size
+                out[f"in_{decl.name}_stride{k}"] = 0 if size == 1 and decl.dims[k] in ("b", "h") else stride
+                stride *= size
+        return out
 
 

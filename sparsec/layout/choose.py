@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..ir.pattern import Pattern
-from ..ir.tiles import TableSpace
+from ..ir.tiles import FIXED_INPUTS, TableSpace
 from ..passes.shares import active_heads, offset_bounds
 from .block import BlockLayout, DeviceLayout
 from .build import build_layout
@@ -73,6 +73,17 @@ def _content_host(r: LayoutRequest, cached: Cached) -> BlockLayout:
     return build_layout(r.body, r.n_q, r.n_k, r.block_m, r.block_n, r.q_offset, r.heads, space=space)
 
 
+def _declared(r: LayoutRequest) -> bool:
+    return any(name not in FIXED_INPUTS for name in r.body.inputs_read())
+
+
+def _declared_host(r: LayoutRequest, cached: Cached) -> BlockLayout:
+    """A pattern that reads declared inputs: the analytic build per batch row, each where(...)
+    reading them classified from their values per tile (ir/intervals.py), never pair by pair."""
+    space = TableSpace(r.n_q, r.n_k, r.q_offset, r.heads, r.batch, 1, dict(r.inputs))
+    return build_layout(r.body, r.n_q, r.n_k, r.block_m, r.block_n, r.q_offset, r.heads, space=space)
+
+
 def _static_host(r: LayoutRequest, cached: Cached) -> BlockLayout:
     """The analytic build (segment ids copied to the host when the pattern reads them)."""
     seg = r.inputs.get("segment_ids")
@@ -99,6 +110,7 @@ BUILDERS: tuple[Builder, ...] = (
     Builder("top-k selection", lambda r: supported(r.body), device=_selection),
     Builder("document & static", _document_static, device=_document, host=_static_host),
     Builder("content beside document", lambda r: bool({"q", "k"} & r.body.inputs_read()), host=_content_host),
+    Builder("declared inputs", _declared, host=_declared_host),
     Builder("static", lambda r: True, host=_static_host),
 )
 

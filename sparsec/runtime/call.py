@@ -11,6 +11,7 @@ import torch
 
 from ..codegen import TileConfig
 from ..ir.limits import check_lengths
+from ..ir.tiles import FIXED_INPUTS
 
 
 BACKENDS = ("triton", "interpret", "cpu", "flex")
@@ -95,17 +96,18 @@ def check_call(name: str, needs: frozenset[str], q, k, v, scale, q_offset, input
     why = check_lengths(n_q, n_k, q_offset)
     if why:
         raise ValueError(why)
-    check_input_names(inputs)
+    check_input_names(inputs, INPUTS + tuple(n for n in needs if n not in FIXED_INPUTS))
     call = Call(B, H, Hkv, n_q, n_k, D, q_offset, scale, q.device)
     check_inputs(name, needs, call, inputs)
     return call
 
 
-def check_input_names(inputs: dict) -> None:
+def check_input_names(inputs: dict, names: tuple[str, ...] = INPUTS) -> None:
+    """names: what this pattern's calls take, INPUTS and its declared inputs."""
     for arg in inputs:
-        if arg not in INPUTS:
+        if arg not in names:
             raise TypeError(f"unexpected keyword argument {arg}=; a call takes scale=, q_offset=, return_lse=, "
-                            f"backend= and the inputs {', '.join(INPUTS)}")
+                            f"backend= and the inputs {', '.join(names)}")
 
 
 def check_inputs(name: str, needs: frozenset[str], c: Call, inputs: dict) -> None:

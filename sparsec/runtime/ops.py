@@ -5,7 +5,8 @@ selection, split-K decisions, autotuning) happens inside the ops, on real tensor
 torch.compile the graph holds one node per call, and its fake implementation (the output
 shapes from the input shapes alone) is all dynamo and AOT autograd see. The pattern travels as
 a registry key (a string: hashable, the same in every process for the same pattern), the call's
-inputs (segment_ids, centroids, rotations) as a list of optional tensors in `INPUTS` order.
+inputs (segment_ids, centroids, rotations, then the pattern's declared inputs) as a list of optional
+tensors in that order (`CompiledPattern.input_names`).
 
 The backward op recomputes what the forward bound (cached layouts for static patterns; content
 ids and per-call layouts again for the others) rather than keeping it between the two ops:
@@ -41,17 +42,18 @@ def registered(key: str):
                      f"before calling a graph that uses it")
 
 
-def input_list(inputs: dict) -> list:
-    """A call's keyword inputs as the ops take them: INPUTS order, None where not given."""
-    check_input_names(inputs)
+def input_list(inputs: dict, names: tuple[str, ...] = INPUTS) -> list:
+    """A call's keyword inputs as the ops take them: in `names` order (INPUTS, then the
+    pattern's declared inputs), None where not given."""
+    check_input_names(inputs, names)
     for name, x in inputs.items():
         if x is not None and not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return [inputs.get(name) for name in INPUTS]
+    return [inputs.get(name) for name in names]
 
 
-def input_dict(given) -> dict:
-    return {name: x for name, x in zip(INPUTS, given) if x is not None}
+def input_dict(given, names: tuple[str, ...]) -> dict:
+    return {name: x for name, x in zip(names, given) if x is not None}
 
 
 @torch.library.custom_op("sparsec::attention", mutates_args=())
@@ -62,8 +64,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, inputs: list[Optional[Tensor]], p
     (what the fake says: strides included). training: whether a backward will follow (the
     autotuner keys forward-only and training tiles apart); return_lse: whether the caller reads
     the LSE (backend='flex' on CPU computes none)."""
-    out = registered(pattern).forward_op(q, k, v, input_dict(inputs), scale, q_offset, backend, training,
-                                         return_lse)
+    kern = registered(pattern)
+    out = kern.forward_op(q, k, v, input_dict(inputs, kern.input_names), scale, q_offset, backend, training,
+                          return_lse)
     return tuple(x.contiguous() for x in out)
 
 
@@ -79,7 +82,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, 
                        q_offset: Optional[int], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV of one call, contiguous, from its output O, LSE and their gradients (dlse None:
     LSE unused)."""
-    out = registered(pattern).backward_op(q, k, v, o, lse, do, dlse, input_dict(inputs), scale, q_offset, backend)
+    kern = registered(pattern)
+    out = kern.backward_op(q, k, v, o, lse, do, dlse, input_dict(inputs, kern.input_names), scale, q_offset, backend)
     return tuple(x.contiguous() for x in out)
 
 
