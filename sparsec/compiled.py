@@ -141,13 +141,9 @@ class CompiledPattern:
             raise ValueError(f"segment_ids must be integers of shape (B, n_k={n_k}), got {seg.dtype} {seg.shape}")
         return seg
 
-    def _check_declared(self, call: Call, backend: str, inputs: dict) -> None:
-        """A call of a pattern that reads declared inputs: not through Flex yet, and the inputs
-        checked as kern.mask checks them (on host copies), on q's device."""
-        if backend == "flex":
-            raise NotImplementedError(
-                f"pattern {self.name} reads the call-time input(s) {', '.join(d.name for d in self.ir.inputs)}: "
-                f"backend='flex' does not run such patterns yet; backend='cpu' and the generated kernels do")
+    def _check_declared(self, call: Call, inputs: dict) -> None:
+        """A call of a pattern that reads declared inputs: the inputs checked as kern.mask checks
+        them (on host copies), on q's device."""
         for d in self.ir.inputs:
             x = inputs.get(d.name)
             if isinstance(x, torch.Tensor) and x.device != call.device:
@@ -157,15 +153,6 @@ class CompiledPattern:
                                 call.heads, {"n": call.n_k, "n_q": call.n_q, "n_k": call.n_k})
         if batch not in (1, call.batch):
             raise ValueError(f"the inputs' b axes have size {batch}, but q has batch {call.batch}")
-
-    def _not_for_declared_inputs(self, what: str) -> None:
-        """What patterns that read declared inputs do not have yet (issue 17) says so."""
-        if self.ir.inputs:
-            names = ", ".join(d.name for d in self.ir.inputs)
-            raise NotImplementedError(
-                f"pattern {self.name} reads the call-time input(s) {names}: {what} for such patterns is not built "
-                f"yet (docs/plan_inputs_and_scores.md); calls (backend='cpu' and the generated kernels), "
-                f"kern.layout(..., {self.ir.inputs[0].name}=...) and kern.mask(...) are")
 
     def mask(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
              q=None, k=None, segment_ids=None, centroids=None, rotations=None, share: int | None = None,
@@ -210,22 +197,25 @@ class CompiledPattern:
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         heads = _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
-        body = specialize(self.ir, n_q, n_k, q_offset, heads)
-        if not self.ir.inputs:
-            check_arrays(self.name, (), inputs, heads, {})   # a stray keyword is an error
-            return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, seg)
+        return self._build(specialize(self.ir, n_q, n_k, q_offset, heads), n_q, n_k, block_m, block_n, q_offset,
+                           heads, seg, inputs)[0]
+
+    def _build(self, body, n_q, n_k, block_m, block_n, q_offset, heads, seg, inputs: dict):
+        """(layout, its call inputs as numpy by name): with declared inputs, checked, one layout
+        per batch row built from their values."""
         declared, batch = check_arrays(self.name, self.ir.inputs, {n: _numpy(n, x, None) for n, x in inputs.items()},
                                        heads, {"n": n_k, "n_q": n_q, "n_k": n_k})
+        if not self.ir.inputs:
+            return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, seg), {"segment_ids": seg}
         if seg is not None:
             if batch not in (1, seg.shape[0]):
                 raise ValueError(f"the inputs' b axes have size {batch}, but segment_ids has {seg.shape[0]} rows")
             declared, batch = {**declared, "segment_ids": seg}, seg.shape[0]
         space = TableSpace(n_q, n_k, q_offset, heads, batch, 1, declared)
-        return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, space=space)
+        return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, space=space), declared
 
-    def _flex_layout(self, n_q, n_k, heads, block, q_offset, segment_ids):
+    def _flex_layout(self, n_q, n_k, heads, block, q_offset, segment_ids, inputs: dict):
         """(specialized body, layout at block x block tiles, its TableSpace) for Flex's masks."""
-        self._not_for_declared_inputs("FlexAttention's block mask")
         if {"q", "k"} & self.needs:
             raise ValueError(f"pattern {self.name} is content-based: its tiles depend on q and k, so it has no "
                              f"block mask of its own (backend='flex' builds one per call)")
@@ -233,45 +223,49 @@ class CompiledPattern:
         block, heads = _int_arg("block", block, 1), _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
         body = specialize(self.ir, n_q, n_k, q_offset, heads)
-        lay = build_layout(body, n_q, n_k, block, block, q_offset, heads, seg)
-        return body, lay, TableSpace(n_q, n_k, q_offset, lay.shape[1], lay.shape[0], inputs=dict(segment_ids=seg))
+        lay, given = self._build(body, n_q, n_k, block, block, q_offset, heads, seg, inputs)
+        return body, lay, TableSpace(n_q, n_k, q_offset, lay.shape[1], lay.shape[0], inputs=given)
 
     def tile_masks(self, n_q: int, n_k: int | None = None, heads: int = 1, block: int = 128,
-                   q_offset: int | None = None, segment_ids=None):
+                   q_offset: int | None = None, segment_ids=None, **inputs):
         """The layout at block x block tiles and its PARTIAL tiles' masks (runtime/flex.py)."""
-        return flex.tile_masks(*self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids))
+        return flex.tile_masks(*self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids, inputs))
 
     def block_mask(self, n_q: int, n_k: int | None = None, heads: int = 1, batch: int = 1, device="cpu",
-                   block: int = 128, q_offset: int | None = None, segment_ids=None):
+                   block: int = 128, q_offset: int | None = None, segment_ids=None, **inputs):
         """The pattern as FlexAttention's BlockMask for (batch, heads, n_q, n_k): built from
         sparsec's layout at block x block tiles, FULL and PARTIAL tiles as it lists them (not
-        from all pairs). Its mask_mod is `mask_mod`'s torch lowering."""
+        from all pairs). Its mask_mod is `mask_mod`'s torch lowering. inputs: the declared ones."""
         batch = _int_arg("batch", batch, 1)
-        body, lay, space = self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids)
+        body, lay, space = self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids, inputs)
         if lay.shape[0] not in (1, batch):
-            raise ValueError(f"batch={batch}, but segment_ids has {lay.shape[0]} rows")
+            given = "the inputs' b axes have" if self.ir.inputs else "segment_ids has"
+            raise ValueError(f"batch={batch}, but {given} {lay.shape[0]} rows")
         return flex.share_block_mask(body, lay, space, None, batch, heads, torch.device(device))
 
     def mask_mod(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
-                 segment_ids=None, device="cpu"):
+                 segment_ids=None, device="cpu", **inputs):
         """Flex's mask_mod(b, h, q_idx, kv_idx) of the pattern, lowered from the IR to torch ops
         (runtime/mask_mods.py) for these lengths and heads (those Flex runs with: random draws per
         head): a pattern's arguments may depend on n, which Flex's mask_mod is never told.
-        segment_ids: a (B, n_k) integer tensor for document patterns; device: where its tables go."""
-        self._not_for_declared_inputs("FlexAttention's mask_mod")
+        segment_ids: a (B, n_k) integer tensor for document patterns; inputs: the declared ones
+        (read as given, on `device`); device: where its tensors go."""
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         self._segments(segment_ids, n_k)
         heads, device = _int_arg("heads", heads, 1), torch.device(device)
-        inputs = {} if segment_ids is None else {"segment_ids": torch.as_tensor(segment_ids).long().to(device)}
+        check_arrays(self.name, self.ir.inputs, {n: _numpy(n, x, None) for n, x in inputs.items()}, heads,
+                     {"n": n_k, "n_q": n_q, "n_k": n_k})
+        given = {name: torch.as_tensor(x).to(device) for name, x in inputs.items()}
+        if segment_ids is not None:
+            given["segment_ids"] = torch.as_tensor(segment_ids).long().to(device)
         body = specialize(self.ir, n_q, n_k, q_offset, heads)
-        return mask_mods.mask_mod(body, n_q, n_k, q_offset, heads, inputs, device)
+        return mask_mods.mask_mod(body, n_q, n_k, q_offset, heads, given, device)
 
     def share_layouts(self, q, k, block_m: int = 64, block_n: int = 64, q_offset: int | None = None,
                       **inputs) -> list[tuple[Share, BlockLayout, tuple | None]]:
         """The layouts a call on q, k builds, one per share: (share, layout, order), where order
         is None for the positional order, else (q rows, k rows), numpy (B, H, n): the original row
         of each sorted row, which is what the layout's tiles are made of."""
-        self._not_for_declared_inputs("kern.share_layouts")
         call = check_call(self.name, self.needs, q, k, k, None, q_offset, inputs)
         block_m, block_n = _int_arg("block_m", block_m, 1), _int_arg("block_n", block_n, 1)
         values, bodies, orders = self._prepare(call, q, k, inputs)
@@ -339,7 +333,7 @@ class CompiledPattern:
         backend = choose_backend(backend, call.device)
         training = wants_grad(q, k, v) if training is None else training
         if self.ir.inputs:
-            self._check_declared(call, backend, inputs)
+            self._check_declared(call, inputs)
         values, bodies, orders = self._prepare(call, q, k, inputs)
         out = []
         for i, (body, order) in enumerate(zip(bodies, orders)):

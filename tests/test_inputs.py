@@ -2,8 +2,8 @@
 print back and fail with located errors; the dense reference applies them (checked against numpy
 formulas written here); layouts classify tiles from the inputs' values (sound: every allowed pair in
 a listed tile, every FULL tile fully allowed), and the CPU path and the generated kernels (under
-Triton's interpreter) run them, forward and backward, against float64. Flex does not read inputs
-yet: it says so."""
+Triton's interpreter) run them, forward and backward, against float64, as do Flex's mask_mod,
+BlockMask and backend='flex'."""
 import numpy as np
 import pytest
 import torch
@@ -211,17 +211,37 @@ def test_calls_read_them_forward_and_backward(name, heads, kv_heads, n_q, n_k, b
     testing.assert_matches_reference(kern, q, k, v, backend=backend, **mine)
 
 
-def test_flex_says_it_does_not_read_inputs_yet():
+@pytest.mark.parametrize("name", NAMES + ["edges"])
+def test_flex_reads_them(name):
+    """Flex's mask_mod (through Flex's create_mask) and BlockMask are kern.mask; backend='flex'
+    (compiled Flex under that mask) is the CPU path."""
+    from torch.nn.attention.flex_attention import create_mask
+    rng = np.random.default_rng()
+    x = {**draw(rng), "edge": rng.uniform(0.5, 1, (1, 9))}
+    kern = sparsec.compile(PROGRAM + EDGE, pattern=name)
+    mine = {d.name: torch.as_tensor(x[d.name]) for d in kern.ir.inputs}
+    want = torch.as_tensor(np.broadcast_to(kern.mask(50, heads=3, **mine).numpy(), (2, 3, 50, 50)).copy())
+    assert torch.equal(create_mask(kern.mask_mod(50, heads=3, **mine), 2, 3, 50, 50, device="cpu"), want)
+    bm = kern.block_mask(50, heads=3, batch=2, block=16, **mine)
+    assert torch.equal(create_mask(bm.mask_mod, 2, 3, 50, 50, device="cpu"), want)
+    visited = bm.to_dense().bool().repeat_interleave(16, 2).repeat_interleave(16, 3)[..., :50, :50]
+    assert not (want & ~visited).any()   # every allowed pair in a listed tile
+    q, k, v = (torch.randn(2, 3, 50, 16) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(kern(q, k, v, backend="flex", **mine), kern(q, k, v, backend="cpu", **mine))
+
+
+def test_calls_check_the_inputs():
     kern = sparsec.compile(PROGRAM, pattern="padded")
     q = torch.randn(1, 1, 32, 16)
     valid = torch.ones(1, 32, dtype=torch.bool)
-    with pytest.raises(NotImplementedError, match="backend='flex' does not run such patterns yet; "
-                                                  "backend='cpu' and the generated kernels do"):
-        kern(q, q, q, backend="flex", valid=valid)
-    for run in (lambda: kern.block_mask(32), lambda: kern.mask_mod(32)):
-        with pytest.raises(NotImplementedError, match="reads the call-time input.* valid: .* not built yet.*calls"):
-            run()
     with pytest.raises(ValueError, match=r"valid must have shape \(b=1, 32\)"):
         kern(q, q, q, valid=valid[:, :31])
     with pytest.raises(TypeError, match="unexpected keyword argument span="):
         kern(q, q, q, valid=valid, span=valid)
+    with pytest.raises(ValueError, match="reads the input valid: pass valid="):
+        kern(q, q, q)
+    with pytest.raises(ValueError, match="b axes have size 2, but q has batch 1"):
+        kern(q, q, q, valid=torch.ones(2, 32, dtype=torch.bool))
+    layouts = kern.share_layouts(q, q, valid=valid)
+    assert len(layouts) == 1 and layouts[0][1].shape[0] == 1

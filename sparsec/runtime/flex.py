@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ir.tiles import TableSpace
+from ..ir.tiles import FIXED_INPUTS, TableSpace
 from ..layout import BlockLayout
 from . import cpu
 from .mask_mods import mask_mod, unlowered
@@ -101,6 +101,8 @@ def share_block_mask(body, lay: BlockLayout, space: TableSpace, order, batch: in
     if order is None and unlowered(body) is None:
         seg = space.inputs.get("segment_ids")
         inputs = {} if seg is None else {"segment_ids": torch.as_tensor(seg).long().to(device)}
+        inputs.update({name: torch.as_tensor(x).to(device) for name, x in space.inputs.items()
+                       if name not in FIXED_INPUTS and x is not None})   # declared inputs, as given
         mod = mask_mod(body, space.n_q, space.n_k, space.q_offset, heads, inputs, device)
     else:
         mod = bits_mask_mod(tile_masks(body, lay, space, order), device)

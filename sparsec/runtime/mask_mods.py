@@ -11,7 +11,7 @@ import torch
 from ..ir.combinators import Blocks, Difference, Heads, Intersection, Union
 from ..ir.content import Cluster, Lsh, TopK
 from ..ir.document import Document
-from ..ir.expr import Apply, Const, Var
+from ..ir.expr import Apply, Const, Read, Var
 from ..ir.pattern import value
 from ..ir.positional import Band, Causal, Chunk, Dilated, Empty, Full, LogSparse, Stride
 from ..ir.random import Random, random_keys
@@ -165,15 +165,32 @@ def to_torch(e, names: dict):
         if isinstance(e, Var):
             return names[e.name]
         if id(e) not in memo:
-            memo[id(e)] = TORCH_OPS[e.op](*(run(a) for a in e.args))
+            memo[id(e)] = (_read(e, names[e.decl.name], [run(a) for a in e.index]) if isinstance(e, Read) else
+                           TORCH_OPS[e.op](*(run(a) for a in e.args)))
         return memo[id(e)]
-    assert isinstance(e, (Const, Var, Apply))
+    assert isinstance(e, (Const, Var, Apply, Read))
     return run(e)
+
+
+def _read(e: Read, x: torch.Tensor, index: list):
+    """x[index] in one element read (compiled Flex on CPU misreads chained ones), 0 / false
+    outside the extent; a b or h axis given as 1 is read at 0."""
+    ok, at = None, []
+    for i, size, dim in zip(index, x.shape, e.decl.dims):
+        if dim in ("b", "h"):
+            at.append(0 if size == 1 else i)
+            continue
+        inside = (i >= 0) & (i < size)
+        ok = inside if ok is None else ok & inside
+        at.append(i.clamp(0, size - 1) if torch.is_tensor(i) else min(max(i, 0), size - 1))
+    value = x[tuple(at)]
+    return value if ok is None else torch.where(ok, value, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _where(node, x: Index):
     # int64 coordinates: products such as i * j overflow Flex's int32 indices at long lengths
-    names = {"i": x.p.long(), "j": x.j.long(), "h": x.h.long(), "n": x.n_k, "n_q": x.n_q, "n_k": x.n_k}
+    names = {"i": x.p.long(), "j": x.j.long(), "h": x.h.long(), "b": x.b.long(), "n": x.n_k, "n_q": x.n_q,
+             "n_k": x.n_k, **x.inputs}
     return (x.p == x.p) & to_torch(node.cond, names)   # & broadcasts a condition of h alone
 
 
