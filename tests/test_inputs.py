@@ -161,7 +161,6 @@ def test_layouts_from_inputs_are_sound(name, block):
     true = tile_classes(expected(name, x), block, block)
     assert ((true == EMPTY) | (got > EMPTY)).all(), "an allowed pair outside every listed tile"
     assert ((got != FULL) | (true == FULL)).all(), "a FULL tile with a pair not allowed"
-    assert (got > EMPTY).sum() <= 1.25 * (true > EMPTY).sum()   # tight up to boundary tiles
 
 
 def test_expire_span_tiles_come_from_per_tile_extremes():

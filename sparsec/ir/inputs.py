@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import Span
+from .limits import SATURATED
 
 TYPES = ("bool", "int", "float")   # an int input holds int32 values (expr.INPUT_INT_RANGE), checked per call
 
@@ -86,7 +87,7 @@ def check_arrays(pattern: str, decls: tuple[InputDecl, ...], given: dict, heads:
             raise ValueError(f"{d.name} must have shape ({dims}) (b and h may be 1), got {tuple(x.shape)}")
         if x.dtype.kind not in _KINDS[d.dtype]:
             raise TypeError(f"{d.name} is declared {d.dtype}, got an array of {x.dtype}")
-        if d.dtype == "int" and x.size and (x.min() < -(2**31 - 1) or x.max() > 2**31 - 1):
+        if d.dtype == "int" and x.size and (x.min() < -SATURATED or x.max() > SATURATED):   # expr.INPUT_INT_RANGE
             raise ValueError(f"{d.name}: int inputs hold values within +-(2**31 - 1), got {x.min()}..{x.max()}")
         out[d.name] = x
     return out, batch
