@@ -21,7 +21,10 @@ from .ir.tiles import TableSpace
 from .layout import BlockLayout, LayoutRequest, SortedOrder, build_layout
 from .passes import specialize
 from .passes.shares import Share
-from .runtime import content, flex, mask_mods, ops, tuning
+from .errors import SparsecError
+from .ir import expr as E
+from .ir import score as score_ir
+from .runtime import content, flex, mask_mods, ops, scores, tuning
 from .runtime.cache import cache_dir
 from .runtime.call import INPUTS, Call, check_call, check_tensors, choose_backend, default_config, op_options, wants_grad
 
@@ -62,6 +65,7 @@ class BoundShare:
     args: tuple
     order: SortedOrder | None
     group: int
+    score: object = None   # the call's TorchScore (shared by its shares), or None
 
     def run(self):
         """(O, LSE) of the share in the original row order."""
@@ -99,8 +103,15 @@ class CompiledPattern:
         self.name = self.ir.name
         self.needs = self.ir.body.inputs_read()
         self.input_names = INPUTS + tuple(d.name for d in self.ir.inputs)   # what a call takes by keyword
+        # the declared inputs the mask reads (layouts, kern.mask); the rest only the score reads
+        self.mask_inputs = tuple(d for d in self.ir.inputs if d.name in self.needs)
+        self.score_only = frozenset(d.name for d in self.ir.inputs) - self.needs
+        self.score_inputs = () if self.ir.score is None else tuple(d.name for d in score_ir.float_reads(self.ir.score))
         self.key = ops.register(self, repr((self.ir, self.config, self.autotune)), self.name)
         self._cache: dict = {}   # shares, specializations, generated code, layouts, tables, CPU plans
+        if self.ir.score is not None and any(s.key is not None for s in self.shares):
+            raise SparsecError("a score modification (with ...) on a pattern with lsh or cluster terms is not "
+                               "supported yet: their shares run in a sorted order", self.ir.score.span)
 
     def _cached(self, key, make):
         if key not in self._cache:
@@ -154,6 +165,47 @@ class CompiledPattern:
         if batch not in (1, call.batch):
             raise ValueError(f"the inputs' b axes have size {batch}, but q has batch {call.batch}")
 
+    def _mask_given(self, inputs: dict) -> dict:
+        """The given inputs the mask reads, as numpy (those only the score reads may be given too)."""
+        return {n: _numpy(n, x, None) for n, x in inputs.items() if n not in self.score_only}
+
+    def _score(self, n_q: int, n_k: int, q_offset: int, heads: int, inputs: dict):
+        """The call's TorchScore (runtime/scores.py), or None for a pattern without `with`."""
+        if self.ir.score is None:
+            return None
+        expr = self._cached(("score", n_q, n_k, q_offset, heads),
+                            lambda: score_ir.specialize(self.ir.score, n_q, n_k, q_offset, heads))
+        return scores.TorchScore(expr, {d.name: inputs[d.name] for d in E.reads(expr)}, n_q, n_k)
+
+    def score_function(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
+                       **inputs):
+        """S' = EXPR over a dense score tensor (B, heads, n_q, n_k) -> the same shape, in torch ops,
+        differentiable in the scores and the float inputs (the reference's; None without `with`)."""
+        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
+        score = self._score(n_q, n_k, q_offset, _int_arg("heads", heads, 1), inputs)
+        if score is None:
+            return None
+        i = (torch.arange(n_q) + q_offset).view(1, 1, n_q, 1)
+        j, h = torch.arange(n_k).view(1, 1, 1, n_k), torch.arange(heads).view(1, heads, 1, 1)
+        return lambda s: score.apply(s, i.to(s.device), j.to(s.device), h.to(s.device),
+                                     torch.arange(s.shape[0], device=s.device).view(-1, 1, 1, 1))
+
+    def score_mod(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
+                  device="cpu", **inputs):
+        """Flex's score_mod(score, b, h, q_idx, kv_idx) of the pattern's with expression, lowered
+        to torch ops for these lengths (None for a pattern without one). inputs: the declared
+        inputs the expression reads, as tensors (read as given, on `device`)."""
+        if self.ir.score is None:
+            return None
+        n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
+        heads, device = _int_arg("heads", heads, 1), torch.device(device)
+        reads = E.reads(self.ir.score)
+        names = {d.name for d in reads}
+        check_arrays(self.name, reads, {n: _numpy(n, x, None) for n, x in inputs.items() if n in names}, heads,
+                     {"n": n_k, "n_q": n_q, "n_k": n_k})
+        score = self._score(n_q, n_k, q_offset, heads, {n: torch.as_tensor(x).to(device) for n, x in inputs.items()})
+        return scores.score_mod(score.expr, q_offset, n_q, n_k, score.inputs)
+
     def mask(self, n_q: int, n_k: int | None = None, heads: int = 1, q_offset: int | None = None,
              q=None, k=None, segment_ids=None, centroids=None, rotations=None, share: int | None = None,
              **inputs):
@@ -164,8 +216,7 @@ class CompiledPattern:
         heads = _int_arg("heads", heads, 1)
         seg = self._segments(segment_ids, n_k)
         declared, declared_batch = check_arrays(
-            self.name, self.ir.inputs, {name: _numpy(name, x, None) for name, x in inputs.items()}, heads,
-            {"n": n_k, "n_q": n_q, "n_k": n_k})
+            self.name, self.mask_inputs, self._mask_given(inputs), heads, {"n": n_k, "n_q": n_q, "n_k": n_k})
         q, k = _numpy("q", q, 4), _numpy("k", k, 4)
         centroids, rotations = _numpy("centroids", centroids, 3), _numpy("rotations", rotations, 3)
         if {"q", "k"} & self.needs:
@@ -203,9 +254,9 @@ class CompiledPattern:
     def _build(self, body, n_q, n_k, block_m, block_n, q_offset, heads, seg, inputs: dict):
         """(layout, its call inputs as numpy by name): with declared inputs, checked, one layout
         per batch row built from their values."""
-        declared, batch = check_arrays(self.name, self.ir.inputs, {n: _numpy(n, x, None) for n, x in inputs.items()},
-                                       heads, {"n": n_k, "n_q": n_q, "n_k": n_k})
-        if not self.ir.inputs:
+        declared, batch = check_arrays(self.name, self.mask_inputs, self._mask_given(inputs), heads,
+                                       {"n": n_k, "n_q": n_q, "n_k": n_k})
+        if not self.mask_inputs:
             return build_layout(body, n_q, n_k, block_m, block_n, q_offset, heads, seg), {"segment_ids": seg}
         if seg is not None:
             if batch not in (1, seg.shape[0]):
@@ -239,7 +290,7 @@ class CompiledPattern:
         batch = _int_arg("batch", batch, 1)
         body, lay, space = self._flex_layout(n_q, n_k, heads, block, q_offset, segment_ids, inputs)
         if lay.shape[0] not in (1, batch):
-            given = "the inputs' b axes have" if self.ir.inputs else "segment_ids has"
+            given = "the inputs' b axes have" if self.mask_inputs else "segment_ids has"
             raise ValueError(f"batch={batch}, but {given} {lay.shape[0]} rows")
         return flex.share_block_mask(body, lay, space, None, batch, heads, torch.device(device))
 
@@ -253,9 +304,8 @@ class CompiledPattern:
         n_q, n_k, q_offset = self._lengths(n_q, n_k, q_offset)
         self._segments(segment_ids, n_k)
         heads, device = _int_arg("heads", heads, 1), torch.device(device)
-        check_arrays(self.name, self.ir.inputs, {n: _numpy(n, x, None) for n, x in inputs.items()}, heads,
-                     {"n": n_k, "n_q": n_q, "n_k": n_k})
-        given = {name: torch.as_tensor(x).to(device) for name, x in inputs.items()}
+        check_arrays(self.name, self.mask_inputs, self._mask_given(inputs), heads, {"n": n_k, "n_q": n_q, "n_k": n_k})
+        given = {name: torch.as_tensor(x).to(device) for name, x in inputs.items() if name not in self.score_only}
         if segment_ids is not None:
             given["segment_ids"] = torch.as_tensor(segment_ids).long().to(device)
         body = specialize(self.ir, n_q, n_k, q_offset, heads)
@@ -306,42 +356,62 @@ class CompiledPattern:
         check_tensors(q, k, v)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
-        o, lse = ops.attention(q, k, v, ops.input_list(inputs, self.input_names), self.key, *op_options(scale, q_offset, backend),
-                               wants_grad(q, k, v), return_lse)
+        given = ops.input_list(inputs, self.input_names)
+        o, lse = ops.attention(q, k, v, given, ops.score_input_list(self.name, inputs, self.score_inputs), self.key,
+                               *op_options(scale, q_offset, backend), wants_grad(q, k, v), return_lse)
         return (o, lse) if return_lse else o
 
     def forward_op(self, q, k, v, inputs: dict, scale, q_offset, backend, training: bool, return_lse: bool):
         """torch.ops.sparsec.attention: every share run, merged by LSE."""
-        if choose_backend(backend, q.device) == "flex":
+        if self._backend(backend, q.device) == "flex":
             flex.check_cpu_call(q.device, training or return_lse or len(self.shares) > 1)
         return content.merge_by_lse([b.run() for b in self.bind(q, k, v, scale, q_offset, backend, training,
                                                                 **inputs)], q.dtype)
 
-    def backward_op(self, q, k, v, o, lse, do, dlse, inputs: dict, scale, q_offset, backend):
-        """torch.ops.sparsec.attention_backward: each share's part of the gradients, summed."""
-        parts = [b.grad(o, lse, do, dlse) for b in self.bind(q, k, v, scale, q_offset, backend, True, **inputs)]
+    def backward_op(self, q, k, v, o, lse, do, dlse, inputs: dict, scale, q_offset, backend, input_grads: bool):
+        """torch.ops.sparsec.attention_backward: each share's part of the gradients, summed; with
+        input_grads, the gradients of the float inputs the score expression reads (by name)."""
+        bound = self.bind(q, k, v, scale, q_offset, backend, True, **inputs)
+        score = bound[0].score
+        if input_grads and score is not None:
+            if isinstance(bound[0].runner, flex.FlexAttention):
+                raise ValueError(f"pattern {self.name}: gradients of the score expression's inputs are computed on "
+                                 f"backend='cpu' only so far, not under backend='flex'")
+            score.want_grads(inputs)
+        parts = [b.grad(o, lse, do, dlse) for b in bound]
+        grads = {} if score is None else {n: g.to(inputs[n].dtype) for n, g in score.grads.items()}
         if len(parts) == 1:
-            return parts[0]
-        return tuple(sum(p[i].float() for p in parts).to(x.dtype) for i, x in enumerate((q, k, v)))
+            return (*parts[0], grads)
+        return (*(sum(p[i].float() for p in parts).to(x.dtype) for i, x in enumerate((q, k, v))), grads)
 
     def bind(self, q, k, v, scale: float | None = None, q_offset: int | None = None, backend: str | None = None,
              training: bool | None = None, **inputs) -> list[BoundShare]:
         """Every share of this call with its layout, tables and config resolved: what a call
         runs (`[b.run() for b in ...]`, merged by LSE), for timing the kernels alone. training:
         whether a backward follows (for the tiles; None: whether q, k or v need a gradient)."""
-        call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
-        backend = choose_backend(backend, call.device)
+        call = check_call(self.name, self.needs | self.score_only, q, k, v, scale, q_offset, inputs)
+        backend = self._backend(backend, call.device)
         training = wants_grad(q, k, v) if training is None else training
         if self.ir.inputs:
             self._check_declared(call, inputs)
-        values, bodies, orders = self._prepare(call, q, k, inputs)
+        score = self._score(call.n_q, call.n_k, call.q_offset, call.heads, inputs)
+        masked = {n: x for n, x in inputs.items() if n not in self.score_only}   # what layouts read
+        values, bodies, orders = self._prepare(call, q, k, masked)
         out = []
         for i, (body, order) in enumerate(zip(bodies, orders)):
             c, args = self._arguments(order, call, q, k, v)
             config = self._config(i, body, c, backend, values, order, args, training)
-            out.append(BoundShare(i, self._bind(i, body, c, backend, config, values, order), args, order,
-                                  call.heads // call.kv_heads))
+            out.append(BoundShare(i, self._bind(i, body, c, backend, config, values, order, score), args, order,
+                                  call.heads // call.kv_heads, score))
         return out
+
+    def _backend(self, backend: str | None, device) -> str:
+        """The call's backend: a pattern with a score expression defaults to 'flex' on CUDA (the
+        generated kernels do not lower score expressions yet)."""
+        if backend is None and self.ir.score is not None and device.type == "cuda" and \
+                not os.environ.get("SPARSEC_BACKEND"):
+            backend = "flex"
+        return choose_backend(backend, device)
 
     def _prepare(self, call: Call, q, k, inputs: dict) -> tuple[dict, list, list]:
         """The call's inputs (with content ids and selections, computed once per call on q's
@@ -372,9 +442,9 @@ class CompiledPattern:
         return LayoutRequest(share, body, self.shares[share].full, call.n_q, call.n_k, call.q_offset, call.heads,
                              call.batch, block_m, block_n, call.device, values, order)
 
-    def _bind(self, share: int, body, call: Call, backend: str, config: TileConfig, values: dict, order):
+    def _bind(self, share: int, body, call: Call, backend: str, config: TileConfig, values: dict, order, score=None):
         r = self._request(share, body, call, values, order, config.block_m, config.block_n)
-        return pipeline.bind(backend, r, call, config, lambda: self.generated(share), self._cached, self.name)
+        return pipeline.bind(backend, r, call, config, lambda: self.generated(share), self._cached, self.name, score)
 
     # ---- tiles ----
     def _config(self, share: int, body, call: Call, backend: str, values: dict, order, args: tuple,
@@ -418,7 +488,7 @@ class CompiledPattern:
         key is seen): the chosen config per share. retune=True times again even when cached;
         budget_s caps each share's search (default: SPARSEC_TUNE_BUDGET_S, else no cap)."""
         tuning.budget(budget_s)   # a bad budget is an error here, on any device
-        call = check_call(self.name, self.needs, q, k, v, scale, q_offset, inputs)
+        call = check_call(self.name, self.needs | self.score_only, q, k, v, scale, q_offset, inputs)
         backend = choose_backend(None, call.device)
         if backend != "triton":
             default = self.config or default_config(backend, call)

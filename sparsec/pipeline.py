@@ -31,7 +31,7 @@ from .ir.tiles import TableSpace
 from .layout import LayoutRequest, device_layout, host_layout
 from .passes.shares import Share
 from .passes.shares import split as split_body
-from .runtime import cpu, flex
+from .runtime import cpu, flex, scores
 from .runtime.call import Call
 from .runtime.launch import GeneratedAttention, table_values
 from .runtime.loader import load_kernel
@@ -120,8 +120,9 @@ def emit(name: str, body) -> Generated:
 
 
 def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generated: Callable[[], Generated],
-         cached, name: str):
-    """The backend bound to one share of one call: its layout and tables (or CPU plan)."""
+         cached, name: str, score=None):
+    """The backend bound to one share of one call: its layout and tables (or CPU plan). score:
+    the call's TorchScore (runtime/scores.py) when the pattern modifies its scores."""
     needs = r.body.inputs_read()
     shape = (r.share, config, *call.shape_key())
 
@@ -136,12 +137,17 @@ def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generat
         if backend == "cpu":
             plan = per_shape("plan", lambda: cpu.plan(r.body, build_layout(r, cached, "host"), space, call.kv_heads,
                                                       per_batch=bool(needs), order=rows))
-            runner = cpu.CpuAttention(plan, call.scale)
+            runner = cpu.CpuAttention(plan, call.scale, score, call.q_offset)
         else:
             mask = per_shape("block mask", lambda: flex.share_block_mask(
                 r.body, build_layout(r, cached, "host"), space, rows, call.batch, call.heads, call.device))
-            runner = flex.FlexAttention(mask, call.scale)
+            runner = flex.FlexAttention(mask, call.scale, None if score is None else scores.score_mod(
+                score.expr, call.q_offset, call.n_q, call.n_k, score.inputs))
     else:
+        if score is not None:
+            raise ValueError(f"pattern {name} modifies its scores (with ...): the generated kernels do not lower "
+                             f"score expressions yet; use backend='cpu' (CPU) or backend='flex' (CUDA, CPU "
+                             f"forward-only)")
         interpret = backend == "interpret"
         gen = generated()
         module = load_kernel(gen, name, interpret)

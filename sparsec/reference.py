@@ -26,13 +26,16 @@ def dense_mask(body: Pattern, n_q: int, n_k: int, q_offset: int, heads: int, bat
     return torch.from_numpy(out)
 
 
-def attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention(q, k, v, mask: torch.Tensor, scale: float, score=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE) in float64 by dense masked softmax: q (B, H, n_q, D), k and v (B, Hkv, n_k, D) with
-    H a multiple of Hkv, mask bool broadcastable to (B, H, n_q, n_k). A row with no allowed key
-    gives O = 0 and LSE = -inf. Differentiable (float64 autograd), for gradient references."""
+    H a multiple of Hkv, mask bool broadcastable to (B, H, n_q, n_k). score: S -> S' (a pattern's
+    with expression, kern.score_function) applied before the mask; a pair whose S' is -inf counts
+    for nothing. A row with no allowed key gives O = 0 and LSE = -inf. Differentiable (float64
+    autograd), for gradient references."""
     group = q.shape[1] // k.shape[1]
     k, v = (x.double().repeat_interleave(group, 1) if group > 1 else x.double() for x in (k, v))
-    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    s = (s if score is None else score(s)).masked_fill(~mask, -torch.inf)
     some = torch.isfinite(s).any(-1, keepdim=True)
     s = torch.where(some, s, 0.0)       # rows with no key: finite, so no NaN reaches their gradients
     lse = torch.logsumexp(s, -1, keepdim=True)

@@ -7,6 +7,7 @@ import torch
 
 from . import reference as ref
 from .compiled import CompiledPattern
+from .ir.inputs import expected_shape
 
 # Max |got - want| allowed, relative to max(1, |want|), by dtype: O and LSE, then the gradients.
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 5e-2), torch.bfloat16: (6e-2, 1.5e-1)}
@@ -16,13 +17,16 @@ def reference(kern: CompiledPattern, q, k, v, scale: float | None = None, q_offs
               **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 (O, LSE) of the call kern(q, k, v, ...) by dense masked attention under kern.mask,
     the package's one reference: (B, Hq, n_q, D) and (B, Hq, n_q); rows with no allowed key have
-    O = 0 and LSE = -inf. Differentiable in q, k and v."""
+    O = 0 and LSE = -inf. Differentiable in q, k and v, and in the float inputs a with
+    expression reads (its S' = EXPR is applied on the dense scores)."""
     B, H, n_q, D = q.shape
     content = {"q": q, "k": k} if {"q", "k"} & kern.needs else {}
-    mask = kern.mask(n_q, k.shape[2], heads=H, q_offset=q_offset, **content,
-                     **{name: x for name, x in inputs.items() if x is not None})
+    given = {name: x for name, x in inputs.items() if x is not None}
+    mask = kern.mask(n_q, k.shape[2], heads=H, q_offset=q_offset, **content, **given)
     scale = 1 / math.sqrt(D) if scale is None else scale
-    return ref.attention(q.double(), k.double(), v.double(), mask.to(q.device), scale)
+    reals = {n: x.double() if torch.is_tensor(x) and x.is_floating_point() else x for n, x in given.items()}
+    score = kern.score_function(n_q, k.shape[2], heads=H, q_offset=q_offset, **reals)
+    return ref.attention(q.double(), k.double(), v.double(), mask.to(q.device), scale, score)
 
 
 def _worst(name: str, got, want, tol: float, where: str) -> str | None:
@@ -67,7 +71,8 @@ def attention_inputs(kern: CompiledPattern, max_n: int = 96, dims=(16, 32), dtyp
                      device: str = "cpu"):
     """A hypothesis strategy of valid calls of kern: dicts of q, k, v, q_offset and the inputs the
     pattern reads (sorted segment_ids for documents), with odd and unequal lengths (n_q <= n_k,
-    decoding's n_q = 1 included), GQA (Hq = G x Hkv), every dtype in dtypes. Use it as
+    decoding's n_q = 1 included), GQA (Hq = G x Hkv), every dtype in dtypes, and the pattern's
+    declared inputs (bools, ints in [0, n_k), floats in [0.05, 1)). Use it as
     `@given(attention_inputs(kern)) def test(call): assert_matches_reference(kern, **call)`."""
     from hypothesis import strategies as st   # optional: pip install sparsec[testing]
 
@@ -87,5 +92,12 @@ def attention_inputs(kern: CompiledPattern, max_n: int = 96, dims=(16, 32), dtyp
             call["q_offset"] = draw(st.integers(0, n_k - n_q))
         else:
             call["q_offset"] = draw(st.one_of(st.none(), st.integers(-4, n_k)))
+        lengths = {"n": n_k, "n_q": n_q, "n_k": n_k}
+        for d in kern.ir.inputs:   # declared inputs: bools, ints in [0, n_k), positive floats (gates, spans)
+            shape = expected_shape(d, B, kv_heads * group, lengths)
+            x = (torch.rand(shape, generator=gen) < 0.5 if d.dtype == "bool" else
+                 torch.randint(0, n_k, shape, generator=gen) if d.dtype == "int" else
+                 torch.rand(shape, generator=gen) * 0.95 + 0.05)
+            call[d.name] = x.to(device)
         return call
     return calls()

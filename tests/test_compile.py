@@ -175,20 +175,35 @@ def test_opcheck(src, backend, n_q, n_k, kv_heads, q_offset):
     kern = sparsec.compile(f"pattern p = {src}")
     q, k, v, inputs = _op_inputs(src, n_q, n_k, kv_heads, torch.Generator().manual_seed(3))
     torch.library.opcheck(torch.ops.sparsec.attention.default,
-                          (q, k, v, inputs, kern.key, None, q_offset, backend, True, True))
+                          (q, k, v, inputs, [], kern.key, None, q_offset, backend, True, True))
     with torch.no_grad():
-        o, lse = torch.ops.sparsec.attention(q, k, v, inputs, kern.key, None, q_offset, backend, True, True)
+        o, lse = torch.ops.sparsec.attention(q, k, v, inputs, [], kern.key, None, q_offset, backend, True, True)
     do, dlse = torch.randn_like(o), torch.randn_like(lse)
     plain = [x.detach() for x in (q, k, v)]
     for grad_lse in (None, dlse):
         torch.library.opcheck(torch.ops.sparsec.attention_backward.default,
-                              (*plain, o, lse, do, grad_lse, inputs, kern.key, None, q_offset, backend))
+                              (*plain, o, lse, do, grad_lse, inputs, kern.key, None, q_offset, backend, False))
+
+
+def test_opcheck_with_score_inputs():
+    """A score expression's float input travels in score_inputs too, and gets its gradient there."""
+    kern = sparsec.compile("input slopes(h) float\npattern p = band(9) with score - slopes[h] * abs(i - j)")
+    q, k, v, inputs = _op_inputs("band", 40, 40, 2, torch.Generator().manual_seed(4))
+    slopes = torch.rand(4, requires_grad=True)
+    inputs = input_list({"slopes": slopes}, kern.input_names)
+    torch.library.opcheck(torch.ops.sparsec.attention.default,
+                          (q, k, v, inputs, [slopes], kern.key, None, None, "cpu", True, True))
+    with torch.no_grad():
+        o, lse = torch.ops.sparsec.attention(q, k, v, inputs, [slopes], kern.key, None, None, "cpu", True, True)
+    plain = [x.detach() for x in (q, k, v)]
+    torch.library.opcheck(torch.ops.sparsec.attention_backward.default,
+                          (*plain, o, lse, torch.randn_like(o), None, inputs, kern.key, None, None, "cpu", True))
 
 
 def test_unregistered_key_is_a_clear_error():
     q = torch.randn(1, 1, 8, DIM)
     with pytest.raises(ValueError, match="no sparsec pattern is registered as 'nope'"):
-        torch.ops.sparsec.attention(q, q, q, [None, None, None], "nope", None, None, "cpu", False, False)
+        torch.ops.sparsec.attention(q, q, q, [None, None, None], [], "nope", None, None, "cpu", False, False)
 
 
 def test_one_pattern_one_key_in_every_process():

@@ -114,7 +114,7 @@ ERRORS = [   # (program, message, line:col)
     ("input x(b, n_k) bool\npattern p = where(x[b, j] + 1 > 0)", "'x' is a bool input, used here as a number",
      "2:19"),
     ("input x(b, n_k) int\npattern p = where(x[b, j])", "'x' is an int input, used here as a condition", "2:19"),
-    ("input x(b, n_k) bool\npattern p = band(x[b, 0])", "inputs are read inside where(...) only", "2:18"),
+    ("input x(b, n_k) bool\npattern p = band(x[b, 0])", "inputs are read inside where(...) and with expressions only", "2:18"),
     ("input x(b, n_k) bool\npattern p = where(b == 0)", "'b' (the batch row) is only defined in the index", "2:19"),
     ("input x(b, i) bool\npattern p = full", "not 'i'", "1:12"),
     ("input x(b) double\npattern p = full", "an input's type is one of bool, int, float, found 'double'", "1:12"),

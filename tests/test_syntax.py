@@ -31,7 +31,7 @@ def error_of(src: str, **params) -> str:
     ("param w = 2\npattern a = causal + w",
      "<string>:2:22: error: 'w' is a number, expected a pattern\npattern a = causal + w\n                     ^"),
     ("pattern a = band(i)",
-     "<string>:1:18: error: 'i' is only defined inside where(...)\npattern a = band(i)\n                 ^"),
+     "<string>:1:18: error: 'i' is only defined inside where(...) and with expressions\npattern a = band(i)\n                 ^"),
     ("pattern a = where(i + j)",
      "<string>:1:19: error: expected a condition (a comparison, and/or/not, true/false), found an expression with '+'"
      "\npattern a = where(i + j)\n                  ^^^^^"),

@@ -21,6 +21,24 @@ def _real(x):
 
 
 @triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))   # e^-|x| never overflows
+    return tl.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2 * tl.abs(x))
+    t = (1 - e) / (1 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0) + tl.log(1 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
 def _isqrt(x):
     r = tl.sqrt(_real(x)).to(tl.int64)
     r = tl.where(r * r > x, r - 1, r)  # the float root may land one off the exact one

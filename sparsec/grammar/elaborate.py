@@ -1,7 +1,7 @@
 """Front end, second half: the untyped syntax tree -> typed IR (names resolved, arities and types checked)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -44,7 +44,7 @@ SIGNATURES: dict[str, tuple[Callable, tuple[Param, ...]]] = {
     "topk": (N.TopK, (Param("k", "num"), Param("block", "num"), Param("causal", "bool", False))),
 }
 KEYWORD_ALIASES = {"band": {"w": ("before", "after")}}
-RESERVED = set(LENGTHS) | set(PAIR_NAMES) | set(BARE) | set(SIGNATURES) | {"heads"} | set(E.FUNCTIONS)
+RESERVED = set(LENGTHS) | set(PAIR_NAMES) | set(BARE) | set(SIGNATURES) | {"heads", "score"} | set(E.FUNCTIONS)
 
 
 def _describe(node: S.Syntax) -> str:
@@ -68,6 +68,8 @@ class Scope:
         self.numbers: dict[str, Binding] = {}
         self.patterns: dict[str, N.Pattern] = {}
         self.inputs: dict[str, InputDecl] = {}
+        self.scores: dict[str, E.Expr] = {}   # pattern name -> its with expression (spec section 7)
+        self.in_score = False                 # elaborating a with expression: `score` is defined
         self.uses: dict[str, frozenset[str]] = {}  # name -> the numeric names its definition uses
         self.depths: dict[int, tuple] = {}          # id(expression) -> (depth with lets inlined, it)
 
@@ -79,6 +81,9 @@ class Scope:
         if isinstance(node, S.Name):
             if node.id in BARE:
                 return BARE[node.id](span=sp)
+            if node.id in self.scores:
+                raise SparsecError(f"pattern '{node.id}' modifies its scores (with ...), so it cannot be used "
+                                   f"inside another pattern: `with` belongs to a pattern statement", sp)
             if node.id in self.patterns:
                 return self.patterns[node.id]
             if node.id in SIGNATURES or node.id == "heads":
@@ -170,10 +175,15 @@ class Scope:
         if isinstance(node, S.Name):
             if node.id in LENGTHS or node.id in self.numbers:
                 return E.Var(node.id, span=sp)
+            if node.id == "score":
+                if self.in_score:
+                    return E.Var("score", span=sp)
+                raise SparsecError("'score' is only defined in a pattern's with expression "
+                                   "(pattern NAME = MASK with EXPR)", sp)
             if node.id in PAIR_NAMES:
                 if in_where:
                     return E.Var(node.id, span=sp)
-                raise SparsecError(f"'{node.id}' is only defined inside where(...)", sp)
+                raise SparsecError(f"'{node.id}' is only defined inside where(...) and with expressions", sp)
             if node.id == "b" and in_where:
                 raise SparsecError("'b' (the batch row) is only defined in the index of an input read, "
                                    "NAME[b, ...]", sp)
@@ -187,7 +197,7 @@ class Scope:
             if read.decl.dtype == "bool":
                 raise SparsecError(f"'{node.name}' is a bool input, used here as a number", sp)
             return read
-        if isinstance(node, S.Chain) and node.ops[0] in ("+", "-", "*", "//", "%"):
+        if isinstance(node, S.Chain) and node.ops[0] in ("+", "-", "*", "/", "//", "%"):
             acc = self.number(node.operands[0], in_where)
             for op, operand in zip(node.ops, node.operands[1:]):
                 acc = self._deep(E.Apply(op, (acc, self.number(operand, in_where)),
@@ -203,7 +213,10 @@ class Scope:
             if len(node.args) < low or (high >= 0 and len(node.args) > high):
                 want = f"{low}" if low == high else f"at least {low}"
                 raise SparsecError(f"{node.func} takes {want} argument(s), got {len(node.args)}", sp)
-            return self._deep(E.Apply(node.func, tuple(self.number(a, in_where) for a in node.args), span=sp))
+            args = [self.number(a, in_where) for a in node.args[node.func == "select":]]
+            if node.func == "select":   # select(cond, a, b)
+                args.insert(0, self.condition(node.args[0], in_where))
+            return self._deep(E.Apply(node.func, tuple(args), span=sp))
         if isinstance(node, S.Call) and (node.func in SIGNATURES or node.func in ("heads",)):
             raise SparsecError(f"{node.func}(...) is a pattern, expected a number", sp)
         if isinstance(node, S.Call):
@@ -243,13 +256,22 @@ class Scope:
             raise SparsecError(f"'{node.name}' is {what}, not an input" if what else
                                f"unknown input '{node.name}' (declare it: input {node.name}(...) TYPE)", sp)
         if not in_where:
-            raise SparsecError(f"inputs are read inside where(...) only; {node.name}[...] is outside one", sp)
+            raise SparsecError(f"inputs are read inside where(...) and with expressions only; {node.name}[...] is "
+                               f"outside them", sp)
         if len(node.items) != len(decl.dims):
             raise SparsecError(f"'{node.name}' has {len(decl.dims)} dim(s) ({decl.show().split('(', 1)[1].split(')')[0]}), "
                                f"indexed here with {len(node.items)}", sp)
         index = tuple(E.Var("b", span=x.span) if isinstance(x, S.Name) and x.id == "b" else self.number(x, in_where)
                       for x in node.items)
         return self._deep(E.Read(decl, index, span=sp))
+
+    def score(self, node: S.Syntax) -> E.Expr:
+        """A with expression: a number over score, i, j, h, the lengths, params and input reads."""
+        self.in_score = True
+        try:
+            return self.number(node, in_where=True)
+        finally:
+            self.in_score = False
 
     def declaration(self, st: S.Statement) -> InputDecl:
         """input NAME(DIMS) TYPE: each dim b, h, or an integer expression of the lengths and params."""
@@ -293,8 +315,12 @@ class Scope:
             self.uses[st.name] = frozenset().union(*(E.names(d) for d in self.inputs[st.name].dims
                                                      if not isinstance(d, str)))
         elif st.kind == "pattern":
-            self.patterns[st.name] = self.pattern(st.value)
+            scored = isinstance(st.value, S.Scored)
+            self.patterns[st.name] = self.pattern(st.value.mask if scored else st.value)
             self.uses[st.name] = _numeric_names(self.patterns[st.name])
+            if scored:
+                self.scores[st.name] = self.score(st.value.score)
+                self.uses[st.name] |= E.names(self.scores[st.name]) - {"score", "i", "j", "h", "b"}
         else:
             value = self.number(st.value)
             self.numbers[st.name] = Binding(st.kind, st.name, value, st.span)
@@ -324,13 +350,13 @@ def _numeric_names(p: N.Pattern) -> frozenset[str]:
     return frozenset().union(*(E.names(e, memo=memo) for node in p.nodes() for e in node.arguments().values()))
 
 
-def _inputs_read(p: N.Pattern) -> tuple[InputDecl, ...]:
-    """The declared inputs the body reads, in order of first use."""
+def _inputs_read(p: N.Pattern, score: E.Expr | None) -> tuple[InputDecl, ...]:
+    """The declared inputs the body and its score expression read, in order of first use."""
     out = {}
-    for node in p.nodes():
-        for e in node.arguments().values():
-            for decl in E.reads(e):
-                out.setdefault(decl.name, decl)
+    exprs = [e for node in p.nodes() for e in node.arguments().values()] + ([score] if score is not None else [])
+    for e in exprs:
+        for decl in E.reads(e):
+            out.setdefault(decl.name, decl)
     return tuple(out.values())
 
 
@@ -347,9 +373,10 @@ def elaborate(module: S.Module, pattern: str | None = None) -> Definition:
         raise ValueError(f"pattern={pattern!r}: no such pattern; the program defines {', '.join(scope.patterns)}")
     body = scope.patterns[pattern]
     st = next(s for s in module.statements if s.kind == "pattern" and s.name == pattern)
-    inputs = _inputs_read(body)
-    names = _numeric_names(body).union(*(scope.uses[d.name] for d in inputs))
-    return Definition(pattern, scope.closure(names), body, st.span, inputs)
+    score = scope.scores.get(pattern)
+    inputs = _inputs_read(body, score)
+    names = scope.uses[pattern].union(*(scope.uses[d.name] for d in inputs))
+    return Definition(pattern, scope.closure(names), body, st.span, inputs, score)
 
 
 def pattern_names(module: S.Module) -> list[str]:
@@ -370,4 +397,4 @@ def bind_params(d: Definition, module: S.Module, params: dict[str, Any]) -> Defi
             raise ValueError(f"{name}= must be below 2**256 in magnitude (as every constant of the language), got {v}")
     bindings = tuple(Binding(b.kind, b.name, E.Const(int(params[b.name])), b.span)
                      if b.kind == "param" and b.name in params else b for b in d.bindings)
-    return Definition(d.name, bindings, d.body, d.span, d.inputs)
+    return replace(d, bindings=bindings)

@@ -1,6 +1,7 @@
 """Front end: the lark LALR parser and the untyped syntax tree it builds, every node with its span."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,7 +24,7 @@ class Syntax:
 
 @dataclass(frozen=True)
 class Number(Syntax):
-    value: int
+    value: int | float   # a float: a real literal (1.5, 2e-3)
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,15 @@ class Declaration(Syntax):
 
 
 @dataclass(frozen=True)
+class Scored(Syntax):
+    """MASK with EXPR: the value of a pattern statement that modifies its scores."""
+    mask: Syntax
+    score: Syntax
+
+
+@dataclass(frozen=True)
 class Statement(Syntax):
-    kind: str  # param | let | pattern | input (value: a Declaration)
+    kind: str  # param | let | pattern (value: maybe Scored) | input (value: a Declaration)
     name: str
     value: Syntax
 
@@ -122,6 +130,8 @@ def dump(node: Syntax, indent: int = 0) -> str:
         return "\n".join([f"{pad}list{where}"] + [dump(k, indent + 1) for k in node.items])
     if isinstance(node, Index):
         return "\n".join([f"{pad}index {node.name}{where}"] + [dump(k, indent + 1) for k in node.items])
+    if isinstance(node, Scored):
+        return "\n".join([dump(node.mask, indent), f"{pad}with{where}", dump(node.score, indent + 1)])
     if isinstance(node, Declaration):
         return "\n".join([f"{pad}dims {node.dtype}{where}"] + [dump(k, indent + 1) for k in node.dims])
     if isinstance(node, Binary):
@@ -177,6 +187,18 @@ class _Build(Transformer):
         return build
 
     param, let, pattern = _statement("param"), _statement("let"), _statement("pattern")
+
+    @v_args(meta=True)
+    def scored(self, meta, children):
+        name, mask, score = children
+        return Statement("pattern", str(name), Scored(mask, score, span=score.span), span=self._span(meta))
+
+    @v_args(meta=True)
+    def real(self, meta, children):
+        value = float(str(children[0]).replace("_", ""))
+        if not math.isfinite(value):
+            raise SparsecError("real literal too large: it is not a finite 64-bit float", self._span(meta))
+        return Number(value, span=self._span(meta))
 
     @v_args(meta=True)
     def input(self, meta, children):
@@ -253,7 +275,8 @@ class _Build(Transformer):
 
 _TOKEN_WORDS = {"LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','",
                 "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "AMPERSAND": "'&'",
-                "PERCENT": "'%'", "DOUBLESLASH": "'//'", "DOUBLESTAR": "'**'", "CMP": "a comparison",
+                "PERCENT": "'%'", "SLASH": "'/'", "REAL": "a real number", "WITH": "'with'",
+                "DOUBLESLASH": "'//'", "DOUBLESTAR": "'**'", "CMP": "a comparison",
                 "NAME": "a name", "INT": "an integer", "PARAM": "'param'", "LET": "'let'",
                 "PATTERN": "'pattern'", "INPUT": "'input'", "$END": "end of input", "OR": "'or'", "AND": "'and'",
                 "NOT": "'not'", "TRUE": "'true'", "FALSE": "'false'"}

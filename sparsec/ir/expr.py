@@ -12,7 +12,7 @@ import sympy
 
 from ..errors import Span, SparsecError
 from .limits import EXACT, INT_MAX, SATURATED
-from .operators import FUNCTIONS, OPS, Op, _nonzero, _range, _short  # noqa: F401 (E.OPS, E.FUNCTIONS, E.Op)
+from .operators import FUNCTIONS, OPS, REAL_OPS, Op, _nonzero, _range, _short  # noqa: F401 (E.OPS, E.FUNCTIONS, E.Op)
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Const(Expr):
 
 @dataclass(frozen=True)
 class Var(Expr):
-    name: str  # a param or let, n / n_q / n_k, or i / j / h inside where(...)
+    name: str  # a param or let, n / n_q / n_k, i / j / h inside where(...), score in a with expression
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,9 @@ def _bounds(e: Expr, ranges: dict[str, tuple], memo=None) -> tuple[tuple, bool]:
             _bounds(a, ranges, memo=memo)
         return READ_RANGES[e.decl.dtype], e.decl.dtype == "float"
     parts = [_bounds(a, ranges, memo=memo) for a in e.args]
-    real = e.op in ("sqrt", "log2") or (any(r for _, r in parts) and e.op not in ("ceil", "floor", "isqrt", "ilog2"))
+    if e.op == "select":   # the condition's parts count for nothing real
+        parts[0] = (parts[0][0], False)
+    real = e.op in REAL_OPS or (any(r for _, r in parts) and e.op not in ("ceil", "floor", "isqrt", "ilog2"))
     op = OPS[e.op]
     if e.op in ("//", "%", "ceil_div"):
         _nonzero(parts[1][0], e.args[1].span or e.span)
@@ -116,8 +118,10 @@ def show(e: Expr) -> str:
     if isinstance(e, Const):
         if isinstance(e.value, bool):
             return "true" if e.value else "false"
-        if isinstance(e.value, float):  # only folding of sqrt/log2 makes these; keep them exact-ish
-            raise ValueError("real constants have no source form; fold leaves them unevaluated")
+        if isinstance(e.value, float):   # a real literal: repr reads back as the same float
+            if not math.isfinite(e.value):
+                raise ValueError("infinite and NaN reals have no source form")
+            return repr(e.value)
         return str(e.value)
     if isinstance(e, Var):
         return e.name
@@ -259,6 +263,8 @@ def integer(e: Expr, env: dict[str, Any], memo: dict | None = None) -> int:
 @once_per_node
 def to_sympy(e: Expr, symbols: dict[str, Any], memo=None):
     if isinstance(e, Const):
+        if isinstance(e.value, float):
+            return sympy.Float(e.value)
         return sympy.true if e.value is True else sympy.false if e.value is False else sympy.Integer(e.value)
     if isinstance(e, Var):
         return symbols.get(e.name, sympy.Symbol(e.name, integer=True))

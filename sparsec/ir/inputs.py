@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import Span
+from ..errors import Span, SparsecError
 from .limits import SATURATED
 
 TYPES = ("bool", "int", "float")   # an int input holds int32 values (expr.INPUT_INT_RANGE), checked per call
@@ -58,7 +58,12 @@ def expected_shape(decl: InputDecl, batch: int, heads: int, lengths: dict) -> tu
     """The full shape an array for decl must have (b and h axes may instead be 1)."""
     from . import expr as E
     sizes = {"b": batch, "h": heads}
-    return tuple(sizes[d] if isinstance(d, str) else E.integer(d, lengths) for d in decl.dims)
+    out = tuple(sizes[d] if isinstance(d, str) else E.integer(d, lengths) for d in decl.dims)
+    for d, size in zip(decl.dims, out):
+        if size < 0:
+            raise SparsecError(f"input {decl.name}: this dim is {size} here; an input's dims must be at least 0",
+                               d.span or decl.span)
+    return out
 
 
 def check_arrays(pattern: str, decls: tuple[InputDecl, ...], given: dict, heads: int, lengths: dict

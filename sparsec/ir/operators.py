@@ -150,8 +150,73 @@ OPS: dict[str, Op] = {
     "floor": Op((1, 1), "num", "num", lambda s, a: _floor(a, s), sympy.floor,
        triton=lambda a: f"tl.floor(_real({a})).to(tl.int64)",
        interval=lambda s, a: (math.floor(a[0]), math.floor(a[1]))),
+    # real operators (spec section 7, for score expressions; where(...) may use them too)
+    "/": Op((2, 2), "num", "num", lambda s, a, b: _true_divide(a, _divisor(b, s)), lambda a, b: a / b, ("/", 7),
+       triton=lambda a, b: f"(_real({a}) / _real({b}))",
+       interval=lambda s, a, b: _corners(lambda x, y: x / y, a, _nonzero(b, s))),
+    "exp": Op((1, 1), "num", "num", lambda s, a: _real(np.exp, "exp", lambda x: x == x)(a, s), sympy.exp,
+       triton=lambda a: f"tl.exp(_real({a}))",
+       interval=lambda s, a: _monotone(math.exp, a, s)),
+    "log": Op((1, 1), "num", "num", lambda s, a: _real(np.log, "log", lambda x: x > 0)(a, s), sympy.log,
+       triton=lambda a: f"tl.log(_real({a}))",
+       interval=lambda s, a: tuple(math.log(x) for x in _domain(a, 0, "log", s, strict=True))),
+    "tanh": Op((1, 1), "num", "num", lambda s, a: _real(np.tanh, "tanh", lambda x: x == x)(a, s), sympy.tanh,
+       triton=lambda a: f"_tanh(_real({a}))",
+       interval=lambda s, a: _monotone(math.tanh, a, s)),
+    "sigmoid": Op((1, 1), "num", "num", lambda s, a: _real(_sigmoid, "sigmoid", lambda x: x == x)(a, s),
+                  lambda a: 1 / (1 + sympy.exp(-a)),
+       triton=lambda a: f"_sigmoid(_real({a}))",
+       interval=lambda s, a: _monotone(_sigmoid, a, s)),
+    "softplus": Op((1, 1), "num", "num", lambda s, a: _real(_softplus, "softplus", lambda x: x == x)(a, s),
+                   lambda a: sympy.log(1 + sympy.exp(a)),
+       triton=lambda a: f"_softplus(_real({a}))",
+       interval=lambda s, a: _monotone(_softplus, a, s)),
+    "clamp": Op((3, 3), "num", "num",
+                lambda s, a, lo, hi: _fold(np.minimum, min, (_fold(np.maximum, max, (a, lo)), hi)),
+                lambda a, lo, hi: sympy.Min(sympy.Max(a, lo), hi),
+       triton=lambda a, lo, hi: f"tl.minimum(tl.maximum({a}, {lo}), {hi})",
+       interval=lambda s, a, lo, hi: (min(max(a[0], lo[0]), hi[0]), min(max(a[1], lo[1]), hi[1]))),
+    # select(cond, a, b): a where cond holds, else b (its first operand is a condition)
+    "select": Op((3, 3), "num", "any", lambda s, c, a, b: np.where(c, a, b) if _is_array(c) else (a if c else b),
+                 lambda c, a, b: sympy.Piecewise((a, c), (b, True)),
+       triton=lambda c, a, b: f"tl.where({c}, {a}, {b})",
+       interval=lambda s, c, a, b: (min(a[0], b[0]), max(a[1], b[1]))),
 }
+REAL_OPS = frozenset({"sqrt", "log2", "/", "exp", "log", "tanh", "sigmoid", "softplus"})   # results are reals
 FUNCTIONS = tuple(name for name, op in OPS.items() if op.infix is None)
+
+
+def _sigmoid(x):
+    """1 / (1 + e^-x) without overflow on either side."""
+    if not _is_array(x):
+        return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _softplus(x):
+    """log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)."""
+    if not _is_array(x):
+        return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+    return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+
+
+def _true_divide(a, b):
+    if _is_array(a) or _is_array(b):
+        return np.true_divide(a, b)
+    try:
+        return a / b
+    except OverflowError:   # Python ints past the float range
+        return float("inf") if (a > 0) == (b > 0) else float("-inf")
+
+
+def _monotone(fn, a, span):
+    """(fn(lo), fn(hi)) of an increasing fn; a located error where it overflows."""
+    try:
+        return fn(a[0]), fn(a[1])
+    except OverflowError:
+        raise SparsecError(f"this real expression overflows here (its argument ranges over {_range(a)})",
+                           span) from None
 
 
 def _nest(fn: str, args) -> str:

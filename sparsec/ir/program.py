@@ -23,9 +23,11 @@ class Definition:
     bindings: tuple[Binding, ...]
     body: Pattern
     span: Span | None = field(default=None, compare=False, repr=False)
-    inputs: tuple[InputDecl, ...] = ()   # the declared call-time inputs the body reads
+    inputs: tuple[InputDecl, ...] = ()   # the declared call-time inputs the body and score read
+    score: E.Expr | None = None          # the with expression (spec section 7): S' of each allowed pair
 
     def show(self) -> str:
         lines = [f"{b.kind} {b.name} = {E.show(b.value)}" for b in self.bindings]
         lines += [decl.show() for decl in self.inputs]
-        return "\n".join(lines + [f"pattern {self.name} = {self.body.show()}"]) + "\n"
+        scored = "" if self.score is None else f" with {E.show(self.score)}"
+        return "\n".join(lines + [f"pattern {self.name} = {self.body.show()}{scored}"]) + "\n"

@@ -27,7 +27,11 @@ def fold_constants(d: Definition) -> Definition:
         for e in node.arguments().values():
             _check_expression(e)
         node.check()
-    return replace(d, bindings=(), body=body, inputs=tuple(E.substitute_dims(x, env, memo) for x in d.inputs))
+    score = None if d.score is None else E.substitute(d.score, env, memo=memo)
+    if score is not None:
+        _check_expression(score)
+    return replace(d, bindings=(), body=body, inputs=tuple(E.substitute_dims(x, env, memo) for x in d.inputs),
+                   score=score)
 
 
 def _fold(p: N.Pattern, env, memo: dict, done: dict) -> N.Pattern:

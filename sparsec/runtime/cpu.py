@@ -123,9 +123,22 @@ def _steps(p: Plan, batch: int):
                 yield bs, nb, grp.rows[s: s + step], grp.key_tiles[s: s + step], keep
 
 
-def forward(p: Plan, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _coordinates(p: Plan, bs: slice, batch: int, rows, key_tiles, q_offset: int):
+    """(i, j, h, b) of a step's score entries (nb, r, BLOCK_M, visits * BLOCK_N), broadcastable:
+    query positions, key positions, query heads, batch rows (a score expression reads them)."""
+    _, _, tq, tk = p.layout.shape
+    bm, bn = p.layout.block_m, p.layout.block_n
+    r = len(rows)
+    i = ((rows % tq)[:, None] * bm + torch.arange(bm) + q_offset).view(1, r, bm, 1)
+    j = ((key_tiles % tk)[:, :, None] * bn + torch.arange(bn)).view(1, r, 1, -1)
+    b = torch.arange(batch) if bs.start is None else torch.tensor([bs.start])
+    return i, j, (rows // tq).view(1, r, 1, 1), b.view(-1, 1, 1, 1)
+
+
+def forward(p: Plan, q, k, v, scale: float, score=None, q_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """O and LSE: per tile group, scores of the gathered key tiles, a masked softmax, and P @ V.
-    Rows with no allowed key get O = 0 and LSE = -inf."""
+    Rows with no allowed key get O = 0 and LSE = -inf. score: a TorchScore (runtime/scores.py)
+    that replaces each pair's score before the mask applies."""
     B, H, n_q, D = q.shape
     _, _, tq, tk = p.layout.shape
     bm, bn = p.layout.block_m, p.layout.block_n
@@ -137,6 +150,8 @@ def forward(p: Plan, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]
         r, visits = key_tiles.shape
         kg = kt[bs, key_tiles].view(nb, r, visits * bn, D)
         scores = torch.matmul(qt[bs, rows], kg.transpose(-1, -2))
+        if score is not None:
+            scores = score.apply(scores, *_coordinates(p, bs, B, rows, key_tiles, q_offset))
         if keep is not None:
             scores.masked_fill_(keep.logical_not_(), float("-inf"))
         m = scores.amax(-1, keepdim=True)
@@ -150,10 +165,11 @@ def forward(p: Plan, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]
     return o.to(q.dtype).contiguous(), lse.view(B, H, tq * bm)[:, :, :n_q].contiguous()
 
 
-def backward(p: Plan, q, k, v, o, lse, do, dlse, scale: float):
+def backward(p: Plan, q, k, v, o, lse, do, dlse, scale: float, score=None, q_offset: int = 0):
     """dQ, dK, dV by the FlashAttention-2 equations per tile group: P recomputed from the saved
     LSE, dS = P * (dO V^T - delta) with delta = rowsum(dO * O) - dLSE; dK and dV of the gathered
-    key tiles are summed back into place with index_add_ (deterministic on the CPU)."""
+    key tiles are summed back into place with index_add_ (deterministic on the CPU). With a
+    score expression, dS is carried back through it per pair (and into its float inputs)."""
     B, H, n_q, D = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
     _, _, tq, tk = p.layout.shape
@@ -175,12 +191,16 @@ def backward(p: Plan, q, k, v, o, lse, do, dlse, scale: float):
         r, visits = key_tiles.shape
         kg = kt[bs, key_tiles].view(nb, r, visits * bn, D)
         vg = vt[bs, key_tiles].view(nb, r, visits * bn, D)
-        scores = torch.matmul(qt[bs, rows], kg.transpose(-1, -2))
+        raw = torch.matmul(qt[bs, rows], kg.transpose(-1, -2))
+        coords = None if score is None else _coordinates(p, bs, B, rows, key_tiles, q_offset)
+        scores = raw if score is None else score.apply(raw, *coords)
         if keep is not None:
             scores.masked_fill_(keep.logical_not_(), float("-inf"))
         prob = scores.sub_(lse_t[bs, rows]).exp_()
         d_o = dot[bs, rows]
         ds = torch.matmul(d_o, vg.transpose(-1, -2)).sub_(delta_t[bs, rows]).mul_(prob)
+        if score is not None:
+            ds = score.backward(raw, *coords, ds)
         dq[bs, rows] = torch.matmul(ds, kg).mul_(scale)
         flat = key_tiles.reshape(-1)
         dk[bs].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qt[bs, rows]).view(nb, r * visits, bn, D))
@@ -193,12 +213,14 @@ def backward(p: Plan, q, k, v, o, lse, do, dlse, scale: float):
 
 @dataclass(frozen=True)
 class CpuAttention:
-    """A plan bound to one call's scale: the CPU path's forward and backward."""
+    """A plan bound to one call's scale (and score expression): the CPU path's forward and backward."""
     plan: Plan
     scale: float
+    score: object = None      # a TorchScore, or None
+    q_offset: int = 0
 
     def forward(self, q, k, v):
-        return forward(self.plan, q, k, v, self.scale)
+        return forward(self.plan, q, k, v, self.scale, self.score, self.q_offset)
 
     def backward(self, q, k, v, o, lse, do, dlse):
-        return backward(self.plan, q, k, v, o, lse, do, dlse, self.scale)
+        return backward(self.plan, q, k, v, o, lse, do, dlse, self.scale, self.score, self.q_offset)

@@ -143,10 +143,11 @@ class FlexAttention:
     (check_cpu_call refuses the calls that would read it)."""
     mask: object
     scale: float
+    score_mod: object = None   # scores.score_mod of the pattern's with expression, or None
 
     def _run(self, q, k, v, lse: bool):
-        return compiled_flex()(q, k, v, block_mask=self.mask, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
-                               return_lse=lse)
+        return compiled_flex()(q, k, v, score_mod=self.score_mod, block_mask=self.mask, scale=self.scale,
+                               enable_gqa=q.shape[1] != k.shape[1], return_lse=lse)
 
     def forward(self, q, k, v):
         if q.device.type == "cpu":

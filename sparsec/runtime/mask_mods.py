@@ -151,13 +151,23 @@ TORCH_OPS = {   # operator name -> torch form (floor // and %, as the language m
     "log2": _scalar_or(lambda a: torch.log2(_real(a)), math.log2),
     "ceil": _scalar_or(lambda a: torch.ceil(_real(a)).long(), math.ceil),
     "floor": _scalar_or(lambda a: torch.floor(_real(a)).long(), math.floor),
+    "/": lambda a, b: (_real(a) if torch.is_tensor(a) else a) / b,
+    "exp": _scalar_or(lambda a: torch.exp(_real(a)), math.exp),
+    "log": _scalar_or(lambda a: torch.log(_real(a)), math.log),
+    "tanh": _scalar_or(lambda a: torch.tanh(_real(a)), math.tanh),
+    "sigmoid": _scalar_or(lambda a: torch.sigmoid(_real(a)), lambda a: 1 / (1 + math.exp(-a)) if a >= 0 else
+                          math.exp(a) / (1 + math.exp(a))),
+    "softplus": _scalar_or(lambda a: torch.logaddexp(_real(a), torch.zeros((), dtype=_real(a).dtype)),
+                           lambda a: max(a, 0.0) + math.log1p(math.exp(-abs(a)))),
+    "clamp": lambda a, lo, hi: _fold(lambda x, y: x <= y)(_fold(lambda x, y: x >= y)(a, lo), hi),
+    "select": _pick,
 }
 
 
-def to_torch(e, names: dict):
+def to_torch(e, names: dict, memo: dict | None = None):
     """The expression's value in torch ops, each free name bound by `names` (a DAG's shared
-    sub-expressions are computed once)."""
-    memo = {}
+    sub-expressions are computed once; memo: shared by calls over the same names)."""
+    memo = {} if memo is None else memo
 
     def run(e):
         if isinstance(e, Const):
@@ -166,8 +176,8 @@ def to_torch(e, names: dict):
             return names[e.name]
         if id(e) not in memo:
             memo[id(e)] = (_read(e, names[e.decl.name], [run(a) for a in e.index]) if isinstance(e, Read) else
-                           TORCH_OPS[e.op](*(run(a) for a in e.args)))
-        return memo[id(e)]
+                           TORCH_OPS[e.op](*(run(a) for a in e.args)), e)   # e kept alive: its id stays its own
+        return memo[id(e)][0]
     assert isinstance(e, (Const, Var, Apply, Read))
     return run(e)
 

@@ -52,18 +52,28 @@ def input_list(inputs: dict, names: tuple[str, ...] = INPUTS) -> list:
     return [inputs.get(name) for name in names]
 
 
+def score_input_list(pattern: str, inputs: dict, names: tuple[str, ...]) -> list:
+    """The float inputs a score expression reads, in `names` order: all of them must be given."""
+    for name in names:
+        if inputs.get(name) is None:
+            raise ValueError(f"pattern {pattern} reads the input {name}: pass {name}= (a float tensor)")
+    return [inputs[name] for name in names]
+
+
 def input_dict(given, names: tuple[str, ...]) -> dict:
     return {name: x for name, x in zip(names, given) if x is not None}
 
 
 @torch.library.custom_op("sparsec::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, inputs: list[Optional[Tensor]], pattern: str,
-              scale: Optional[float], q_offset: Optional[int], backend: Optional[str],
+def attention(q: Tensor, k: Tensor, v: Tensor, inputs: list[Optional[Tensor]], score_inputs: list[Tensor],
+              pattern: str, scale: Optional[float], q_offset: Optional[int], backend: Optional[str],
               training: bool, return_lse: bool) -> tuple[Tensor, Tensor]:
     """(O, LSE) of one call: O of q's shape and dtype, LSE (B, Hq, n_q) float32, both contiguous
     (what the fake says: strides included). training: whether a backward will follow (the
     autotuner keys forward-only and training tiles apart); return_lse: whether the caller reads
-    the LSE (backend='flex' on CPU computes none)."""
+    the LSE (backend='flex' on CPU computes none). score_inputs: the float inputs the score
+    expression reads (`CompiledPattern.score_inputs`), also in `inputs`: a list with no None is
+    what register_autograd can return gradients for."""
     kern = registered(pattern)
     out = kern.forward_op(q, k, v, input_dict(inputs, kern.input_names), scale, q_offset, backend, training,
                           return_lse)
@@ -71,7 +81,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, inputs: list[Optional[Tensor]], p
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, inputs, pattern, scale, q_offset, backend, training, return_lse):
+def _attention_fake(q, k, v, inputs, score_inputs, pattern, scale, q_offset, backend, training, return_lse):
     B, H, n_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, n_q), dtype=torch.float32)
 
@@ -79,21 +89,29 @@ def _attention_fake(q, k, v, inputs, pattern, scale, q_offset, backend, training
 @torch.library.custom_op("sparsec::attention_backward", mutates_args=())
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor],
                        inputs: list[Optional[Tensor]], pattern: str, scale: Optional[float],
-                       q_offset: Optional[int], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                       q_offset: Optional[int], backend: Optional[str], input_grads: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """dQ, dK, dV of one call, contiguous, from its output O, LSE and their gradients (dlse None:
-    LSE unused)."""
+    LSE unused); with input_grads, the gradients of the score expression's float inputs (in
+    `score_inputs` order; empty tensors without input_grads)."""
     kern = registered(pattern)
-    out = kern.backward_op(q, k, v, o, lse, do, dlse, input_dict(inputs, kern.input_names), scale, q_offset, backend)
-    return tuple(x.contiguous() for x in out)
+    *out, grads = kern.backward_op(q, k, v, o, lse, do, dlse, input_dict(inputs, kern.input_names), scale, q_offset,
+                                   backend, input_grads)
+    return (*(x.contiguous() for x in out),   # a fresh empty per entry: outputs may not alias
+            [grads[name].contiguous() if name in grads else q.new_empty(0) for name in kern.score_inputs])
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(q, k, v, o, lse, do, dlse, inputs, pattern, scale, q_offset, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _attention_backward_fake(q, k, v, o, lse, do, dlse, inputs, pattern, scale, q_offset, backend, input_grads):
+    kern = registered(pattern)
+    given = input_dict(inputs, kern.input_names)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            [given[name].new_empty(given[name].shape) if input_grads else q.new_empty(0)
+             for name in kern.score_inputs])
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, given, pattern, scale, q_offset, backend, _, _ = inputs
+    q, k, v, given, _, pattern, scale, q_offset, backend, _, _ = inputs
     o, lse = output
     ctx.given = [x is not None for x in given]
     ctx.save_for_backward(q, k, v, o, lse, *(x for x in given if x is not None))
@@ -109,9 +127,11 @@ def _backward(ctx, do, dlse):
         do = torch.zeros_like(o)
     if dlse is not None:
         dlse = dlse.float().contiguous()
-    dq, dk, dv = attention_backward(q, k, v, o, lse, do, dlse, given, ctx.pattern, ctx.scale, ctx.q_offset,
-                                    ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    wanted = list(ctx.needs_input_grad[4])   # per score input
+    dq, dk, dv, grads = attention_backward(q, k, v, o, lse, do, dlse, given, ctx.pattern, ctx.scale, ctx.q_offset,
+                                           ctx.backend, any(wanted))
+    return dq, dk, dv, None, [g if want else None for g, want in zip(grads, wanted)], None, None, None, None, None, \
+        None
 
 
 attention.register_autograd(_backward, setup_context=_setup)

@@ -90,9 +90,14 @@ def kernel_error(kern: CompiledPattern, inputs: dict, n: int, heads: int, backen
     if "q" in inputs:
         q, k = torch.as_tensor(inputs["q"], dtype=torch.float32), torch.as_tensor(inputs["k"], dtype=torch.float32)
     call_inputs = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
+    scored = {name: torch.as_tensor(inputs[name]) for name in kern.score_only}
+    call_inputs.update({name: x.float().to(device) if x.is_floating_point() else x.to(device)
+                        for name, x in scored.items()})
     mask = kern.mask(n, heads=heads, **inputs)
     ref = [x.double().requires_grad_() for x in (q, k, v)]
-    want = attention(*ref, mask, 1 / q.shape[-1] ** 0.5)[0]   # the kernel's default scale
+    score = kern.score_function(n, heads=heads, **{name: x.float().double() if x.is_floating_point() else x
+                                                   for name, x in scored.items()})
+    want = attention(*ref, mask, 1 / q.shape[-1] ** 0.5, score)[0]   # the kernel's default scale
     want_grads = torch.autograd.grad(want, ref, do.double())
     leaves = [x.clone().to(device).requires_grad_() for x in (q, k, v)]
     got = kern(*leaves, backend=backend, **call_inputs)
@@ -208,6 +213,12 @@ def run(kern: CompiledPattern, n: int, heads: int, block, inputs: dict, backends
     if large and "q" in inputs:
         raise ValueError(f"--n {n}: content-based patterns are checked against their dense mask, so up to "
                          f"{math.isqrt(DENSE_PAIRS // heads)} tokens at --heads {heads}")
+    if large and kern.ir.score is not None:
+        raise ValueError(f"--n {n}: patterns with a score expression are checked dense, so up to "
+                         f"{math.isqrt(DENSE_PAIRS // heads)} tokens at --heads {heads}")
+    if backends is None and kern.ir.score is not None:
+        print("the score expression runs on backend='cpu' (the generated kernels do not lower score expressions yet)")
+        backends = ["cpu"]
     if backends is None:
         backends = ["triton"] if torch.cuda.is_available() else ["cpu"] if large else ["interpret", "cpu"]
     print(f"pattern {kern.name}: {kern.ir.body.show()}")
@@ -222,8 +233,10 @@ def examples(kern: CompiledPattern, count: int, backends: list[str] | None) -> i
     lengths, GQA, offsets, inputs) per backend, forward and backward against the float64 reference."""
     from hypothesis import HealthCheck, given, settings   # optional: pip install sparsec[testing]
     from .. import testing
+    if backends is None and kern.ir.score is not None:   # the kernels do not lower score expressions yet
+        backends = ["flex"] if torch.cuda.is_available() else ["cpu"]
     for backend in backends or (["triton"] if torch.cuda.is_available() else ["interpret", "cpu"]):
-        device = "cuda" if backend == "triton" else "cpu"
+        device = "cuda" if backend == "triton" or torch.cuda.is_available() and backend == "flex" else "cpu"
         progress = tqdm(total=count, desc=f"{backend}: drawn calls", file=sys.stderr, unit="call")
 
         @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))

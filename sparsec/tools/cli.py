@@ -20,6 +20,7 @@ from ..errors import SparsecError
 from ..grammar import library
 from ..grammar.elaborate import pattern_names
 from ..grammar.syntax import dump, parse
+from ..ir.inputs import expected_shape
 
 
 def _param(text: str) -> tuple[str, int]:
@@ -36,7 +37,8 @@ def _compile(args) -> CompiledPattern:
 
 def synthetic_inputs(kern: CompiledPattern, n: int, heads: int, seed: int = 0) -> dict:
     """Synthetic call-time inputs for patterns that need them: documents of random lengths,
-    standard normal q and k (D = 64). The CLI says when it used these."""
+    standard normal q and k (D = 64), and the inputs only a score expression reads. The CLI says
+    when it used these."""
     rng = np.random.default_rng(seed)
     out = {}
     if "segment_ids" in kern.needs:
@@ -44,6 +46,11 @@ def synthetic_inputs(kern: CompiledPattern, n: int, heads: int, seed: int = 0) -
     if {"q", "k"} & kern.needs:
         out["q"] = rng.standard_normal((1, heads, n, 64))
         out["k"] = rng.standard_normal((1, heads, n, 64))
+    for d in kern.ir.inputs:   # inputs only a score expression reads: positive floats (gates), ints in [0, n)
+        if d.name in kern.score_only:
+            shape = expected_shape(d, 1, heads, {"n": n, "n_q": n, "n_k": n})
+            out[d.name] = (rng.uniform(0.05, 1.0, shape) if d.dtype == "float" else
+                           rng.integers(0, n, shape) if d.dtype == "int" else rng.random(shape) < 0.5)
     return out
 
 

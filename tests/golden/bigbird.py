@@ -3,7 +3,7 @@
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: 6b5d21a30a5de0c3
+# content hash: 848d325fcc15d820
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile

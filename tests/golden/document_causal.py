@@ -3,7 +3,7 @@
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: d649a40f71057d21
+# content hash: 3f6b6df550994ffa
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile

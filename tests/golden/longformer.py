@@ -3,7 +3,7 @@
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: e7f653f7550883b8
+# content hash: 7d2594bb98cb6013
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile

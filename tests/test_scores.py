@@ -1,0 +1,259 @@
+"""Score modifications (spec section 7): `pattern p = MASK with EXPR`, from the grammar to the CPU path's forward and
+backward and Flex's score_mod, against float64 autograd of the dense reference on inputs drawn fresh each run."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import sympy
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import sparsec
+from sparsec import testing
+from sparsec.errors import SparsecError
+from sparsec.ir import derivative as Dv
+from sparsec.ir import expr as E
+
+
+def _seed() -> int:
+    return int(np.random.default_rng().integers(1 << 31))
+
+
+# ---- front end: printing, located errors ----
+
+ROUND_TRIPS = [
+    "input slopes(h) float\npattern alibi = causal with score - slopes[h] * (i - j)",
+    "param cap = 50\npattern g = causal & band(4095, 0) with cap * tanh(score / cap)",
+    "input rel(h, 257) float\npattern t5 = band(128) with score + rel[h, j - i + 128]",
+    "pattern p = full with select(i >= j, score, score * 0.5) + clamp(score, -2.5e-3, 1.0) - softplus(-score)",
+    "input gate(b, h, n_k) float\npattern p = causal with score + log(gate[b, h, j]) + sigmoid(exp(-1.5) * score)",
+]
+
+
+@pytest.mark.parametrize("src", ROUND_TRIPS)
+def test_printed_program_parses_back_to_the_same_ir(src):
+    kern = sparsec.compile(src)
+    again = sparsec.compile(kern.ir.show())
+    assert again.ir == kern.ir and again.ir.score == kern.ir.score
+    assert " with " in kern.ir.show()
+
+
+ERRORS = [   # (source, message, line, column)
+    ("pattern p = where(score > 0)", "'score' is only defined in a pattern's with expression", 1, 19),
+    ("pattern a = causal with score * 2\npattern b = a + band(3)", "pattern 'a' modifies its scores", 2, 13),
+    ("pattern p = causal with select(score, 1, 2)", "expected a condition", 1, 32),
+    ("param score = 3\npattern p = causal", "'score' is a built-in name", 1, 1),
+    ("pattern p = causal with score + gate[j]", "unknown input 'gate'", 1, 33),
+    ("input keep(n_k) bool\npattern p = causal with score + keep[j]", "'keep' is a bool input, used here as a number",
+     2, 33),
+    ("pattern p = causal with tanh(score, 2)", "tanh takes 1 argument(s), got 2", 1, 25),
+    ("pattern p = (causal with score) + band(2)", "", 1, 21),      # with is not part of an expression
+    ("pattern p = causal with score + 1e999", "real literal too large", 1, 33),
+]
+
+
+@pytest.mark.parametrize("src, message, line, column", ERRORS)
+def test_misuses_are_located_errors(src, message, line, column):
+    with pytest.raises(SparsecError) as info:
+        sparsec.compile(src)
+    assert message in info.value.message
+    assert (info.value.span.line, info.value.span.column) == (line, column)
+
+
+def test_an_integer_part_that_overflows_is_an_error_at_the_call():
+    kern = sparsec.compile("pattern p = causal with score + (i * j * j) / 2")
+    q = torch.randn(1, 1, 8, 16)
+    kern(q, q, q)
+    with pytest.raises(SparsecError, match="integer overflow"):
+        kern.score_function(1 << 22)
+
+
+def test_lsh_shares_and_the_kernels_refuse_scores_clearly():
+    with pytest.raises(SparsecError, match="not supported yet"):
+        sparsec.compile("pattern p = lsh(4) & causal with score * 2")
+    kern = sparsec.compile("pattern p = causal with score * 2")
+    q = torch.randn(1, 1, 20, 16)
+    with pytest.raises(ValueError, match="do not lower score expressions yet"):
+        kern(q, q, q, backend="interpret")
+    alibi = sparsec.compile("alibi")
+    with pytest.raises(ValueError, match="reads the input slopes: pass slopes="):
+        alibi(q, q, q)
+
+
+# ---- derivatives: the rule table against sympy ----
+
+DERIVED = [
+    "score * score - 3 * score", "exp(score / 4) + log(score * score + 1)", "50 * tanh(score / 50)",
+    "sigmoid(score) * softplus(score - 1)", "sqrt(score * score + 2) / (score + 7)", "score ** 3 - abs(score)",
+    "clamp(score, -0.5, 0.75) + min(score, 1 - score, 0.25) + max(score, 0.1)",
+    "select(score > 0.2, score * 2, -score) + log2(score * score + 1)",
+]
+
+
+@pytest.mark.parametrize("text", DERIVED)
+def test_derivative_rules_match_sympy(text):
+    e = sparsec.compile(f"pattern p = full with {text}").ir.score
+    d = Dv.derivative(e, E.Var("score"))
+    s = sympy.Symbol("score", real=True)
+    want = sympy.lambdify(s, sympy.diff(E.to_sympy(e, {"score": s}), s), "math")
+    for x in np.random.default_rng().uniform(-3, 3, 40):
+        if any(abs(x - edge) < 1e-6 for edge in (-0.5, 0.75, 0.25, 0.5, 0.1, 0.2, 0.0)):
+            continue   # a kink: the rules pick one side, sympy none
+        got = E.evaluate(d, {"score": float(x)})
+        assert math.isclose(got, float(want(x)), rel_tol=1e-9, abs_tol=1e-9), (text, x, got, want(x))
+
+
+def test_derivative_by_a_read():
+    e = sparsec.compile("input g(n_k) float\npattern p = full with score * g[j] + exp(g[j]) - g[j + 1]").ir.score
+    reads = Dv.float_read_nodes(e)
+    assert [E.show(r) for r in reads] == ["g[j]", "g[j + 1]"]
+    env = {"score": 0.7, "j": 3, "g": np.array([0.1, 0.2, 0.3, 0.4, 0.5])}
+    assert math.isclose(E.evaluate(Dv.derivative(e, reads[0]), env), 0.7 + math.exp(0.4))
+    assert E.evaluate(Dv.derivative(e, reads[1]), env) == -1
+
+
+# ---- the CPU path, forward and backward, against float64 autograd ----
+
+def _call(kern, B, H, Hkv, n_q, n_k, D, q_offset, inputs, backend="cpu"):
+    """kern's O and gradients (q, k, v, then each float input) against testing.reference's."""
+    gen = torch.Generator().manual_seed(_seed())
+    q = torch.randn(B, H, n_q, D, generator=gen)
+    k, v = (torch.randn(B, Hkv, n_k, D, generator=gen) for _ in range(2))
+    floats = [name for name, x in inputs.items() if x.is_floating_point()]
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)] + [inputs[n].clone().requires_grad_() for n in floats]
+    given = {**inputs, **dict(zip(floats, leaves[3:]))}
+    o, lse = kern(*leaves[:3], q_offset=q_offset, return_lse=True, backend=backend, **given)
+    wants = [x.double().requires_grad_() for x in (q, k, v)] + [inputs[n].double().requires_grad_() for n in floats]
+    want_o, want_lse = testing.reference(kern, *wants[:3], q_offset=q_offset,
+                                         **{**inputs, **dict(zip(floats, wants[3:]))})
+    do = torch.randn(o.shape, dtype=torch.float64, generator=gen)
+    got = torch.autograd.grad(o, leaves, do.float())
+    want = torch.autograd.grad(want_o, wants, do)
+    return (o, lse, got), (want_o, want_lse, want)
+
+
+def _close(got, want, tol=2e-4):
+    got, want = got.detach().double(), want.detach().double()
+    scale = max(1.0, float(want[torch.isfinite(want)].abs().max()) if torch.isfinite(want).any() else 1.0)
+    same_inf = torch.isinf(got) & torch.isinf(want) & (got.sign() == want.sign())
+    err = torch.where(same_inf, 0.0, (got - want).abs()).nan_to_num(float("inf")).max()
+    assert err <= tol * scale, f"max error {float(err):.3e} (scale {scale:.3g})"
+
+
+def _rand(*shape, low=-1.0, high=1.0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(_seed())) * (high - low) + low
+
+
+CPU_CASES = [   # (source, B, H, Hkv, n_q, n_k, q_offset, inputs)
+    ("input slopes(h) float\npattern p = causal with score - slopes[h] * (i - j)", 2, 4, 2, 70, 130, None,
+     {"slopes": _rand(4, low=0.01, high=0.5)}),
+    ("param cap = 2\npattern p = causal & band(40, 0) with cap * tanh(score / cap)", 1, 2, 2, 150, 150, 0, {}),
+    ("input rel(h, 41) float\npattern p = band(25) with score + rel[h, j - i + 20]", 1, 2, 1, 100, 100, 0,
+     {"rel": _rand(2, 41)}),    # reads past the table (|j - i| > 20) are 0
+    ("input gate(b, h, n_k) float\npattern p = causal & band(30, 0) with score + log(gate[b, h, j])", 2, 2, 2, 90, 90, 0,
+     {"gate": _rand(2, 1, 90, low=0.05, high=1.0)}),   # h broadcast
+    ("input w(b, n_q) float\npattern p = band(10) + global(2) with select(i >= j, score * w[b, i - n_k + n_q], "
+     "clamp(score, -0.3, 0.3)) + min(score, 0.2) - abs(score) / 4 + softplus(score) * sigmoid(score)", 2, 2, 2, 60, 80,
+     20, {"w": _rand(2, 60, low=0.5, high=1.5)}),
+    ("pattern p = blocks(16, band(1) + random(2, seed=5)) with exp(score / 8) - score ** 2 / 16", 1, 2, 2, 96, 96, 0,
+     {}),
+]
+
+
+@pytest.mark.parametrize("src, B, H, Hkv, n_q, n_k, q_offset, inputs", CPU_CASES)
+def test_cpu_path_matches_the_reference(src, B, H, Hkv, n_q, n_k, q_offset, inputs):
+    kern = sparsec.compile(src)
+    (o, lse, got), (want_o, want_lse, want) = _call(kern, B, H, Hkv, n_q, n_k, 16, q_offset, inputs)
+    _close(o, want_o)
+    _close(lse, want_lse)
+    for g, w in zip(got, want):
+        _close(g, w)
+
+
+def test_reference_is_the_formula():
+    """testing.reference under a with expression against ALiBi written out by hand."""
+    kern = sparsec.compile("alibi")
+    q, k, v = (torch.randn(1, 3, 40, 16, dtype=torch.float64) for _ in range(3))
+    slopes = torch.rand(3, dtype=torch.float64)
+    i, j = torch.arange(40).view(-1, 1), torch.arange(40).view(1, -1)
+    s = q @ k.transpose(-1, -2) / 4 - slopes.view(1, 3, 1, 1) * (i - j)
+    want = torch.softmax(s.masked_fill(j > i, -math.inf), -1) @ v
+    got, _ = testing.reference(kern, q, k, v, slopes=slopes)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_minus_inf_scores_contribute_nothing():
+    """log(0) gates: those pairs count for nothing, a row whose gates are all 0 gives O = 0 and
+    LSE = -inf, and no gradient is NaN (a pair with S' = -inf contributes 0, also to the gate)."""
+    kern = sparsec.compile("input gate(b, h, n_k) float\npattern p = causal with score + log(gate[b, h, j])")
+    gate = _rand(1, 2, 64, low=0.1, high=1.0)
+    gate[..., 5:40] = 0.0
+    gate[:, 1, :] = torch.where(torch.arange(64) < 40, 0.0, gate[:, 1, :])   # head 1: rows < 40 see only zeros
+    (o, lse, got), (want_o, want_lse, want) = _call(kern, 1, 2, 2, 64, 64, 16, 0, {"gate": gate})
+    _close(o, want_o)
+    _close(lse, want_lse)
+    assert torch.isneginf(lse[0, 1, :40]).all() and (o[0, 1, :40] == 0).all()
+    for g, w in zip(got[:3], want[:3]):
+        _close(g, w)
+    assert torch.isfinite(got[3]).all()
+    alive = gate > 0
+    _close(got[3][alive], want[3][alive])
+
+
+def test_with_score_alone_is_the_mask():
+    plain, scored = sparsec.compile("pattern p = band(9) + sink(3)"), sparsec.compile("pattern p = band(9) + sink(3) "
+                                                                                       "with score")
+    q, k, v = (torch.randn(1, 2, 50, 16) for _ in range(3))
+    assert torch.allclose(plain(q, k, v, backend="cpu"), scored(q, k, v, backend="cpu"), atol=1e-6)
+
+
+def test_library_systems_learn_their_inputs():
+    """One step of gradient descent on ALiBi's slopes lowers a loss: the gradient points downhill."""
+    kern = sparsec.compile("alibi")
+    q, k, v = (torch.randn(1, 4, 64, 16) for _ in range(3))
+    target = torch.randn(1, 4, 64, 16)
+    slopes = torch.full((4,), 0.3, requires_grad=True)
+    loss = ((kern(q, k, v, slopes=slopes) - target) ** 2).sum()
+    (grad,) = torch.autograd.grad(loss, [slopes])
+    with torch.no_grad():
+        after = ((kern(q, k, v, slopes=slopes - 1e-3 * grad / grad.norm()) - target) ** 2).sum()
+    assert after < loss
+
+
+@pytest.mark.parametrize("src", [
+    "alibi",
+    "input gate(b, h, n_k) float\ninput keep(b, n_k) bool\npattern p = (band(7) + sink(2)) & where(keep[b, j]) "
+    "with score + log(gate[b, h, j]) - abs(i - j) / 8",
+])
+def test_drawn_calls_match_the_reference(src):
+    """testing.attention_inputs draws the declared inputs too: odd lengths, GQA, offsets, decoding."""
+    kern = sparsec.compile(src)
+
+    @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(testing.attention_inputs(kern, max_n=70))
+    def one_call(call):
+        testing.assert_matches_reference(kern, backend="cpu", **call)
+    one_call()
+
+
+# ---- Flex: the same expression as a score_mod ----
+
+@pytest.mark.parametrize("src, inputs", [
+    ("input slopes(h) float\npattern p = causal & band(60, 0) with score - slopes[h] * (i - j)",
+     {"slopes": torch.tensor([0.05, 0.2])}),
+    ("input rel(h, 41) float\npattern p = band(25) with 3 * tanh(score / 3) + rel[h, j - i + 20]",
+     {"rel": torch.randn(2, 41)}),
+])
+def test_flex_score_mod_is_the_cpu_path(src, inputs):
+    kern = sparsec.compile(src)
+    q, k, v = (torch.randn(2, 2, 130, 16) for _ in range(3))
+    with torch.no_grad():
+        got = kern(q, k, v, backend="flex", **inputs)
+        want = kern(q, k, v, backend="cpu", **inputs)
+    assert torch.allclose(got, want, atol=2e-5)
+    mod = kern.score_mod(130, heads=2, **inputs)
+    s = torch.tensor(0.8)
+    expect = kern.score_function(130, heads=2, **inputs)(torch.full((1, 2, 130, 130), 0.8))[0, 1, 7, 9]
+    assert torch.allclose(mod(s, torch.tensor(0), torch.tensor(1), torch.tensor(7), torch.tensor(9)), expect.float())
