@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -56,12 +57,18 @@ class TorchScore:
         def per_pair(d):
             value = torch.as_tensor(to_torch(d, names, memo=memo), device=ds.device)
             return torch.where(zero, 0.0, ds * value)
-        for read in derivative.float_read_nodes(self.expr):
+        by_score, by_read = self.derivatives
+        for read, d in by_read:
             if read.decl.name in self.grads:
                 index = [torch.as_tensor(to_torch(a, names, memo=memo), device=ds.device) for a in read.index]
-                self._scatter(read, index, torch.broadcast_to(per_pair(derivative.derivative(self.expr, read)),
-                                                              ds.shape))
-        return per_pair(derivative.derivative(self.expr, SCORE)).to(s.dtype)
+                self._scatter(read, index, torch.broadcast_to(per_pair(d), ds.shape))
+        return per_pair(by_score).to(s.dtype)
+
+    @cached_property
+    def derivatives(self):
+        """d EXPR / d score, and (read, d EXPR / d read) per float read: once per call, not per step."""
+        return (derivative.derivative(self.expr, SCORE),
+                [(r, derivative.derivative(self.expr, r)) for r in derivative.float_read_nodes(self.expr)])
 
     def _scatter(self, e, index, values: torch.Tensor) -> None:
         """grads[input][index] += values per pair (reads outside the extent get nothing; a b or h
