@@ -338,7 +338,7 @@ class CompiledPattern:
         """The generated module (forward and backward kernels) of one share; tile sizes, warps
         and stages are chosen at launch, so one source serves every config."""
         name = self.name if len(self.shares) == 1 else f"{self.name}_share{share}"
-        return self._cached(("source", share), lambda: pipeline.emit(name, self.shares[share].body))
+        return self._cached(("source", share), lambda: pipeline.emit(name, self.shares[share].body, self.ir.score))
 
     @property
     def source(self) -> str:
@@ -363,7 +363,7 @@ class CompiledPattern:
 
     def forward_op(self, q, k, v, inputs: dict, scale, q_offset, backend, training: bool, return_lse: bool):
         """torch.ops.sparsec.attention: every share run, merged by LSE."""
-        if self._backend(backend, q.device) == "flex":
+        if choose_backend(backend, q.device) == "flex":
             flex.check_cpu_call(q.device, training or return_lse or len(self.shares) > 1)
         return content.merge_by_lse([b.run() for b in self.bind(q, k, v, scale, q_offset, backend, training,
                                                                 **inputs)], q.dtype)
@@ -390,7 +390,7 @@ class CompiledPattern:
         runs (`[b.run() for b in ...]`, merged by LSE), for timing the kernels alone. training:
         whether a backward follows (for the tiles; None: whether q, k or v need a gradient)."""
         call = check_call(self.name, self.needs | self.score_only, q, k, v, scale, q_offset, inputs)
-        backend = self._backend(backend, call.device)
+        backend = choose_backend(backend, call.device)
         training = wants_grad(q, k, v) if training is None else training
         if self.ir.inputs:
             self._check_declared(call, inputs)
@@ -404,14 +404,6 @@ class CompiledPattern:
             out.append(BoundShare(i, self._bind(i, body, c, backend, config, values, order, score), args, order,
                                   call.heads // call.kv_heads, score))
         return out
-
-    def _backend(self, backend: str | None, device) -> str:
-        """The call's backend: a pattern with a score expression defaults to 'flex' on CUDA (the
-        generated kernels do not lower score expressions yet)."""
-        if backend is None and self.ir.score is not None and device.type == "cuda" and \
-                not os.environ.get("SPARSEC_BACKEND"):
-            backend = "flex"
-        return choose_backend(backend, device)
 
     def _prepare(self, call: Call, q, k, inputs: dict) -> tuple[dict, list, list]:
         """The call's inputs (with content ids and selections, computed once per call on q's

@@ -33,7 +33,7 @@ from .passes.shares import Share
 from .passes.shares import split as split_body
 from .runtime import cpu, flex, scores
 from .runtime.call import Call
-from .runtime.launch import GeneratedAttention, table_values
+from .runtime.launch import GeneratedAttention, score_values, table_values
 from .runtime.loader import load_kernel
 
 STAGES = ("parse", "elaborate", "passes", "shares", "specialize", "layout", "emit", "bind")
@@ -113,8 +113,8 @@ def build_layout(r: LayoutRequest, cached, form: str = "device"):
     return lay
 
 
-def emit(name: str, body) -> Generated:
-    gen = emit_kernels(Definition(name, (), body))
+def emit(name: str, body, score=None) -> Generated:
+    gen = emit_kernels(Definition(name, (), body, score=score))
     trace("emit", lambda: gen.source)
     return gen
 
@@ -144,15 +144,12 @@ def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generat
             runner = flex.FlexAttention(mask, call.scale, None if score is None else scores.score_mod(
                 score.expr, call.q_offset, call.n_q, call.n_k, score.inputs))
     else:
-        if score is not None:
-            raise ValueError(f"pattern {name} modifies its scores (with ...): the generated kernels do not lower "
-                             f"score expressions yet; use backend='cpu' (CPU) or backend='flex' (CUDA, CPU "
-                             f"forward-only)")
         interpret = backend == "interpret"
         gen = generated()
         module = load_kernel(gen, name, interpret)
         tables = per_shape("tables", lambda: table_values(gen, r.body, call, r.inputs))
         runner = GeneratedAttention(module, build_layout(r, cached), tables, call, config, interpret,
-                                    None if r.order is None else (r.order.q_pos, r.order.k_pos))
+                                    None if r.order is None else (r.order.q_pos, r.order.k_pos), score,
+                                    [] if score is None else score_values(gen, score, call.device), gen.grads)
     trace("bind", lambda: f"share {r.share}: {backend} {config.show()}")
     return runner

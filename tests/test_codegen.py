@@ -107,7 +107,7 @@ def _compile_for_sm90(src: str, dtype: str, dim: int) -> tuple[str, dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from sparsec.runtime.loader import load_kernel
-    kern = sparsec.compile(f"pattern p = {src}")
+    kern = sparsec.compile(src if "pattern" in src else f"pattern p = {src}")
     wide = dim > 128   # the runtime's default tiles for the largest head dims
     sizes = {}
     # the first share (positional order) and the last (sorted by bucket when the pattern has any)
@@ -116,13 +116,17 @@ def _compile_for_sm90(src: str, dtype: str, dim: int) -> tuple[str, dict]:
         module = load_kernel(gen, kern.name, interpret=False)
         pointers = {t.name for t in gen.tables if t.pointer} | {
             "FULL_PTR", "FULL_IDX", "PARTIAL_PTR", "PARTIAL_IDX", "SCHEDULE", "Q_ORDER", "K_ORDER"}
+        typed = {t.name: {"float32": "*fp32", "int64": "*i64", "int8": "*i8"}[t.dtype]
+                 for t in gen.score_tables if t.pointer} | {f"GRAD_{name}": "*fp32" for name in gen.grads}
         constants = dict(HEAD_DIM=dim, HEAD_DIM_PAD=1 << (dim - 1).bit_length(), BLOCK_M=64,
                          BLOCK_N=32 if wide else 64, EVEN_N=False, DOT_PRECISION="tf32", DOT_IN_FP32=False,
-                         HAS_DLSE=True, PERMUTED=kern.shares[share].key is not None)
+                         HAS_DLSE=True, PERMUTED=kern.shares[share].key is not None,
+                         SCORED=kern.ir.score is not None, INPUT_GRADS=bool(gen.grads))
         for name in KERNELS:
             fn = getattr(module, name)
             signature = {arg: "constexpr" if arg in constants else f"*{dtype}" if arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-                         else "*fp32" if arg in ("LSE", "DELTA", "DLSE") else "*i32" if arg in pointers
+                         else "*fp32" if arg in ("LSE", "DELTA", "DLSE") else typed[arg] if arg in typed
+                         else "*i32" if arg in pointers
                          else "fp32" if arg.endswith("_SCALE") else "i32" for arg in fn.arg_names}
             source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()
                                                if k in fn.arg_names})
@@ -144,6 +148,9 @@ TRITON_PINNED = importlib.metadata.version("triton")
     ("document & (lsh(4, rounds=2) + topk(2, block=8) + cluster(3) + global([1, 5]))", "fp32", 96),
     ("where(isqrt(i) == isqrt(j) or ilog2(j + 1) < 5 and sqrt(i) < ceil(log2(n)) or i * j ** 2 % 7 == h)",
      "bf16", 256),
+    ("input slopes(h) float\ninput rel(h, 33) float\ninput gate(b, h, n_k) float\ninput keep(b, n_k) bool\n"
+     "pattern p = causal & band(100) & where(keep[b, j]) with 30 * tanh((score - slopes[h] * (i - j) + "
+     "rel[h, clamp(i - j, 0, 32)]) / 30) + log(gate[b, h, j])", "bf16", 64),
 ])
 def test_generated_kernels_compile_for_a_gpu_target(src, dtype, dim, triton_version, monkeypatch, tmp_path):
     side = ""

@@ -33,22 +33,31 @@ def sparse_attention_backward_delta(
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, IDX, start, end, offs_d, in_d, stride_kn, stride_kd,
-              stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET, QK_SCALE, K_ORDER,{keep_params}
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
-              PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """dq over the key tiles IDX[start:end], the forward's walk (MASKED: PARTIAL tiles)."""
+              stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_params}
+              {score_params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
+              PERMUTED: tl.constexpr, SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """dq += dS K over the key tiles IDX[start:end] (times the softmax scale at the end), the
+    forward's walk (MASKED: PARTIAL tiles), with dS = P (dO V^T - delta) dS'/dscore."""
     for at in range(start, end):
         cols = tl.load(IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         kT = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         vT = _load_cols(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        if MASKED:
+        keys = cols
+        if MASKED or SCORED:
             keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
+        s, raw = _scores(q, kT, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
+                         DOT_IN_FP32)
+        if MASKED:
             keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
-            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         elif EVEN_N:
-            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+            keep = None
         else:
-            dq = _grad_q(dq, q, do, kT, vT, lse2, delta, (cols < N_K)[None, :], QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+            keep = (cols < N_K)[None, :]
+        p = _probabilities(s, lse2, keep, SCORED)
+        ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
+        if SCORED:
+            ds = _chain(ds, pattern_score_grad(raw, pos, keys, h, b, N_Q, N_K,{score_args}))
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
     return dq
 
 
@@ -62,9 +71,9 @@ def sparse_attention_backward_dq(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    {score_params} HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, PERMUTED: tl.constexpr,
+    SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dQ of one query tile: the forward's walk over FULL and PARTIAL key tiles."""
     job = tl.load(SCHEDULE + tl.program_id(0))   # the forward's launch order
@@ -90,12 +99,12 @@ def sparse_attention_backward_dq(
     row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
     dq = _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, FULL_IDX, tl.load(FULL_PTR + row),
                    tl.load(FULL_PTR + row + 1), offs_d, in_d, stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H,
-                   G, N_Q, N_K, Q_OFFSET, QK_SCALE, K_ORDER,{keep_args} BLOCK_M, BLOCK_N, False, EVEN_N, PERMUTED,
-                   DOT_PRECISION, DOT_IN_FP32)
+                   G, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N, False,
+                   EVEN_N, PERMUTED, SCORED, DOT_PRECISION, DOT_IN_FP32)
     dq = _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, PARTIAL_IDX, tl.load(PARTIAL_PTR + row),
                    tl.load(PARTIAL_PTR + row + 1), offs_d, in_d, stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk,
-                   H, G, N_Q, N_K, Q_OFFSET, QK_SCALE, K_ORDER,{keep_args} BLOCK_M, BLOCK_N, True, EVEN_N,
-                   PERMUTED, DOT_PRECISION, DOT_IN_FP32)
+                   H, G, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N,
+                   True, EVEN_N, PERMUTED, SCORED, DOT_PRECISION, DOT_IN_FP32)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -104,22 +113,37 @@ def sparse_attention_backward_dq(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, IDX, start, end, offs_d, in_d, stride_qm,
-                stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, QK_SCALE, Q_ORDER,{params}
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PERMUTED: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """dk, dv of one key tile over the query tiles IDX[start:end] of query head h (MASKED:
-    PARTIAL tiles, whose row-only parts of the pattern change with every query tile here)."""
+                stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, Q_ORDER,{params}
+                {score_params} {grad_params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                PERMUTED: tl.constexpr, SCORED: tl.constexpr, INPUT_GRADS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                DOT_IN_FP32: tl.constexpr):
+    """dv += P^T dO and dk += dS^T Q (times the softmax scale at the end) of one key tile over the
+    query tiles IDX[start:end] of query head h (MASKED: PARTIAL tiles, whose row-only parts of
+    the pattern change with every query tile here). Every pair is visited once here, so this is
+    where the with expression's float inputs get their gradients (INPUT_GRADS)."""
     for at in range(start, end):
         offs_m = tl.load(IDX + at) * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_rows(q_base, offs_m, offs_d, in_d, N_Q, stride_qm, stride_qd)
         do = _load_rows(do_base, offs_m, offs_d, in_d, N_Q, stride_dom, stride_dod)
         lse2, delta = _row_stats(LSE, DELTA, bh, offs_m, N_Q)
+        pos = offs_m
+        if MASKED or SCORED:
+            pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the pattern reads positions
+        s, raw = _scores(q, kT, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
+                         DOT_IN_FP32)
         if MASKED:
-            pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the predicate reads positions
 {rows_call_inner}            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
-            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         else:
-            dk, dv = _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+            keep = None
+        p = _probabilities(s, lse2, keep, SCORED)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
+        ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
+        if SCORED:
+            if INPUT_GRADS:
+                live = (offs_m < N_Q)[:, None] & (cols < N_K)[None, :]
+                pattern_input_grads(ds, live, raw, pos, keys, h, b, N_Q, N_K,{score_args}{grad_args})
+            ds = _chain(ds, pattern_score_grad(raw, pos, keys, h, b, N_Q, N_K,{score_args}))
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
     return dk, dv
 
 
@@ -134,9 +158,9 @@ def sparse_attention_backward_dkdv(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    {score_params} {grad_params} HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr, SCORED: tl.constexpr,
+    INPUT_GRADS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """dK and dV of one key tile of one K/V head: the transposed layout's query tiles, summed
     over the G query heads that share the K/V head (rows past n_q have P = 0 through lse2)."""
@@ -165,12 +189,14 @@ def sparse_attention_backward_dkdv(
         row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * KEY_TILES + ktile
         dk, dv = _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, FULL_IDX,
                              tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1), offs_d, in_d, stride_qm,
-                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, QK_SCALE,
-                             Q_ORDER,{args} BLOCK_M, BLOCK_N, False, PERMUTED, DOT_PRECISION, DOT_IN_FP32)
+                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, SM_SCALE,
+                             QK_SCALE, Q_ORDER,{args} {score_args} {grad_args} BLOCK_M, BLOCK_N, False, PERMUTED,
+                             SCORED, INPUT_GRADS, DOT_PRECISION, DOT_IN_FP32)
         dk, dv = _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, PARTIAL_IDX,
                              tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), offs_d, in_d, stride_qm,
-                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, QK_SCALE,
-                             Q_ORDER,{args} BLOCK_M, BLOCK_N, True, PERMUTED, DOT_PRECISION, DOT_IN_FP32)
+                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, SM_SCALE,
+                             QK_SCALE, Q_ORDER,{args} {score_args} {grad_args} BLOCK_M, BLOCK_N, True, PERMUTED,
+                             SCORED, INPUT_GRADS, DOT_PRECISION, DOT_IN_FP32)
 
     mask = (cols[:, None] < N_K) & in_d[None, :]
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh

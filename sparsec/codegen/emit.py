@@ -5,13 +5,15 @@ import hashlib
 import textwrap
 from dataclasses import dataclass
 
+from ..ir import expr as E
 from ..ir.program import Definition
 from .lowering import TableParam, lower
 from .backward import BACKWARD
+from .score import lower_score
 from .templates import FORWARD, HELPERS, PATTERN
 
 
-VERSION = 7  # bump when the generated code changes shape: part of the content hash
+VERSION = 8  # bump when the generated code changes shape: part of the content hash
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class Generated:
     digest: str
     tables: tuple[TableParam, ...]
     pattern: str = ""
+    score_tables: tuple[TableParam, ...] = ()   # of the with expression's inputs (codegen/score.py)
+    grads: tuple[str, ...] = ()                 # its float inputs with a gradient pointer, in order
 
 
 def _listed(names: list[str], per_line: int = 8) -> str:
@@ -37,14 +41,19 @@ def _listed(names: list[str], per_line: int = 8) -> str:
 
 def emit_kernels(d: Definition) -> Generated:
     """The Triton module for the optimized definition `d`: the pattern once, as two helpers
-    (pattern_rows: its parts of the query rows alone; pattern_keep: the predicate of a tile), then
-    the forward kernel and the three backward kernels (delta, dQ, dK/dV), which call them."""
+    (pattern_rows: its parts of the query rows alone; pattern_keep: the predicate of a tile) and
+    the three of its with expression (pattern_score, its slope and input gradients), then the
+    forward kernel and the three backward kernels (delta, dQ, dK/dV), which call them."""
     pred, out = lower(d.body)
+    score = lower_score(d.score)
+    score_names = _listed([t.name for t in score.tables])
+    grad_names = _listed([f"GRAD_{name}" for name in score.grads])
     names = _listed([t.name for t in out.tables])
     rows = [line.split(" = ", 1)[0] for line in out.hoisted]   # the row-only values, bound once per query tile
     call = f"pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,{names} BLOCK_M, BLOCK_N)\n"
     fill = dict(
-        params=names, args=names, pred=pred,
+        params=names, args=names, pred=pred, score_params=score_names, score_args=score_names,
+        grad_params=grad_names, grad_args=grad_names,
         # scalar tables change with the call: no recompiles for values that happen to be 1 or multiples of 16
         scalars="".join(f', "{t.name}"' for t in out.tables if not t.pointer),
         hoisted=textwrap.indent("\n".join(out.hoisted), " " * 4), rows=", ".join(rows),
@@ -56,13 +65,15 @@ def emit_kernels(d: Definition) -> Generated:
     pattern = PATTERN.format(**fill)
     if not rows:   # nothing of the rows alone: no pattern_rows helper
         pattern = pattern[pattern.index("\n\n@triton.jit\ndef pattern_keep") + 1:]
+    pattern += "\n\n" + score.source
     kernels = pattern + FORWARD.format(**fill) + BACKWARD.format(**fill)
     glossary = "".join(f"#   {t.name:<24} {'pointer' if t.pointer else 'int    '}  from {t.describe()}\n"
-                       for t in out.tables) or "#   (none)\n"
-    text = f"{d.name}\n{d.body.show()}\n{VERSION}\n{HELPERS}{kernels}"
+                       for t in out.tables + list(score.tables)) or "#   (none)\n"
+    ir = d.body.show() + ("" if d.score is None else f" with {E.show(d.score)}")
+    text = f"{d.name}\n{ir}\n{VERSION}\n{HELPERS}{kernels}"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    header = HEADER.format(name=d.name, ir=d.body.show(), digest=digest, tables=glossary)
-    return Generated(header + HELPERS + kernels, digest, tuple(out.tables), header + pattern)
+    header = HEADER.format(name=d.name, ir=ir, digest=digest, tables=glossary)
+    return Generated(header + HELPERS + kernels, digest, tuple(out.tables), header + pattern, score.tables, score.grads)
 
 
 HEADER = '''\

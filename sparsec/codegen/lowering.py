@@ -24,6 +24,8 @@ class TableParam:
     dtype: str = "int32"      # of a pointer table's elements
 
     def describe(self) -> str:
+        if self.node < 0:   # codegen/score.py's: the with expression's inputs
+            return f"the with expression: {self.key}"
         return f"node {self.node}: {self.key if self.expr is None else E.show(self.expr)}"
 
 

@@ -21,6 +21,11 @@ def _real(x):
 
 
 @triton.jit
+def _real32(x):
+    return tl.cast(x, tl.float32)   # a with expression's reals (and its literals): fp32, as the scores are
+
+
+@triton.jit
 def _sigmoid(x):
     e = tl.exp(-tl.abs(x))   # e^-|x| never overflows
     return tl.where(x >= 0, 1 / (1 + e), e / (1 + e))
@@ -90,14 +95,13 @@ def _split_range(start, end, split, SPLITS):
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE,
-            DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """One key tile of the online softmax (base 2). keep: the pairs allowed, or None for all.
+def _attend(acc, m_i, l_i, s, V_tile, keep, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """One key tile of the online softmax (base 2) over its scores s. keep: the pairs allowed, or
+    None for all.
 
     m_i is the running row max of the scaled scores, l_i the running sum of 2^(s - m_i), acc the
     running sum of 2^(s - m_i) v. A row whose pairs are all masked so far keeps m_i = -inf; using
     0 in its place keeps every exponent finite (2^-inf = 0) so such rows stay exactly zero."""
-    s = _dot(q, K_tile, DOT_PRECISION, DOT_IN_FP32) * QK_SCALE
     if keep is not None:
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -110,32 +114,23 @@ def _attend(acc, m_i, l_i, q, K_tile, V_tile, keep, QK_SCALE,
 
 
 @triton.jit
-def _probabilities(q, K_tile, lse2, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """P of one (query tile, key tile), recomputed from the saved LSE (lse2: see _row_stats)."""
-    s = _dot(q, K_tile, DOT_PRECISION, DOT_IN_FP32) * QK_SCALE
+def _probabilities(s, lse2, keep, SCORED: tl.constexpr):
+    """P of one (query tile, key tile) from its scores s (base 2) and the saved LSE (lse2: see
+    _row_stats). Under a with expression, rows past n_q or with no key get P = 0 explicitly: their
+    S' may be anything (a score of 0 divided by itself), and 2^(NaN - inf) is not 0."""
     p = tl.math.exp2(s - lse2[:, None])
     if keep is not None:
         p = tl.where(keep, p, 0.0)
+    if SCORED:
+        p = tl.where(lse2[:, None] == float("inf"), 0.0, p)
     return p
 
 
 @triton.jit
-def _grad_q(dq, q, do, kT, vT, lse2, delta, keep, QK_SCALE, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """dq += dS K for one key tile (times the softmax scale at the end), dS = P (dO V^T - delta)."""
-    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-    return dq + _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
-
-
-@triton.jit
-def _grad_kv(dk, dv, q, do, kT, vT, lse2, delta, keep, QK_SCALE,
-             DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """dv += P^T dO and dk += dS^T Q for one query tile (dk times the softmax scale at the end)."""
-    p = _probabilities(q, kT, lse2, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
-    dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_IN_FP32)
-    ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
-    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
-    return dk, dv
+def _chain(ds, slope):
+    """dS = dS' dS'/dscore. A pair with dS' = 0 (masked, or S' = -inf) gives exactly 0, even where
+    the slope is infinite (log at 0)."""
+    return tl.where(ds == 0, 0.0, ds * slope)
 
 
 @triton.jit
@@ -168,26 +163,44 @@ def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_params}
 
 FORWARD = '''
 @triton.jit
+def _scores(q, kT, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_params}
+            SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """(s, raw) of one tile: s the scores in base 2, which the softmax takes (exp2), and raw =
+    qk * scale, which the with expression reads. Without one, s = qk * (scale * log2(e)) in one
+    product; with one, s = S'(raw) * log2(e)."""
+    dot = _dot(q, kT, DOT_PRECISION, DOT_IN_FP32)
+    if SCORED:
+        raw = dot * SM_SCALE
+        return pattern_score(raw, pos, keys, h, b, N_Q, N_K,{score_args}) * 1.4426950408889634, raw
+    return dot * QK_SCALE, dot
+
+
+@triton.jit
 def _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, IDX, start, end, offs_d, in_d, stride_kn, stride_kd,
-                   stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET, QK_SCALE, K_ORDER,{keep_params}
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
-                   PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+                   stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_params}
+                   {score_params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DOT_IN_FP32: tl.constexpr):
     """The online softmax over the key tiles IDX[start:end]. PARTIAL tiles (MASKED) evaluate the
     pattern's predicate per pair; FULL tiles evaluate none, only the key bound when n_k is not a
-    multiple of BLOCK_N (only the last key tile can cross it)."""
+    multiple of BLOCK_N (only the last key tile can cross it). A with expression (SCORED) runs on
+    every pair of both."""
     for at in range(start, end):
         cols = tl.load(IDX + at) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_cols(k_base, cols, offs_d, in_d, N_K, stride_kn, stride_kd)
         v = _load_rows(v_base, cols, offs_d, in_d, N_K, stride_vn, stride_vd)
-        if MASKED:
+        keys = cols
+        if MASKED or SCORED:
             keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
+        s, raw = _scores(q, k, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
+                         DOT_IN_FP32)
+        if MASKED:
             keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, keep, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
         elif EVEN_N:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, None, QK_SCALE, DOT_PRECISION, DOT_IN_FP32)
+            keep = None
         else:
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, (cols < N_K)[None, :], QK_SCALE,
-                                    DOT_PRECISION, DOT_IN_FP32)
+            keep = (cols < N_K)[None, :]
+        acc, m_i, l_i = _attend(acc, m_i, l_i, s, v, keep, DOT_PRECISION, DOT_IN_FP32)
     return acc, m_i, l_i
 
 
@@ -198,11 +211,11 @@ def sparse_attention_forward(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
-    N_Q, N_K, Q_OFFSET, H, G, QK_SCALE, SPLITS,
+    N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE, SPLITS,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    {score_params} HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, PERMUTED: tl.constexpr,
+    SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """O and LSE of one query tile. With SPLITS > 1 (decoding: few query rows, long rows of key
     tiles) each of SPLITS programs takes an equal part of the tile's key tiles and writes its own
@@ -235,13 +248,13 @@ def sparse_attention_forward(
     start, end = _split_range(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1), split, SPLITS)
     acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, FULL_IDX, start, end, offs_d, in_d,
                                    stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET,
-                                   QK_SCALE, K_ORDER,{keep_args} BLOCK_M, BLOCK_N, False, EVEN_N, PERMUTED,
-                                   DOT_PRECISION, DOT_IN_FP32)
+                                   SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N, False,
+                                   EVEN_N, PERMUTED, SCORED, DOT_PRECISION, DOT_IN_FP32)
     start, end = _split_range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), split, SPLITS)
     acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, PARTIAL_IDX, start, end, offs_d, in_d,
                                    stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET,
-                                   QK_SCALE, K_ORDER,{keep_args} BLOCK_M, BLOCK_N, True, EVEN_N, PERMUTED,
-                                   DOT_PRECISION, DOT_IN_FP32)
+                                   SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N, True,
+                                   EVEN_N, PERMUTED, SCORED, DOT_PRECISION, DOT_IN_FP32)
 
     # rows with no allowed key: O = 0 and LSE = -inf (l_i = 0 there), never NaN
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -86,37 +86,49 @@ class Where(Pattern):
         return f"({cond} & {cx.constant(True)})"  # & broadcasts a condition of h alone to the tile
 
     def _read(self, cx, e, index: list[str]) -> str:
-        """A masked load of one element per index (0 outside the extent), from the input's table:
-        its pointer, and per axis its size and stride (0 on a b or h axis given as 1)."""
-        name = e.decl.name
-        ptr = cx.table(self, f"in_{name}", dtype=READ_DTYPES[e.decl.dtype])
-        offset, inside = [], []
-        for k, (dim, at) in enumerate(zip(e.decl.dims, index)):
-            stride = cx.table(self, f"in_{name}_stride{k}", pointer=False)
-            offset.append(f"({at}) * {stride}")
-            if dim not in ("b", "h"):   # b and h are in range by construction
-                inside.append(f"(({at}) >= 0) & (({at}) < {cx.table(self, f'in_{name}_size{k}', pointer=False)})")
-        offset = " + ".join(offset) or "0"
-        if not inside:
-            load = f"tl.load({ptr} + {offset})"
-        else:
-            ok = cx.shallow(" & ".join(inside))
-            load = f"tl.load({ptr} + tl.where({ok}, {offset}, 0), mask={ok}, other=0)"
-        return f"({load} != 0)" if e.decl.dtype == "bool" else load
+        return read_load(e, index, lambda key, pointer, dtype="int32": cx.table(self, f"in_{key}", pointer, dtype),
+                         cx.shallow, READ_DTYPES)
 
     def tables(self, space):
-        """Per input read: the tensor, and per axis its size and its stride in the contiguous
-        copy the kernel gets (0 for a b or h axis of size 1: broadcast)."""
         out = {}
         for decl in E.reads(self.cond):
-            x = space.inputs[decl.name]
-            out[f"in_{decl.name}"] = x
-            stride = 1
-            for k in range(len(decl.dims) - 1, -1, -1):
-                size = int(x.shape[k])
-                out[f"in_{decl.name}_size{k}"] = size
-                out[f"in_{decl.name}_stride{k}"] = 0 if size == 1 and decl.dims[k] in ("b", "h") else stride
-                stride *= size
+            out.update({f"in_{decl.name}{key}": v for key, v in read_tables(decl, space.inputs[decl.name]).items()})
         return out
+
+
+def read_element(e: E.Read, index: list[str], table, shallow) -> tuple[str, str | None]:
+    """(offset, inside) of one read in the contiguous copy of its input the kernel gets: per axis
+    the index times its stride; inside, the bound check of the axes other than b and h (which
+    are in range by construction), or None when there are none. table(key, pointer, dtype) names
+    a kernel parameter (read_tables' keys, after the input's name)."""
+    offset, inside = [], []
+    for k, (dim, at) in enumerate(zip(e.decl.dims, index)):
+        offset.append(f"({at}) * {table(f'{e.decl.name}_stride{k}', False)}")
+        if dim not in ("b", "h"):
+            inside.append(f"(({at}) >= 0) & (({at}) < {table(f'{e.decl.name}_size{k}', False)})")
+    return " + ".join(offset) or "0", (shallow(" & ".join(inside)) if inside else None)
+
+
+def read_load(e: E.Read, index: list[str], table, shallow, dtypes: dict) -> str:
+    """A masked load of one element per index (0 outside the extent), from the input's table."""
+    ptr = table(e.decl.name, True, dtypes[e.decl.dtype])
+    offset, inside = read_element(e, index, table, shallow)
+    load = f"tl.load({ptr} + {offset})" if inside is None else \
+        f"tl.load({ptr} + tl.where({inside}, {offset}, 0), mask={inside}, other=0)"
+    return f"({load} != 0)" if e.decl.dtype == "bool" else load
+
+
+def read_tables(decl, x) -> dict:
+    """An input's kernel tables: the tensor (key ""), and per axis k its size ("_size{k}") and its
+    stride in the contiguous copy the kernel gets ("_stride{k}", 0 for a b or h axis of size 1:
+    broadcast). Reads in where(...) and in a with expression (codegen/score.py) both use them."""
+    out = {"": x}
+    stride = 1
+    for k in range(len(decl.dims) - 1, -1, -1):
+        size = int(x.shape[k])
+        out[f"_size{k}"] = size
+        out[f"_stride{k}"] = 0 if size == 1 and decl.dims[k] in ("b", "h") else stride
+        stride *= size
+    return out
 
 

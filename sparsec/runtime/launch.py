@@ -12,6 +12,7 @@ from ..ir.limits import saturate
 from ..ir.pattern import Pattern, value
 from ..ir.combinators import Blocks
 from ..ir.tiles import TableSpace
+from ..ir.where import read_tables
 from ..layout import DeviceLayout
 from .call import Call
 from .loader import interpreting
@@ -48,14 +49,26 @@ def table_values(gen: Generated, body: Pattern, call: Call, inputs: dict) -> lis
             n_q, n_k = -(-call.n_q // scale), -(-call.n_k // scale)
             out.append(saturate(E.integer(t.expr, {"n": n_k, "n_k": n_k, "n_q": n_q})))
             continue
-        x = found[t.node][t.key]
-        if t.pointer:
-            dtype = getattr(torch, t.dtype)
-            x = torch.as_tensor(x).to(device=call.device, dtype=dtype).contiguous()
-            out.append(x if x.numel() else torch.full((1,), -1, dtype=dtype, device=call.device))
-        else:
-            out.append(int(x))
+        out.append(_argument(t, found[t.node][t.key], call.device))
     return out
+
+
+def _argument(t, x, device):
+    """A table's kernel argument: a contiguous tensor of its dtype (never empty), or an int."""
+    if not t.pointer:
+        return int(x)
+    dtype = getattr(torch, t.dtype)
+    x = torch.as_tensor(x).to(device=device, dtype=dtype).contiguous()
+    return x if x.numel() else torch.full((1,), -1, dtype=dtype, device=device)
+
+
+def score_values(gen: Generated, score, device) -> list:
+    """The values of the with expression's tables (codegen/score.py), from the call's inputs:
+    per call, since inputs change with every call."""
+    found = {}
+    for decl in E.reads(score.expr):
+        found.update({f"{decl.name}{key}": x for key, x in read_tables(decl, score.inputs[decl.name]).items()})
+    return [_argument(t, found[t.key], device) for t in gen.score_tables]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -86,6 +99,9 @@ class GeneratedAttention:
     config: TileConfig
     interpret: bool
     order: tuple[torch.Tensor, torch.Tensor] | None = None
+    score: object = None        # the call's TorchScore (runtime/scores.py) when the pattern has `with`
+    score_tables: list = ()     # its tables' values (score_values), in the kernels' order
+    grads: tuple = ()           # the float inputs the kernels take gradient pointers for (Generated.grads)
 
     def _orders(self, q) -> tuple:
         if self.order is None:  # never read (PERMUTED is False): any pointer will do
@@ -99,6 +115,7 @@ class GeneratedAttention:
         return dict(HEAD_DIM=c.dim, HEAD_DIM_PAD=max(16, 1 << (c.dim - 1).bit_length()),
                     BLOCK_M=self.lay.block_m, BLOCK_N=self.lay.block_n, DOT_PRECISION=precision,
                     DOT_IN_FP32=self.interpret and q.dtype == torch.bfloat16, PERMUTED=self.order is not None,
+                    SCORED=self.score is not None,
                     num_warps=self.config.num_warps, num_stages=self.config.num_stages)
 
     def _empty(self, shape, dtype, device):
@@ -123,9 +140,9 @@ class GeneratedAttention:
             self.module.sparse_attention_forward[(tq * splits * c.batch * c.heads,)](
                 q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), *o_part.stride()[-4:],
                 o_part.stride(0) if splits > 1 else 0, lse_part.stride(0) if splits > 1 else 0,
-                c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale * math.log2(math.e), splits,
+                c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale, c.scale * math.log2(math.e), splits,
                 *lay.full, *lay.partial, lb, lh, tq, lay.schedule(c.batch, c.heads), *self._orders(q), *self.tables,
-                EVEN_N=c.n_k % lay.block_n == 0, **self._common(q))
+                *self.score_tables, EVEN_N=c.n_k % lay.block_n == 0, **self._common(q))
         if splits == 1:
             return o, lse
         # merge the splits: LSE = logsumexp over splits, O = sum of exp(LSE_s - LSE) O_s
@@ -143,6 +160,7 @@ class GeneratedAttention:
         delta = self._empty((c.batch, c.heads, c.n_q), torch.float32, q.device)
         dq = self._empty(q.shape, q.dtype, q.device)
         dk, dv = self._empty(k.shape, k.dtype, k.device), self._empty(v.shape, v.dtype, v.device)
+        grads = self._input_grads(q)
         scalars = (c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale, c.scale * math.log2(math.e))
         with interpreting(self.interpret):
             self.module.sparse_attention_backward_delta[(tq, c.batch * c.heads)](
@@ -152,11 +170,20 @@ class GeneratedAttention:
             self.module.sparse_attention_backward_dq[(tq * c.batch * c.heads,)](
                 q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 *scalars, *lay.full, *lay.partial, lb, lh, tq, lay.schedule(c.batch, c.heads), *self._orders(q),
-                *self.tables,
+                *self.tables, *self.score_tables,
                 EVEN_N=c.n_k % lay.block_n == 0, **common)
             self.module.sparse_attention_backward_dkdv[(tk * c.batch * c.kv_heads,)](
                 q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
                 *dk.stride(), *dv.stride(), *scalars, *lay.full_t, *lay.partial_t, lb, lh, tk,
                 lay.schedule(c.batch, c.heads, c.heads // c.kv_heads), *self._orders(q),
-                *self.tables, **common)
+                *self.tables, *self.score_tables, *grads, INPUT_GRADS=bool(self.score is not None and self.score.grads),
+                **common)
         return dq, dk, dv
+
+    def _input_grads(self, q) -> list:
+        """The gradient buffers the dK/dV kernel adds into by atomics (fp32, each input's shape):
+        the TorchScore's for the inputs that asked, scratch for the rest, any pointer when none did."""
+        if self.score is None or not self.score.grads:
+            return [q] * len(self.grads)
+        return [self.score.grads[name] if name in self.score.grads else
+                torch.zeros(self.score.inputs[name].shape, dtype=torch.float32, device=q.device) for name in self.grads]

@@ -216,9 +216,6 @@ def run(kern: CompiledPattern, n: int, heads: int, block, inputs: dict, backends
     if large and kern.ir.score is not None:
         raise ValueError(f"--n {n}: patterns with a score expression are checked dense, so up to "
                          f"{math.isqrt(DENSE_PAIRS // heads)} tokens at --heads {heads}")
-    if backends is None and kern.ir.score is not None:
-        print("the score expression runs on backend='cpu' (the generated kernels do not lower score expressions yet)")
-        backends = ["cpu"]
     if backends is None:
         backends = ["triton"] if torch.cuda.is_available() else ["cpu"] if large else ["interpret", "cpu"]
     print(f"pattern {kern.name}: {kern.ir.body.show()}")
@@ -233,8 +230,6 @@ def examples(kern: CompiledPattern, count: int, backends: list[str] | None) -> i
     lengths, GQA, offsets, inputs) per backend, forward and backward against the float64 reference."""
     from hypothesis import HealthCheck, given, settings   # optional: pip install sparsec[testing]
     from .. import testing
-    if backends is None and kern.ir.score is not None:   # the kernels do not lower score expressions yet
-        backends = ["flex"] if torch.cuda.is_available() else ["cpu"]
     for backend in backends or (["triton"] if torch.cuda.is_available() else ["interpret", "cpu"]):
         device = "cuda" if backend == "triton" or torch.cuda.is_available() and backend == "flex" else "cpu"
         progress = tqdm(total=count, desc=f"{backend}: drawn calls", file=sys.stderr, unit="call")
