@@ -67,6 +67,19 @@ def assert_matches_reference(kern: CompiledPattern, q, k, v, scale: float | None
                              f"{q_offset}):\n  " + "\n  ".join(problems))
 
 
+def draw_inputs(kern: CompiledPattern, batch: int, heads: int, lengths: dict, gen: torch.Generator) -> dict:
+    """Values for the pattern's declared inputs (spec section 6), on the CPU: bools true with
+    probability 1/2, ints in [0, n_k), floats in [0.05, 1) (positive: gates, spans). lengths: n,
+    n_q and n_k."""
+    out = {}
+    for d in kern.ir.inputs:
+        shape = expected_shape(d, batch, heads, lengths)
+        out[d.name] = (torch.rand(shape, generator=gen) < 0.5 if d.dtype == "bool" else
+                       torch.randint(0, lengths["n_k"], shape, generator=gen) if d.dtype == "int" else
+                       torch.rand(shape, generator=gen) * 0.95 + 0.05)
+    return out
+
+
 def attention_inputs(kern: CompiledPattern, max_n: int = 96, dims=(16, 32), dtypes=(torch.float32,),
                      device: str = "cpu"):
     """A hypothesis strategy of valid calls of kern: dicts of q, k, v, q_offset and the inputs the
@@ -93,11 +106,6 @@ def attention_inputs(kern: CompiledPattern, max_n: int = 96, dims=(16, 32), dtyp
         else:
             call["q_offset"] = draw(st.one_of(st.none(), st.integers(-4, n_k)))
         lengths = {"n": n_k, "n_q": n_q, "n_k": n_k}
-        for d in kern.ir.inputs:   # declared inputs: bools, ints in [0, n_k), positive floats (gates, spans)
-            shape = expected_shape(d, B, kv_heads * group, lengths)
-            x = (torch.rand(shape, generator=gen) < 0.5 if d.dtype == "bool" else
-                 torch.randint(0, n_k, shape, generator=gen) if d.dtype == "int" else
-                 torch.rand(shape, generator=gen) * 0.95 + 0.05)
-            call[d.name] = x.to(device)
+        call.update({name: x.to(device) for name, x in draw_inputs(kern, B, kv_heads * group, lengths, gen).items()})
         return call
     return calls()

@@ -6,6 +6,11 @@ Header lines read here (see any patterns/*.sa):
     # density: n=4096 heads=1 approx=0.0123 tolerance=0.005   random / content-based
     # density-inputs: segment_len=512                          segment_ids = arange(n) // 512
     # density-inputs: qk=standard_normal D=64 B=1 seed=0       q then k from default_rng(seed)
+    # density-inputs: NAME=fill:V | bernoulli:P | randint:HIGH | permutation seed=S
+                                                             a declared input (spec section 6), B = 1:
+                                                             V everywhere; true with probability P;
+                                                             ints in [0, HIGH); a permutation of the
+                                                             last axis per (b, h); from default_rng(S)
 Density is the fraction of allowed (query, key) pairs at n_q = n_k = n, averaged over batch and heads.
 """
 from __future__ import annotations
@@ -33,6 +38,7 @@ EXPECTED_FILES = {
     "longformer", "bigbird", "sparse_transformer", "star", "block_local", "logsparse", "longnet",
     "streaming", "reformer", "routing", "moba", "prefix_lm", "document",
     "alibi", "softcap", "t5_bias",   # score modifications (spec section 7)
+    "expire_span", "sparsebert", "adaptive", "sinkhorn",   # call-time inputs (spec section 6)
 }
 
 DENSITY = re.compile(
@@ -70,7 +76,24 @@ def _runtime(kern, spec: dict[str, str], n: int, heads: int) -> dict:
         shape = (int(spec["B"]), heads, n, int(spec["D"]))
         kwargs["q"] = rng.standard_normal(shape).astype(np.float32)
         kwargs["k"] = rng.standard_normal(shape).astype(np.float32)
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    for d in kern.ir.inputs:
+        if d.name in kern.score_only:   # the mask does not read it
+            continue
+        assert d.name in spec, f"pattern reads the input {d.name} without '# density-inputs: {d.name}=...'"
+        shape = expected_shape(d, 1, heads, {"n": n, "n_q": n, "n_k": n})
+        how, _, arg = spec[d.name].partition(":")
+        kwargs[d.name] = DRAWS[how](rng, shape, arg)
     return kwargs
+
+
+DRAWS = {   # how a density-inputs line fills a declared input
+    "fill": lambda rng, shape, v: np.full(shape, float(v)),
+    "bernoulli": lambda rng, shape, p: rng.random(shape) < float(p),
+    "randint": lambda rng, shape, high: rng.integers(0, int(high), shape),
+    "permutation": lambda rng, shape, _: np.stack([rng.permutation(shape[-1]) for _ in range(
+        int(np.prod(shape[:-1])))]).reshape(shape),
+}
 
 
 ALL_PATTERNS = [pytest.param(path, name, id=f"{path.stem}:{name}") for path in FILES for name in _names(path)]
@@ -94,7 +117,8 @@ def test_compiles_and_printed_ir_round_trips(path, name):
     kern = sparsec.compile(str(path), pattern=name)
     assert kern.name == name
     printed = kern.ir.body.show()
-    again = sparsec.compile(f"pattern {kern.name} = " + printed)
+    declared = "".join(d.show() + "\n" for d in kern.ir.inputs)   # what the body reads
+    again = sparsec.compile(f"{declared}pattern {kern.name} = " + printed)
     assert again.ir.body == kern.ir.body, f"{printed!r} re-parses to {again.ir.body.show()!r}"
 
 
@@ -126,11 +150,10 @@ def test_prefix_lm_is_causal_plus_sink():
 def test_runs_through_the_generated_kernel(path, name):
     """Every library pattern, through its generated Triton kernel (interpreter), against float64."""
     kern = sparsec.compile(str(path), pattern=name)
-    if kern.ir.score is None:
+    if not kern.ir.inputs and kern.ir.score is None:   # check() knows masks, not inputs or scores
         check(kern, "interpret", 1, 2, 1, 130, 130, 16, torch.float32)
         return
     gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
     q, k, v = (torch.randn(1, 2, 130, 16, generator=gen) for _ in range(3))
-    inputs = {d.name: torch.rand(expected_shape(d, 1, 2, {"n": 130, "n_q": 130, "n_k": 130}), generator=gen)
-              for d in kern.ir.inputs}
+    inputs = testing.draw_inputs(kern, 1, 2, {"n": 130, "n_q": 130, "n_k": 130}, gen)
     testing.assert_matches_reference(kern, q, k, v, backend="interpret", **inputs)

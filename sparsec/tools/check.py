@@ -56,7 +56,8 @@ def dense_layout_pairs(kern: CompiledPattern, n: int, heads: int, block, inputs:
     """(true classes, listed classes) per share, from the dense mask; content-based patterns give
     the layouts a call builds, each share in its own order."""
     if "q" not in inputs:
-        lay = kern.layout(n, n, block[0], block[1], heads=heads, segment_ids=inputs.get("segment_ids"))
+        declared = {name: x for name, x in _declared(kern, inputs, "cpu").items() if name not in kern.score_only}
+        lay = kern.layout(n, n, block[0], block[1], heads=heads, segment_ids=inputs.get("segment_ids"), **declared)
         return [(tile_classes(mask, *block), lay.classes())]
     q, k = (torch.as_tensor(inputs[x], dtype=torch.float32) for x in ("q", "k"))
     seg = {"segment_ids": torch.as_tensor(inputs["segment_ids"])} if "segment_ids" in inputs else {}
@@ -78,6 +79,15 @@ def row_masks(kern: CompiledPattern, n: int, heads: int, rows: np.ndarray, input
     return dense_mask(body, n, n, 0, heads, 1, seg, rows)[0].numpy()
 
 
+def _declared(kern: CompiledPattern, inputs: dict, device) -> dict:
+    """The pattern's declared inputs among `inputs`, as tensors on device (floats in fp32)."""
+    out = {}
+    for d in kern.ir.inputs:
+        x = torch.as_tensor(inputs[d.name])
+        out[d.name] = (x.float() if x.is_floating_point() else x).to(device)
+    return out
+
+
 # ---- the kernels ----
 
 def kernel_error(kern: CompiledPattern, inputs: dict, n: int, heads: int, backend: str) -> tuple[float, float]:
@@ -90,13 +100,12 @@ def kernel_error(kern: CompiledPattern, inputs: dict, n: int, heads: int, backen
     if "q" in inputs:
         q, k = torch.as_tensor(inputs["q"], dtype=torch.float32), torch.as_tensor(inputs["k"], dtype=torch.float32)
     call_inputs = {"segment_ids": torch.as_tensor(inputs["segment_ids"]).to(device)} if "segment_ids" in inputs else {}
-    scored = {name: torch.as_tensor(inputs[name]) for name in kern.score_only}
-    call_inputs.update({name: x.float().to(device) if x.is_floating_point() else x.to(device)
-                        for name, x in scored.items()})
+    declared = _declared(kern, inputs, "cpu")
+    call_inputs.update({name: x.to(device) for name, x in declared.items()})
     mask = kern.mask(n, heads=heads, **inputs)
     ref = [x.double().requires_grad_() for x in (q, k, v)]
-    score = kern.score_function(n, heads=heads, **{name: x.float().double() if x.is_floating_point() else x
-                                                   for name, x in scored.items()})
+    score = kern.score_function(n, heads=heads, **{name: x.double() if x.is_floating_point() else x
+                                                   for name, x in declared.items()})
     want = attention(*ref, mask, 1 / q.shape[-1] ** 0.5, score)[0]   # the kernel's default scale
     want_grads = torch.autograd.grad(want, ref, do.double())
     leaves = [x.clone().to(device).requires_grad_() for x in (q, k, v)]
