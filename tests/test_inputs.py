@@ -244,3 +244,58 @@ def test_calls_check_the_inputs():
         kern(q, q, q, valid=torch.ones(2, 32, dtype=torch.bool))
     layouts = kern.share_layouts(q, q, valid=valid)
     assert len(layouts) == 1 and layouts[0][1].shape[0] == 1
+
+
+# ---- topk(k, block=B, by=NAME): key blocks ranked by a given tensor ----
+
+TOPK_BY = """input s(b, h, ceil_div(n_q, 16), ceil_div(n_k, 16)) float
+pattern p = topk(1, block=16, by=s)"""
+
+
+def test_topk_by_keeps_the_highest_ranked_block_and_ties_go_to_the_smaller():
+    """The mask against the rule written out: query block I keeps key block argmax_J s[b, h, I - I0, J]
+    (the first of equal ones), I0 the call's first query block."""
+    kern = sparsec.compile(TOPK_BY)
+    base = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.1, 0.0], [-1.0, -2.0, -3.0, -0.5], [0.0, 0.0, 0.0, 0.0]])
+    q = k = torch.randn(1, 1, 64, 16)
+    for q_offset, n_q in ((0, 64), (16, 48), (20, 44), (63, 1)):
+        s = base[:-(-n_q // 16)][None, None]   # (1, 1, ceil_div(n_q, 16), 4)
+        got = kern.mask(n_q, 64, q_offset=q_offset, q=q[:, :, :n_q], k=k, s=s)[0, 0].numpy()
+        row = (np.arange(n_q) + q_offset) // 16 - q_offset // 16
+        keep = base.numpy()[row].argmax(axis=1)   # argmax takes the first of equal values
+        want = (np.arange(64)[None, :] // 16) == keep[:, None]
+        assert (got == want).all(), (q_offset, n_q)
+
+
+def test_sparsek_example_of_the_spec_runs_on_both_backends():
+    """Spec section 7's sparsek: a causal window, blocks chosen by blockscore, a gate in with; O,
+    LSE and the gradients of q, k, v and the gate against float64 autograd of the reference."""
+    src = ("input gate(b, h, n_k) float\ninput blockscore(b, h, ceil_div(n_q, 16), ceil_div(n_k, 16)) float\n"
+           "pattern sparsek = causal & (band(16, 0) + topk(2, block=16, by=blockscore)) with score + log(gate[b, h, j])")
+    kern = sparsec.compile(src)
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    q, k, v = (torch.randn(2, 2, 90, 16, generator=gen) for _ in range(3))
+    gate = torch.rand(2, 2, 90, generator=gen) * 0.9 + 0.1
+    blockscore = torch.randn(2, 1, 6, 6, generator=gen)   # the h axis broadcast
+    want = [x.double().requires_grad_() for x in (q, k, v, gate)]
+    want_o, _ = testing.reference(kern, *want[:3], gate=want[3], blockscore=blockscore.double())
+    do = torch.randn(want_o.shape, dtype=torch.float64, generator=gen)
+    want_grads = torch.autograd.grad(want_o, want, do)
+    for backend in ("cpu", "interpret"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+        o = kern(*leaves[:3], gate=leaves[3], blockscore=blockscore, backend=backend)
+        assert torch.allclose(o.double(), want_o, atol=2e-5), backend
+        for g, w in zip(torch.autograd.grad(o, leaves, do.float()), want_grads):
+            assert torch.allclose(g.double(), w, atol=2e-4), backend
+
+
+@pytest.mark.parametrize("src, message", [
+    ("pattern p = topk(1, block=16, by=nothing)", "by= takes the name of a declared input"),
+    ("input s(b, h, n_q) float\npattern p = topk(1, block=16, by=s)", "by=s: topk ranks key blocks by a float input"),
+    ("input s(b, h, 4, 4) int\npattern p = topk(1, block=16, by=s)", "by=s: topk ranks key blocks by a float input"),
+])
+def test_topk_by_misuse_is_a_located_error(src, message):
+    with pytest.raises(sparsec.SparsecError, match=message) as info:
+        sparsec.compile(src)
+    assert info.value.span.line == src.count("\n") + 1 and src.splitlines()[-1][info.value.span.column - 1:].startswith(
+        src.split("by=")[1].split(")")[0])

@@ -6,9 +6,10 @@ Header lines read here (see any patterns/*.sa):
     # density: n=4096 heads=1 approx=0.0123 tolerance=0.005   random / content-based
     # density-inputs: segment_len=512                          segment_ids = arange(n) // 512
     # density-inputs: qk=standard_normal D=64 B=1 seed=0       q then k from default_rng(seed)
-    # density-inputs: NAME=fill:V | bernoulli:P | randint:HIGH | permutation seed=S
+    # density-inputs: NAME=fill:V | normal | bernoulli:P | randint:HIGH | permutation seed=S
                                                              a declared input (spec section 6), B = 1:
-                                                             V everywhere; true with probability P;
+                                                             V everywhere; standard normal; true with
+                                                             probability P;
                                                              ints in [0, HIGH); a permutation of the
                                                              last axis per (b, h); from default_rng(S)
 Density is the fraction of allowed (query, key) pairs at n_q = n_k = n, averaged over batch and heads.
@@ -38,7 +39,7 @@ EXPECTED_FILES = {
     "longformer", "bigbird", "sparse_transformer", "star", "block_local", "logsparse", "longnet",
     "streaming", "reformer", "routing", "moba", "prefix_lm", "document",
     "alibi", "softcap", "t5_bias",   # score modifications (spec section 7)
-    "expire_span", "sparsebert", "adaptive", "sinkhorn",   # call-time inputs (spec section 6)
+    "expire_span", "sparsebert", "adaptive", "sinkhorn", "sparsek",   # call-time inputs (spec section 6)
 }
 
 DENSITY = re.compile(
@@ -89,6 +90,7 @@ def _runtime(kern, spec: dict[str, str], n: int, heads: int) -> dict:
 
 DRAWS = {   # how a density-inputs line fills a declared input
     "fill": lambda rng, shape, v: np.full(shape, float(v)),
+    "normal": lambda rng, shape, _: rng.standard_normal(shape),
     "bernoulli": lambda rng, shape, p: rng.random(shape) < float(p),
     "randint": lambda rng, shape, high: rng.integers(0, int(high), shape),
     "permutation": lambda rng, shape, _: np.stack([rng.permutation(shape[-1]) for _ in range(

@@ -43,7 +43,7 @@ def error_of(src: str, **params) -> str:
      "<string>:1:23: error: document is defined on tokens and cannot be used inside blocks(...)"
      "\npattern a = blocks(4, document)\n                      ^^^^^^^^"),
     ("pattern a = topk(4)",
-     "<string>:1:13: error: topk is missing argument 'block': topk(k, block, causal=...)\npattern a = topk(4)\n            ^^^^^^^"),
+     "<string>:1:13: error: topk is missing argument 'block': topk(k, block, causal=..., by=...)\npattern a = topk(4)\n            ^^^^^^^"),
     ("let n = 4\npattern a = full",
      "<string>:1:1: error: 'n' is a built-in name and cannot be redefined\nlet n = 4\n^^^^^^^^^"),
     ("pattern a = where(0 < i < 3)",

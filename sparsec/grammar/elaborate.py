@@ -23,7 +23,7 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "num", "bool" or "pattern"
+    kind: str  # "num", "bool", "pattern" or "input" (the name of a declared input)
     default: object = REQUIRED  # REQUIRED, a Python value, or the name of an earlier parameter
 
 
@@ -41,7 +41,8 @@ SIGNATURES: dict[str, tuple[Callable, tuple[Param, ...]]] = {
     "blocks": (N.Blocks, (Param("size", "num"), Param("body", "pattern"))),
     "lsh": (N.Lsh, (Param("buckets", "num"), Param("rounds", "num", 1), Param("seed", "num", 0))),
     "cluster": (N.Cluster, (Param("k", "num"), Param("iters", "num", 10), Param("seed", "num", 0))),
-    "topk": (N.TopK, (Param("k", "num"), Param("block", "num"), Param("causal", "bool", False))),
+    "topk": (N.TopK, (Param("k", "num"), Param("block", "num"), Param("causal", "bool", False),
+                      Param("by", "input", None))),
 }
 KEYWORD_ALIASES = {"band": {"w": ("before", "after")}}
 RESERVED = set(LENGTHS) | set(PAIR_NAMES) | set(BARE) | set(SIGNATURES) | {"heads", "score"} | set(E.FUNCTIONS)
@@ -152,14 +153,27 @@ class Scope:
                 node = given[p.name]
                 out[p.name] = (self.pattern(node) if p.kind == "pattern" else
                                self.condition(node, in_where=call.func == "where") if p.kind == "bool" else
-                               self.number(node))
+                               self.ranking(node) if p.kind == "input" else self.number(node))
             elif p.default is REQUIRED:
                 raise SparsecError(f"{call.func} is missing argument '{p.name}': {usage}", call.span)
+            elif p.default is None:
+                out[p.name] = None
             elif isinstance(p.default, str):
                 out[p.name] = out[p.default]
             else:
                 out[p.name] = E.Const(p.default, span=call.span)
         return out
+
+    def ranking(self, node: S.Syntax) -> str:
+        """topk's by=NAME: a float input of shape (b, h, query blocks, key blocks) (spec section 6)."""
+        if not isinstance(node, S.Name) or node.id not in self.inputs:
+            raise SparsecError("by= takes the name of a declared input, "
+                               "input NAME(b, h, ceil_div(n_q, B), ceil_div(n_k, B)) float", node.span)
+        decl = self.inputs[node.id]
+        if decl.dtype != "float" or len(decl.dims) != 4 or decl.dims[:2] != ("b", "h"):
+            raise SparsecError(f"by={node.id}: topk ranks key blocks by a float input of dims (b, h, query "
+                               f"blocks, key blocks), declared here as {decl.show()[6:]}", node.span)
+        return decl.name
 
     # ---- numbers and conditions ----
     # Each expression tracks its depth once its lets are written out (a let counts its own), so
@@ -350,10 +364,13 @@ def _numeric_names(p: N.Pattern) -> frozenset[str]:
     return frozenset().union(*(E.names(e, memo=memo) for node in p.nodes() for e in node.arguments().values()))
 
 
-def _inputs_read(p: N.Pattern, score: E.Expr | None) -> tuple[InputDecl, ...]:
+def _inputs_read(p: N.Pattern, score: E.Expr | None, declared: dict[str, InputDecl]) -> tuple[InputDecl, ...]:
     """The declared inputs the body and its score expression read, in order of first use."""
     out = {}
     exprs = [e for node in p.nodes() for e in node.arguments().values()] + ([score] if score is not None else [])
+    for node in p.nodes():   # inputs named as arguments (topk's by=) rather than read in an expression
+        for name in node.declarations():
+            out.setdefault(name, declared[name])
     for e in exprs:
         for decl in E.reads(e):
             out.setdefault(decl.name, decl)
@@ -374,7 +391,7 @@ def elaborate(module: S.Module, pattern: str | None = None) -> Definition:
     body = scope.patterns[pattern]
     st = next(s for s in module.statements if s.kind == "pattern" and s.name == pattern)
     score = scope.scores.get(pattern)
-    inputs = _inputs_read(body, score)
+    inputs = _inputs_read(body, score, scope.inputs)
     names = scope.uses[pattern].union(*(scope.uses[d.name] for d in inputs))
     return Definition(pattern, scope.closure(names), body, st.span, inputs, score)
 

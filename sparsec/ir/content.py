@@ -186,15 +186,37 @@ class Cluster(ContentPattern):
 
 @dataclass(frozen=True, eq=False)
 class TopK(ContentPattern):
-    """Each query block I keeps the k key blocks J with the largest mean(q_I) . mean(k_J)."""
+    """Each query block I keeps the k key blocks J with the largest mean(q_I) . mean(k_J), or with
+    by=NAME the largest NAME[b, h, I - I0, J] (I0: the call's first query block; reads past the
+    input's extent are 0). Ties go to the smaller J either way."""
     k: E.Expr
     block: E.Expr
     causal: E.Expr
+    by: str | None = None   # the ranking input's name (a declared float input), or None: rank by q and k
     keyword: ClassVar[str] = "topk"
     limits: ClassVar = {"k": (1, "at least 1"), "block": (1, "at least 1")}
 
     def show(self):
-        return f"topk({E.show(self.k)}, block={E.show(self.block)}, causal={E.show(self.causal)})"
+        by = "" if self.by is None else f", by={self.by}"
+        return f"topk({E.show(self.k)}, block={E.show(self.block)}, causal={E.show(self.causal)}{by})"
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """q and k, as every content part (the runtime's selection machinery runs on them), and the
+        ranking input when there is one."""
+        return ContentPattern.needs | ({self.by} if self.by is not None else frozenset())
+
+    def declarations(self) -> tuple[str, ...]:
+        return () if self.by is None else (self.by,)
+
+    def _given(self, inputs, rows: int, blocks: int) -> np.ndarray:
+        """The ranking input of this (batch, head) as (rows, blocks) float64, 0 past its extent."""
+        x = np.asarray(inputs.declared[self.by], np.float64)
+        x = x[inputs.batch if x.shape[0] > 1 else 0, inputs.head if x.shape[1] > 1 else 0]
+        out = np.zeros((rows, blocks))
+        r, c = min(rows, x.shape[0]), min(blocks, x.shape[1])
+        out[:r, :c] = x[:r, :c]
+        return out
 
     def selection(self, inputs) -> tuple[int, np.ndarray]:
         """(first query block I0, chosen[I - I0, J]) over the query blocks of this call; a block's
@@ -205,14 +227,17 @@ class TopK(ContentPattern):
         b, top = value(self.block), value(self.k)
         qb = (np.arange(len(q)) + inputs.q_offset) // b
         rows, row_of = np.unique(qb, return_inverse=True)
-        # sum(q_I) . sum(k_J) / |J| ranks the J of one I as mean(q_I) . mean(k_J) does (|I| is
-        # fixed), and is exact for small-integer inputs whatever the order of summation, so
-        # exact ties stay ties on every device
-        q_sum = np.stack([q[row_of == r].sum(axis=0) for r in range(len(rows))]) if len(rows) else q[:0]
         n_blocks = -(-len(k) // b)
-        k_sum = np.stack([k[c * b:(c + 1) * b].sum(axis=0) for c in range(n_blocks)])
-        k_count = np.minimum(len(k) - np.arange(n_blocks) * b, b)
-        score = (q_sum @ k_sum.T) / k_count
+        if self.by is not None:
+            score = self._given(inputs, len(rows), n_blocks)
+        else:
+            # sum(q_I) . sum(k_J) / |J| ranks the J of one I as mean(q_I) . mean(k_J) does (|I| is
+            # fixed), and is exact for small-integer inputs whatever the order of summation, so
+            # exact ties stay ties on every device
+            q_sum = np.stack([q[row_of == r].sum(axis=0) for r in range(len(rows))]) if len(rows) else q[:0]
+            k_sum = np.stack([k[c * b:(c + 1) * b].sum(axis=0) for c in range(n_blocks)])
+            k_count = np.minimum(len(k) - np.arange(n_blocks) * b, b)
+            score = (q_sum @ k_sum.T) / k_count
         cols = np.arange(n_blocks)
         candidate = cols[None, :] < rows[:, None] if value(self.causal) else np.ones(score.shape, bool)
         score = np.where(candidate, score, -np.inf)

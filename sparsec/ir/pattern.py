@@ -94,6 +94,10 @@ class Pattern:
                     changes[f.name] = new
         return replace(self, **changes) if changes else self
 
+    def declarations(self) -> tuple[str, ...]:
+        """The declared inputs named as arguments, not read in an expression (topk's by=)."""
+        return ()
+
     def arguments(self) -> dict[str, E.Expr]:
         out = {}
         for f in fields(self):

@@ -22,10 +22,11 @@ class CallInputs:
     content: dict | None = None              # content node -> its ids or selection, computed per call
     declared: dict = field(default_factory=dict)   # input statement name -> the whole array (ir/inputs.py)
     batch: int = 0                           # the batch row, where declared inputs are read
+    head: int = 0                            # the query head (topk's by= input is per head)
 
     def coarse(self) -> "CallInputs":
         """What a blocks(...) body reads: the declared inputs (its i and j are block indices)."""
-        return CallInputs(declared=self.declared, batch=self.batch)
+        return CallInputs(declared=self.declared, batch=self.batch, head=self.head)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class TableSpace:
                        rotations=x.get("rotations"), q_offset=self.q_offset,
                        content=None if "content" not in x else
                        {node: tuple(a[b, h] for a in arrays) for node, arrays in x["content"].items()},
-                       declared={name: a for name, a in x.items() if name not in FIXED_INPUTS}, batch=b)
+                       declared={name: a for name, a in x.items() if name not in FIXED_INPUTS}, batch=b, head=h)
 
 
 FIXED_INPUTS = ("segment_ids", "q", "k", "centroids", "rotations", "content")   # the rest: declared inputs

@@ -88,10 +88,11 @@ def _cluster(node: Cluster, q, k, group: int, given) -> tuple[torch.Tensor, torc
     return ids(q, 1), ids(k, group)
 
 
-def _topk(node: TopK, q, k, group: int, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk(node: TopK, q, k, group: int, q_offset: int, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """chosen (B, H, I, J) bool and its table (B, H, I, t) of key blocks, padded with -1: each
-    query block I of the call keeps the `k` key blocks J with the largest mean(q_I) . mean(k_J)
-    (ties: the smaller J), among J < I with causal=true. Ranked SCORES_AT_ONCE scores at a time."""
+    query block I of the call keeps the `k` key blocks J with the largest mean(q_I) . mean(k_J),
+    or with by=NAME the largest NAME[b, h, I - I0, J] (ties: the smaller J), among J < I with
+    causal=true. Ranked SCORES_AT_ONCE scores at a time."""
     size, top = value(node.block), value(node.k)
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
@@ -107,6 +108,7 @@ def _topk(node: TopK, q, k, group: int, q_offset: int) -> tuple[torch.Tensor, to
     for s, e, part in _float64_rows(k, group):
         k_sum.index_add_(2, block_of[s:e], part)
     k_count = torch.bincount(block_of, minlength=blocks).double()
+    given = None if node.by is None else _ranking(inputs[node.by], B, H, rows, blocks, q.device)
     width = min(top, blocks)
     chosen = torch.zeros((B, H, rows, blocks), dtype=torch.bool, device=q.device)
     table = torch.empty((B, H, rows, width), dtype=torch.int32, device=q.device)
@@ -114,7 +116,7 @@ def _topk(node: TopK, q, k, group: int, q_offset: int) -> tuple[torch.Tensor, to
     step = max(1, SCORES_AT_ONCE // max(1, B * H * blocks))
     for r in range(0, rows, step):
         at = torch.arange(r, min(rows, r + step), device=q.device)
-        score = (q_sum[:, :, at] @ k_sum.transpose(-1, -2)) / k_count   # ranks J as mean . mean does
+        score = (q_sum[:, :, at] @ k_sum.transpose(-1, -2)) / k_count if given is None else given[:, :, at]
         candidate = (cols[None, :] < (at + first)[:, None]) if value(node.causal) \
             else torch.ones((len(at), blocks), dtype=torch.bool, device=q.device)
         score = torch.where(candidate, score, float("-inf"))
@@ -123,6 +125,15 @@ def _topk(node: TopK, q, k, group: int, q_offset: int) -> tuple[torch.Tensor, to
         chosen[:, :, at] = torch.zeros(score.shape, dtype=torch.bool, device=q.device).scatter_(-1, order, picked)
         table[:, :, at] = torch.where(picked, order, -1).int()
     return chosen, table
+
+
+def _ranking(x: torch.Tensor, B: int, H: int, rows: int, blocks: int, device) -> torch.Tensor:
+    """topk's by= input as (B, H, rows, blocks) float64 on device: b and h axes of size 1
+    broadcast, entries past its extent 0 (the language's out-of-range read)."""
+    out = torch.zeros((x.shape[0], x.shape[1], rows, blocks), dtype=torch.float64, device=device)
+    r, c = min(rows, x.shape[2]), min(blocks, x.shape[3])
+    out[:, :, :r, :c] = x[:, :, :r, :c].detach().to(device=device, dtype=torch.float64)
+    return out.expand(B, H, rows, blocks)
 
 
 def _lsh_round(node: LshRound, q, k, group: int, inputs: dict, call: Call, out: dict):
@@ -138,7 +149,7 @@ CONTENT_VALUES = {
     LshRound: _lsh_round,
     Lsh: lambda node, q, k, group, inputs, call, out: _lsh(node, q, k, group, inputs.get("rotations")),
     Cluster: lambda node, q, k, group, inputs, call, out: _cluster(node, q, k, group, inputs.get("centroids")),
-    TopK: lambda node, q, k, group, inputs, call, out: _topk(node, q, k, group, call.q_offset),
+    TopK: lambda node, q, k, group, inputs, call, out: _topk(node, q, k, group, call.q_offset, inputs),
 }
 NO_CONTENT_VALUES = (OffsetPattern, RowsOrColumns, Chunk, Random, Where, Document, Union, Intersection, Difference,
                      Heads, Blocks)   # read no q or k

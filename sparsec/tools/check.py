@@ -61,6 +61,7 @@ def dense_layout_pairs(kern: CompiledPattern, n: int, heads: int, block, inputs:
         return [(tile_classes(mask, *block), lay.classes())]
     q, k = (torch.as_tensor(inputs[x], dtype=torch.float32) for x in ("q", "k"))
     seg = {"segment_ids": torch.as_tensor(inputs["segment_ids"])} if "segment_ids" in inputs else {}
+    seg.update({name: x for name, x in _declared(kern, inputs, "cpu").items() if name not in kern.score_only})
     out = []
     for i, (share, lay, order) in enumerate(kern.share_layouts(q, k, *block, **seg)):
         part = kern.mask(n, heads=heads, share=i, **inputs).numpy()
