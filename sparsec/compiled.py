@@ -400,7 +400,7 @@ class CompiledPattern:
         out = []
         for i, (body, order) in enumerate(zip(bodies, orders)):
             c, args = self._arguments(order, call, q, k, v)
-            config = self._config(i, body, c, backend, values, order, args, training)
+            config = self._config(i, body, c, backend, values, order, args, training, score=score)
             out.append(BoundShare(i, self._bind(i, body, c, backend, config, values, order, score), args, order,
                                   call.heads // call.kv_heads, score))
         return out
@@ -441,10 +441,11 @@ class CompiledPattern:
     # ---- tiles ----
     def _config(self, share: int, body, call: Call, backend: str, values: dict, order, args: tuple,
                 training: bool, retune: bool = False, must_save: bool = False,
-                budget_s: float | None = None) -> TileConfig:
+                budget_s: float | None = None, score=None) -> TileConfig:
         """Share `share`'s tiles for this call: the user's config=; else, on a GPU with autotune
         on, the tuned config for its key (from the tuning cache, or tuned now on this call's own
-        layout and inputs); else the backend's default. Resolved once per pattern and shape."""
+        layout and inputs, with the call's score expression); else the backend's default.
+        Resolved once per pattern and shape."""
         if self.config is not None:
             return self.config
         if backend != "triton" or not self.autotune:
@@ -455,19 +456,20 @@ class CompiledPattern:
         if retune:
             self._cache.pop(memo, None)
         return self._cached(memo, lambda: self._tuned(share, body, call, backend, values, order, args, dtype,
-                                                      training, retune, must_save, budget_s))
+                                                      training, retune, must_save, budget_s, score))
 
     def _tuned(self, share: int, body, call: Call, backend: str, values: dict, order, args: tuple, dtype: str,
-               training: bool, retune: bool, must_save: bool, budget_s: float | None) -> TileConfig:
+               training: bool, retune: bool, must_save: bool, budget_s: float | None, score=None) -> TileConfig:
         """The tuning cache's config for this share and call, or the winner of tuning it now."""
         import triton   # only on the GPU path
-        key = tuning.make_key(body.show(), call.n_q, call.n_k, call.dim, dtype, call.heads // call.kv_heads,
+        scored = "" if self.ir.score is None else f" with {E.show(self.ir.score)}"   # its own kernels
+        key = tuning.make_key(body.show() + scored, call.n_q, call.n_k, call.dim, dtype, call.heads // call.kv_heads,
                               torch.cuda.get_device_name(call.device), triton.__version__,
                               "training" if training else "forward")
         props = torch.cuda.get_device_properties(call.device)
         configs = lambda: tuning.candidates(call.dim, args[0].element_size(), call.n_q, call.n_k,
                                             props.shared_memory_per_multiprocessor - 1024)
-        timer = tuning.kernel_timer(lambda config: self._bind(share, body, call, backend, config, values, order),
+        timer = tuning.kernel_timer(lambda config: self._bind(share, body, call, backend, config, values, order, score),
                                     args, training)
         label = f"sparsec: tuning {self.name}" + (f" share {share}" if len(self.shares) > 1 else "")
         found = tuning.tuned(key, tuning.cache_at(cache_dir() / tuning.FILE), configs, timer,
@@ -487,12 +489,13 @@ class CompiledPattern:
             print(f"sparsec: no CUDA tensors ({call.device}): the autotuner is skipped; tiles stay "
                   f"{default.show()}", file=sys.stderr)
             return [default] * len(self.shares)
-        values, bodies, orders = self._prepare(call, q, k, inputs)
+        score = self._score(call.n_q, call.n_k, call.q_offset, call.heads, inputs)
+        values, bodies, orders = self._prepare(call, q, k, {n: x for n, x in inputs.items() if n not in self.score_only})
         out = []
         for i, (body, order) in enumerate(zip(bodies, orders)):
             c, args = self._arguments(order, call, q, k, v)
             out.append(self._config(i, body, c, backend, values, order, args, wants_grad(q, k, v), retune,
-                                    must_save=True, budget_s=budget_s))
+                                    must_save=True, budget_s=budget_s, score=score))
         return out
 
 
