@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import sympy
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import sparsec
 from sparsec import testing
 from sparsec.errors import SparsecError
 from sparsec.ir import derivative as Dv
 from sparsec.ir import expr as E
+
+from conftest import KERNEL_EXAMPLES, patterns
 
 
 def _seed() -> int:
@@ -290,3 +292,39 @@ def test_flex_score_mod_is_the_cpu_path(src, inputs):
     s = torch.tensor(0.8)
     expect = kern.score_function(130, heads=2, **inputs)(torch.full((1, 2, 130, 130), 0.8))[0, 1, 7, 9]
     assert torch.allclose(mod(s, torch.tensor(0), torch.tensor(1), torch.tensor(7), torch.tensor(9)), expect.float())
+
+
+# ---- properties: random pattern trees with random with expressions ----
+
+def _score_expressions():
+    atoms = st.sampled_from(["score", "score", "(i - j)", "g[h, j]", "g[h, j - i + 2]", "0.5", "h"])
+    return st.recursive(atoms, lambda e: st.one_of(
+        st.builds("({} + {})".format, e, e), st.builds("({} * {})".format, e, e),
+        st.builds("({} - {} / 4)".format, e, e), st.builds("tanh({})".format, e),
+        st.builds("sigmoid({})".format, e), st.builds("softplus({})".format, e),
+        st.builds("clamp({}, -1.5, 2)".format, e), st.builds("min({}, {})".format, e, e),
+        st.builds("abs({})".format, e), st.builds("select({} > 0, {}, {})".format, e, e, e)), max_leaves=5
+    ).map("score + {}".format)   # O must depend on q and k for their gradients to exist
+
+
+@pytest.mark.parametrize("backend", ["cpu", "interpret"])
+@settings(max_examples=KERNEL_EXAMPLES // 2 + 3, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(src=patterns, expr=_score_expressions(), B=st.integers(1, 2), Hkv=st.integers(1, 2),
+       group=st.integers(1, 2), n_q=st.integers(1, 40), n_k=st.integers(1, 40),
+       q_offset=st.one_of(st.none(), st.integers(-4, 40)))
+def test_random_scored_patterns_match_the_reference(backend, src, expr, B, Hkv, group, n_q, n_k, q_offset):
+    """O, LSE, dQ, dK, dV and the float input's gradient of a random pattern tree under a random
+    with expression (reads inside and past the input's extent), against float64 autograd."""
+    kern = sparsec.compile(f"input g(h, n_k) float\npattern p = {src} with {expr}")
+    H = Hkv * group
+    inputs = {"g": _rand(H, n_k)} if "g[" in expr else {}
+    try:
+        (o, lse, got), (want_o, want_lse, want) = _call(kern, B, H, Hkv, n_q, n_k, 16, q_offset, inputs, backend)
+    except (SparsecError, ValueError) as e:   # lengths the pattern refuses (an integer overflow, a length rule)
+        assert "overflow" in str(e) or "must" in str(e) or "length" in str(e), e
+        return
+    _close(o, want_o)
+    _close(lse, want_lse)
+    for g, w in zip(got, want):
+        _close(g, w)
