@@ -135,6 +135,17 @@ def _coordinates(p: Plan, bs: slice, batch: int, rows, key_tiles, q_offset: int)
     return i, j, (rows // tq).view(1, r, 1, 1), b.view(-1, 1, 1, 1)
 
 
+UNDERFLOW = -87.0   # exp(x) below fp32's smallest normal number (2^-126 = e^-87.3) for x < this
+
+
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    """exp in place, with exponents below UNDERFLOW sent to -inf (exactly 0). Their results would
+    be subnormal or underflow, which x86 computes 30-70x slower (ALiBi's distant pairs, peaked
+    softmax rows); they are under 2^-126 of the row's largest term, below fp32's resolution of
+    the row's sum, so O and LSE do not change beyond rounding."""
+    return x.masked_fill_(x < UNDERFLOW, float("-inf")).exp_()
+
+
 def forward(p: Plan, q, k, v, scale: float, score=None, q_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """O and LSE: per tile group, scores of the gathered key tiles, a masked softmax, and P @ V.
     Rows with no allowed key get O = 0 and LSE = -inf. score: a TorchScore (runtime/scores.py)
@@ -156,7 +167,7 @@ def forward(p: Plan, q, k, v, scale: float, score=None, q_offset: int = 0) -> tu
             scores.masked_fill_(keep.logical_not_(), float("-inf"))
         m = scores.amax(-1, keepdim=True)
         m.masked_fill_(torch.isneginf(m), 0.0)   # rows with nothing allowed: exp(-inf) = 0
-        scores.sub_(m).exp_()
+        _exp_(scores.sub_(m))
         total = scores.sum(-1, keepdim=True)
         out = torch.matmul(scores, vt[bs, key_tiles].view(nb, r, visits * bn, D))
         o[bs, rows] = out.div_(total.clamp_min(torch.finfo(torch.float32).tiny))
@@ -196,7 +207,7 @@ def backward(p: Plan, q, k, v, o, lse, do, dlse, scale: float, score=None, q_off
         scores = raw if score is None else score.apply(raw, *coords)
         if keep is not None:
             scores.masked_fill_(keep.logical_not_(), float("-inf"))
-        prob = scores.sub_(lse_t[bs, rows]).exp_()
+        prob = _exp_(scores.sub_(lse_t[bs, rows]))
         d_o = dot[bs, rows]
         ds = torch.matmul(d_o, vg.transpose(-1, -2)).sub_(delta_t[bs, rows]).mul_(prob)
         if score is not None:
