@@ -69,13 +69,14 @@ def assert_matches_reference(kern: CompiledPattern, q, k, v, scale: float | None
 
 def draw_inputs(kern: CompiledPattern, batch: int, heads: int, lengths: dict, gen: torch.Generator) -> dict:
     """Values for the pattern's declared inputs (spec section 6), on the CPU: bools true with
-    probability 1/2, ints in [0, n_k), floats in [0.05, 1) (positive: gates, spans). lengths: n,
-    n_q and n_k."""
+    probability 1/2, ints below the input's largest length axis (as key or block indices are),
+    floats in [0.05, 1) (positive: gates, spans). lengths: n, n_q and n_k."""
     out = {}
     for d in kern.ir.inputs:
         shape = expected_shape(d, batch, heads, lengths)
+        extent = max([size for dim, size in zip(d.dims, shape) if dim not in ("b", "h")], default=lengths["n_k"])
         out[d.name] = (torch.rand(shape, generator=gen) < 0.5 if d.dtype == "bool" else
-                       torch.randint(0, lengths["n_k"], shape, generator=gen) if d.dtype == "int" else
+                       torch.randint(0, max(1, extent), shape, generator=gen) if d.dtype == "int" else
                        torch.rand(shape, generator=gen) * 0.95 + 0.05)
     return out
 
@@ -85,7 +86,7 @@ def attention_inputs(kern: CompiledPattern, max_n: int = 96, dims=(16, 32), dtyp
     """A hypothesis strategy of valid calls of kern: dicts of q, k, v, q_offset and the inputs the
     pattern reads (sorted segment_ids for documents), with odd and unequal lengths (n_q <= n_k,
     decoding's n_q = 1 included), GQA (Hq = G x Hkv), every dtype in dtypes, and the pattern's
-    declared inputs (bools, ints in [0, n_k), floats in [0.05, 1)). Use it as
+    declared inputs (draw_inputs). Use it as
     `@given(attention_inputs(kern)) def test(call): assert_matches_reference(kern, **call)`."""
     from hypothesis import strategies as st   # optional: pip install sparsec[testing]
 

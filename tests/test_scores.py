@@ -319,11 +319,7 @@ def test_random_scored_patterns_match_the_reference(backend, src, expr, B, Hkv, 
     kern = sparsec.compile(f"input g(h, n_k) float\npattern p = {src} with {expr}")
     H = Hkv * group
     inputs = {"g": _rand(H, n_k)} if "g[" in expr else {}
-    try:
-        (o, lse, got), (want_o, want_lse, want) = _call(kern, B, H, Hkv, n_q, n_k, 16, q_offset, inputs, backend)
-    except (SparsecError, ValueError) as e:   # lengths the pattern refuses (an integer overflow, a length rule)
-        assert "overflow" in str(e) or "must" in str(e) or "length" in str(e), e
-        return
+    (o, lse, got), (want_o, want_lse, want) = _call(kern, B, H, Hkv, n_q, n_k, 16, q_offset, inputs, backend)
     _close(o, want_o)
     _close(lse, want_lse)
     for g, w in zip(got, want):

@@ -65,8 +65,10 @@ def emit_kernels(d: Definition) -> Generated:
     pattern = PATTERN.format(**fill)
     if not rows:   # nothing of the rows alone: no pattern_rows helper
         pattern = pattern[pattern.index("\n\n@triton.jit\ndef pattern_keep") + 1:]
-    pattern += "\n\n" + score.source
-    kernels = pattern + FORWARD.format(**fill) + BACKWARD.format(**fill)
+    if d.score is not None:   # the with expression is part of the pattern; without one, template stubs
+        pattern += "\n\n" + score.source
+    kernels = pattern + ("" if d.score is not None else "\n\n" + score.source) + FORWARD.format(**fill) + \
+        BACKWARD.format(**fill)
     glossary = "".join(f"#   {t.name:<24} {'pointer' if t.pointer else 'int    '}  from {t.describe()}\n"
                        for t in out.tables + list(score.tables)) or "#   (none)\n"
     ir = d.body.show() + ("" if d.score is None else f" with {E.show(d.score)}")

@@ -93,12 +93,12 @@ ARGS = "s, pos, keys, h, b, N_Q, N_K"
 
 def lower_score(score: E.Expr | None) -> LoweredScore:
     """The three helpers of a with expression (for a pattern without one: S' = score, never called)."""
-    tables: list[TableParam] = []
+    if score is None:
+        return LoweredScore(SCORELESS, (), ())
+    tables: list[TableParam] = []   # shared by the three helpers: one parameter list
 
     def fresh() -> Lowering:
         return Lowering(ScoreEmitter(names={"s", "pos", "keys", "h", "b", "ds", "live"}, tables=tables))
-    if score is None:
-        return LoweredScore(SCORELESS, (), ())
     reads = derivative.float_read_nodes(score)
     grads = tuple(dict.fromkeys(r.decl.name for r in reads))
     value, slope, accumulate = fresh(), fresh(), fresh()
@@ -124,7 +124,7 @@ def lower_score(score: E.Expr | None) -> LoweredScore:
 def _accumulate(cx: Lowering, r: E.Read, d: E.Expr) -> None:
     """The atomic adds of one float read: ds * d per pair, reduced over the axes its index does
     not depend on, into GRAD_<input> at the read's (in-range) element."""
-    used = set().union(*(E.names(a) for a in r.index)) if r.index else set()
+    used = set().union(*(E.names(a) for a in r.index))
     shape = "pair" if {"i", "j"} <= used else "rows" if "i" in used else "keys" if "j" in used else "one"
     per_pair = cx.let(f"tl.where(live & (ds != 0), ds * {_tile(cx, d)}, 0.0)", "g")  # 0 * inf is 0 here
     value = {"pair": per_pair, "rows": f"tl.sum({per_pair}, 1)", "keys": f"tl.sum({per_pair}, 0)",
@@ -144,7 +144,7 @@ def pattern_score({ARGS}):
 
 @triton.jit
 def pattern_score_grad({ARGS}):
-    return s
+    return s * 0 + 1.0
 
 
 @triton.jit

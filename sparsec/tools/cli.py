@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, pipeline
+from .. import __version__, pipeline, testing
 from . import bench
 from . import check as checking
 from . import show as picture
@@ -20,7 +20,6 @@ from ..errors import SparsecError
 from ..grammar import library
 from ..grammar.elaborate import pattern_names
 from ..grammar.syntax import dump, parse
-from ..ir.inputs import expected_shape
 
 
 def _param(text: str) -> tuple[str, int]:
@@ -37,9 +36,8 @@ def _compile(args) -> CompiledPattern:
 
 def synthetic_inputs(kern: CompiledPattern, n: int, heads: int, seed: int = 0) -> dict:
     """Synthetic call-time inputs for patterns that need them: documents of random lengths,
-    standard normal q and k (D = 64), and the declared inputs (floats in [0.05, 1), ints below
-    the input's largest length axis, as block or key indices are, bools true half the time).
-    The CLI says when it used these."""
+    standard normal q and k (D = 64), and the declared inputs (testing.draw_inputs). The CLI
+    says when it used these."""
     rng = np.random.default_rng(seed)
     out = {}
     if "segment_ids" in kern.needs:
@@ -47,11 +45,9 @@ def synthetic_inputs(kern: CompiledPattern, n: int, heads: int, seed: int = 0) -
     if {"q", "k"} & kern.needs:
         out["q"] = rng.standard_normal((1, heads, n, 64))
         out["k"] = rng.standard_normal((1, heads, n, 64))
-    for d in kern.ir.inputs:   # positive floats (gates, spans), ints below the largest axis (indices), bools
-        shape = expected_shape(d, 1, heads, {"n": n, "n_q": n, "n_k": n})
-        extent = max([size for dim, size in zip(d.dims, shape) if dim not in ("b", "h")], default=n)
-        out[d.name] = (rng.uniform(0.05, 1.0, shape) if d.dtype == "float" else
-                       rng.integers(0, max(1, extent), shape) if d.dtype == "int" else rng.random(shape) < 0.5)
+    lengths = {"n": n, "n_q": n, "n_k": n}
+    out.update({name: x.numpy() for name, x in
+                testing.draw_inputs(kern, 1, heads, lengths, torch.Generator().manual_seed(seed)).items()})
     return out
 
 

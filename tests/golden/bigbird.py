@@ -3,7 +3,7 @@
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: 0fa0b0a0c6ed907c
+# content hash: bb8f553d2aaf2a42
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -52,19 +52,3 @@ def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,
         drawn = tl.load(random_row0 + t, mask=random_ok0, other=-1)
         random0 = random0 | (drawn[:, None] == block_cols0[None, :])
     return (((d0 >= -1) & (d0 <= 1)) | (global_rows0[:, None] | global_cols0[None, :]) | (last_rows0[:, None] | last_cols0[None, :]) | random0) & (cols < N_K)[None, :]
-
-
-@triton.jit
-def pattern_score(s, pos, keys, h, b, N_Q, N_K):
-    """No with expression: S' = score (the kernels take their unscored path and never call these)."""
-    return s
-
-
-@triton.jit
-def pattern_score_grad(s, pos, keys, h, b, N_Q, N_K):
-    return s
-
-
-@triton.jit
-def pattern_input_grads(ds, live, s, pos, keys, h, b, N_Q, N_K):
-    pass

@@ -3,7 +3,7 @@
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: 82e601b49ce4c0f2
+# content hash: c0e9a4181cdfb8f6
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -38,19 +38,3 @@ def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,
     d0 = pos[:, None] - keys[None, :]
     document_cols0 = tl.load(document_ids0 + keys, mask=keys < N_K, other=-2)
     return (((d0 >= 0) & (d0 <= 512)) & (document_rows0[:, None] == document_cols0[None, :])) & (cols < N_K)[None, :]
-
-
-@triton.jit
-def pattern_score(s, pos, keys, h, b, N_Q, N_K):
-    """No with expression: S' = score (the kernels take their unscored path and never call these)."""
-    return s
-
-
-@triton.jit
-def pattern_score_grad(s, pos, keys, h, b, N_Q, N_K):
-    return s
-
-
-@triton.jit
-def pattern_input_grads(ds, live, s, pos, keys, h, b, N_Q, N_K):
-    pass

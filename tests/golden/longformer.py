@@ -3,7 +3,7 @@
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: 11fe4c22a623cffa
+# content hash: 4c89d2118cc91fd5
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -35,19 +35,3 @@ def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,
     d0 = pos[:, None] - keys[None, :]
     global_cols0 = keys < 16
     return (((d0 >= -256) & (d0 <= 256)) | (global_rows0[:, None] | global_cols0[None, :])) & (cols < N_K)[None, :]
-
-
-@triton.jit
-def pattern_score(s, pos, keys, h, b, N_Q, N_K):
-    """No with expression: S' = score (the kernels take their unscored path and never call these)."""
-    return s
-
-
-@triton.jit
-def pattern_score_grad(s, pos, keys, h, b, N_Q, N_K):
-    return s
-
-
-@triton.jit
-def pattern_input_grads(ds, live, s, pos, keys, h, b, N_Q, N_K):
-    pass
