@@ -128,8 +128,10 @@ def _call(kern, B, H, Hkv, n_q, n_k, D, q_offset, inputs, backend="cpu"):
     want_o, want_lse = testing.reference(kern, *wants[:3], q_offset=q_offset,
                                          **{**inputs, **dict(zip(floats, wants[3:]))})
     do = torch.randn(o.shape, dtype=torch.float64, generator=gen)
-    got = torch.autograd.grad(o, leaves, do.float())
-    want = torch.autograd.grad(want_o, wants, do)
+    # an input read only in a condition (select(g > 0, ...)) has gradient 0: the reference's
+    # autograd sees it unused, so unused inputs count as zeros on both sides
+    got = torch.autograd.grad(o, leaves, do.float(), allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(want_o, wants, do, allow_unused=True, materialize_grads=True)
     return (o, lse, got), (want_o, want_lse, want)
 
 
