@@ -72,6 +72,15 @@ def test_an_integer_part_that_overflows_is_an_error_at_the_call():
         kern.score_function(1 << 22)
 
 
+def test_a_param_beyond_64_bits_in_real_arithmetic_is_located():   # the fuzzer's gemma2 mutation
+    kern = sparsec.compile("param cap = 46116860184273879040\npattern p = causal with cap * tanh(score / cap)")
+    q = torch.randn(1, 1, 8, 16)
+    for backend in ("cpu", "interpret"):
+        with pytest.raises(SparsecError, match="does not fit the 64-bit integers") as info:
+            kern(q, q, q, backend=backend)
+        assert (info.value.span.line, info.value.span.column) == (1, 13)
+
+
 def test_lsh_shares_refuse_scores_and_missing_inputs_are_named():
     with pytest.raises(SparsecError, match="not supported yet"):
         sparsec.compile("pattern p = lsh(4) & causal with score * 2")

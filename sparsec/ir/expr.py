@@ -72,7 +72,7 @@ def _bounds(e: Expr, ranges: dict[str, tuple], memo=None) -> tuple[tuple, bool]:
     if isinstance(e, Const):
         real = isinstance(e.value, float)
         if not real and abs(e.value) > INT_MAX:
-            raise SparsecError(f"{_short(e.value)} does not fit the 64-bit integers where(...) computes with",
+            raise SparsecError(f"{_short(e.value)} does not fit the 64-bit integers the language computes with",
                                e.span)
         return (e.value, e.value), real
     if isinstance(e, Var):

@@ -29,12 +29,12 @@ def _integer(e: E.Expr, memo: dict) -> bool:
 
 
 def integer_parts(e: E.Expr) -> list[E.Expr]:
-    """The largest sub-expressions computed in integers (i - j, n - i, idx[b, j] + 1): the parts
-    whose 64-bit range must be checked; the rest is real arithmetic."""
+    """The largest sub-expressions computed in integers (i - j, n - i, idx[b, j] + 1, a param's
+    value): the parts whose 64-bit range must be checked; the rest is real arithmetic."""
     memo, out, todo = {}, [], [e]
     while todo:
         x = todo.pop()
-        if isinstance(x, (E.Apply, E.Read)) and E.kind(x) == "num" and _integer(x, memo):
+        if isinstance(x, (E.Apply, E.Read, E.Const)) and E.kind(x) == "num" and _integer(x, memo):
             out.append(x)
         elif isinstance(x, E.Apply):
             todo.extend(x.args)
