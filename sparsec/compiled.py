@@ -346,16 +346,21 @@ class CompiledPattern:
         return "\n\n".join(self.generated(i).source for i in range(len(self.shares)))
 
     def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None,
-                 return_lse: bool = False, backend: str | None = None, **inputs):
+                 return_lse: bool = False, backend: str | None = None, plan=None, **inputs):
         """Attention of q (B, Hq, n_q, D) over k, v (B, Hkv, n_k, D) under the pattern: O, or
         (O, LSE) with return_lse=True. backend: 'triton' (CUDA), 'interpret' (the generated kernel
         in Triton's interpreter, CPU), 'cpu' (the fast CPU path) or 'flex' (compiled FlexAttention
         under the layout's BlockMask; on CPU forward-only); default from SPARSEC_BACKEND, else by
         device. One call is one torch.ops.sparsec.attention (runtime/ops.py): what runs
-        here, before it, is only what torch.compile can trace without a break."""
+        here, before it, is only what torch.compile can trace without a break. plan: a
+        sparsec.distributed plan; q, k, v are then this rank's rows (spec section 9)."""
         check_tensors(q, k, v)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
+        if plan is not None:
+            if q_offset is not None:
+                raise ValueError("q_offset= and plan= do not go together: the plan places every row")
+            return plan.attend(self, q, k, v, scale, return_lse, backend, **inputs)
         given = ops.input_list(inputs, self.input_names)
         o, lse = ops.attention(q, k, v, given, ops.score_input_list(self.name, inputs, self.score_inputs), self.key,
                                *op_options(scale, q_offset, backend), wants_grad(q, k, v), return_lse)

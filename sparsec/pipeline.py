@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable
 
 from . import passes as P
@@ -122,8 +123,11 @@ def emit(name: str, body, score=None) -> Generated:
 def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generated: Callable[[], Generated],
          cached, name: str, score=None):
     """The backend bound to one share of one call: its layout and tables (or CPU plan). score:
-    the call's TorchScore (runtime/scores.py) when the pattern modifies its scores."""
+    the call's TorchScore (runtime/scores.py) when the pattern modifies its scores. The request's
+    lengths are the pattern's; the call's are the rows of its tensors (fewer for a compact buffer
+    of context parallelism, whose rows the order places; else the same)."""
     needs = r.body.inputs_read()
+    positions = replace(call, n_q=r.n_q, n_k=r.n_k, q_offset=r.q_offset)
     shape = (r.share, config, *call.shape_key())
 
     def per_shape(what, make):
@@ -132,7 +136,7 @@ def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generat
 
     if backend in ("cpu", "flex"):   # masks read content ids once computed, never q and k themselves
         known = {k: x for k, x in r.inputs.items() if "content" not in r.inputs or k not in ("q", "k")}
-        space = TableSpace(call.n_q, call.n_k, call.q_offset, call.heads, call.batch, 1, known)
+        space = TableSpace(r.n_q, r.n_k, r.q_offset, call.heads, call.batch, 1, known)
         rows = None if r.order is None else (r.order.q_pos.cpu().numpy(), r.order.k_pos.cpu().numpy())
         if backend == "cpu":
             plan = per_shape("plan", lambda: cpu.plan(r.body, build_layout(r, cached, "host"), space, call.kv_heads,
@@ -147,9 +151,10 @@ def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generat
         interpret = backend == "interpret"
         gen = generated()
         module = load_kernel(gen, name, interpret)
-        tables = per_shape("tables", lambda: table_values(gen, r.body, call, r.inputs))
+        tables = per_shape("tables", lambda: table_values(gen, r.body, positions, r.inputs))
         runner = GeneratedAttention(module, build_layout(r, cached), tables, call, config, interpret,
                                     None if r.order is None else (r.order.q_pos, r.order.k_pos), score,
-                                    [] if score is None else score_values(gen, score, call.device), gen.grads)
+                                    [] if score is None else score_values(gen, score, call.device), gen.grads,
+                                    None if positions == call else (r.n_q, r.n_k))
     trace("bind", lambda: f"share {r.share}: {backend} {config.show()}")
     return runner

@@ -17,7 +17,7 @@ from sparsec.runtime import content
 
 PACKAGE = Path(sparsec.__file__).parent
 # Each stage may import its own and earlier stages only (the top level is the public face).
-RANK = {"errors": 0, "ir": 1, "grammar": 2, "passes": 3, "layout": 4, "codegen": 5, "runtime": 6, "": 7, "tools": 8, "integrations": 8}
+RANK = {"errors": 0, "ir": 1, "grammar": 2, "passes": 3, "layout": 4, "codegen": 5, "runtime": 6, "": 7, "tools": 8, "integrations": 8, "distributed": 8}
 FORBIDDEN = {"ir": {"torch", "lark", "triton"}, "grammar": {"torch", "triton"}, "passes": {"torch", "lark", "triton"},
              "layout": {"lark", "triton"}, "codegen": {"torch", "lark"}}
 

@@ -33,7 +33,7 @@ def sparse_attention_backward_delta(
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, IDX, start, end, offs_d, in_d, stride_kn, stride_kd,
-              stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_params}
+              stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_params}
               {score_params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
               PERMUTED: tl.constexpr, SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """dq += dS K over the key tiles IDX[start:end] (times the softmax scale at the end), the
@@ -45,10 +45,10 @@ def _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, IDX, start, end, offs
         keys = cols
         if MASKED or SCORED:
             keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
-        s, raw = _scores(q, kT, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
+        s, raw = _scores(q, kT, pos, keys, h, b, LEN_Q, LEN_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
                          DOT_IN_FP32)
         if MASKED:
-            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
+            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
         elif EVEN_N:
             keep = None
         else:
@@ -56,12 +56,12 @@ def _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, IDX, start, end, offs
         p = _probabilities(s, lse2, keep, SCORED)
         ds = p * (_dot(do, vT, DOT_PRECISION, DOT_IN_FP32) - delta[:, None])
         if SCORED:
-            ds = _chain(ds, pattern_score_grad(raw, pos, keys, h, b, N_Q, N_K,{score_args}))
+            ds = _chain(ds, pattern_score_grad(raw, pos, keys, h, b, LEN_Q, LEN_K,{score_args}))
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION, DOT_IN_FP32)
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET"{scalars}])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "LEN_Q", "LEN_K", "Q_OFFSET"{scalars}])
 def sparse_attention_backward_dq(
     Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -69,7 +69,7 @@ def sparse_attention_backward_dq(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
+    N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
     {score_params} HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, PERMUTED: tl.constexpr,
@@ -99,11 +99,11 @@ def sparse_attention_backward_dq(
     row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
     dq = _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, FULL_IDX, tl.load(FULL_PTR + row),
                    tl.load(FULL_PTR + row + 1), offs_d, in_d, stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H,
-                   G, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N, False,
+                   G, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N, False,
                    EVEN_N, PERMUTED, SCORED, DOT_PRECISION, DOT_IN_FP32)
     dq = _dq_tiles(dq, q, do, lse2, delta, pos, k_base, v_base, PARTIAL_IDX, tl.load(PARTIAL_PTR + row),
                    tl.load(PARTIAL_PTR + row + 1), offs_d, in_d, stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk,
-                   H, G, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N,
+                   H, G, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N,
                    True, EVEN_N, PERMUTED, SCORED, DOT_PRECISION, DOT_IN_FP32)
 
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -113,7 +113,7 @@ def sparse_attention_backward_dq(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, IDX, start, end, offs_d, in_d, stride_qm,
-                stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, Q_ORDER,{params}
+                stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, SM_SCALE, QK_SCALE, Q_ORDER,{params}
                 {score_params} {grad_params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                 PERMUTED: tl.constexpr, SCORED: tl.constexpr, INPUT_GRADS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 DOT_IN_FP32: tl.constexpr):
@@ -129,10 +129,10 @@ def _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, IDX, st
         pos = offs_m
         if MASKED or SCORED:
             pos = _positions(Q_ORDER, bh, offs_m, N_Q, PERMUTED) + Q_OFFSET  # the pattern reads positions
-        s, raw = _scores(q, kT, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
+        s, raw = _scores(q, kT, pos, keys, h, b, LEN_Q, LEN_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
                          DOT_IN_FP32)
         if MASKED:
-{rows_call_inner}            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
+{rows_call_inner}            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
         else:
             keep = None
         p = _probabilities(s, lse2, keep, SCORED)
@@ -141,13 +141,13 @@ def _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, IDX, st
         if SCORED:
             if INPUT_GRADS:
                 live = (offs_m < N_Q)[:, None] & (cols < N_K)[None, :]
-                pattern_input_grads(ds, live, raw, pos, keys, h, b, N_Q, N_K,{score_args}{grad_args})
-            ds = _chain(ds, pattern_score_grad(raw, pos, keys, h, b, N_Q, N_K,{score_args}))
+                pattern_input_grads(ds, live, raw, pos, keys, h, b, LEN_Q, LEN_K,{score_args}{grad_args})
+            ds = _chain(ds, pattern_score_grad(raw, pos, keys, h, b, LEN_Q, LEN_K,{score_args}))
         dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_IN_FP32)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET"{scalars}])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "LEN_Q", "LEN_K", "Q_OFFSET"{scalars}])
 def sparse_attention_backward_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -156,7 +156,7 @@ def sparse_attention_backward_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
+    N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, KEY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
     {score_params} {grad_params} HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr, SCORED: tl.constexpr,
@@ -189,12 +189,12 @@ def sparse_attention_backward_dkdv(
         row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * KEY_TILES + ktile
         dk, dv = _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, FULL_IDX,
                              tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1), offs_d, in_d, stride_qm,
-                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, SM_SCALE,
+                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, SM_SCALE,
                              QK_SCALE, Q_ORDER,{args} {score_args} {grad_args} BLOCK_M, BLOCK_N, False, PERMUTED,
                              SCORED, INPUT_GRADS, DOT_PRECISION, DOT_IN_FP32)
         dk, dv = _dkdv_tiles(dk, dv, kT, vT, cols, keys, q_base, do_base, LSE, DELTA, PARTIAL_IDX,
                              tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), offs_d, in_d, stride_qm,
-                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, Q_OFFSET, SM_SCALE,
+                             stride_qd, stride_dom, stride_dod, b, h, bh, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, SM_SCALE,
                              QK_SCALE, Q_ORDER,{args} {score_args} {grad_args} BLOCK_M, BLOCK_N, True, PERMUTED,
                              SCORED, INPUT_GRADS, DOT_PRECISION, DOT_IN_FP32)
 

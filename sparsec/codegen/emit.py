@@ -50,7 +50,7 @@ def emit_kernels(d: Definition) -> Generated:
     grad_names = _listed([f"GRAD_{name}" for name in score.grads])
     names = _listed([t.name for t in out.tables])
     rows = [line.split(" = ", 1)[0] for line in out.hoisted]   # the row-only values, bound once per query tile
-    call = f"pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,{names} BLOCK_M, BLOCK_N)\n"
+    call = f"pattern_rows(pos, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,{names} BLOCK_M, BLOCK_N)\n"
     fill = dict(
         params=names, args=names, pred=pred, score_params=score_names, score_args=score_names,
         grad_params=grad_names, grad_args=grad_names,

@@ -59,8 +59,8 @@ class Lowering:
     out: Emitter
     rows: str = "pos"
     cols: str = "keys"
-    n_q: str = "N_Q"
-    n_k: str = "N_K"
+    n_q: str = "LEN_Q"
+    n_k: str = "LEN_K"
     q_offset: str = "Q_OFFSET"     # positions p = i + q_offset (token-level patterns read it)
     head: str = "h"
     batch: str = "b"

@@ -34,7 +34,7 @@ class Coordinates(Mapping):
     """score, i, j, h, b and the lengths as Triton sources, each bound to an int64 name on its
     first use in the helper (once): over the tile ("pair"), over its key columns alone ("keys": a
     read of j without i), its rows alone ("rows") or neither ("one")."""
-    SOURCES = {"i": "pos", "j": "keys", "h": "h", "b": "b", "n": "N_K", "n_k": "N_K", "n_q": "N_Q"}
+    SOURCES = {"i": "pos", "j": "keys", "h": "h", "b": "b", "n": "LEN_K", "n_k": "LEN_K", "n_q": "LEN_Q"}
 
     def __init__(self, cx: Lowering, shape: str):
         self.cx, self.shape = cx, shape
@@ -88,7 +88,7 @@ def _helper(signature: str, doc: str, out: Emitter, result: str | None) -> str:
     return f"@triton.jit\ndef {signature}:\n    \"\"\"{doc}\"\"\"\n" + textwrap.indent("\n".join(lines) or "pass", "    ")
 
 
-ARGS = "s, pos, keys, h, b, N_Q, N_K"
+ARGS = "s, pos, keys, h, b, LEN_Q, LEN_K"
 
 
 def lower_score(score: E.Expr | None) -> LoweredScore:

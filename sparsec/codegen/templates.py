@@ -147,14 +147,14 @@ def _row_stats(LSE, DELTA, bh, offs_m, N_Q):
 # The pattern, said once: its parts of the query rows alone (once per query tile) and its predicate.
 PATTERN = '''
 @triton.jit
-def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,{params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def pattern_rows(pos, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,{params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The parts of the pattern that depend on the query rows alone: computed once per query tile."""
 {hoisted}
     return {rows}
 
 
 @triton.jit
-def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_params}
+def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,{keep_params}
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The pattern's predicate over one (query tile, key tile), (BLOCK_M, BLOCK_N) bool: which
     pairs are allowed (pos: query positions, keys: key positions, cols: key rows)."""
@@ -163,7 +163,7 @@ def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_params}
 
 FORWARD = '''
 @triton.jit
-def _scores(q, kT, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_params}
+def _scores(q, kT, pos, keys, h, b, LEN_Q, LEN_K, SM_SCALE, QK_SCALE,{score_params}
             SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """(s, raw) of one tile: s the scores in base 2, which the softmax takes (exp2), and raw =
     qk * scale, which the with expression reads. Without one, s = qk * (scale * log2(e)) in one
@@ -171,13 +171,13 @@ def _scores(q, kT, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_params}
     dot = _dot(q, kT, DOT_PRECISION, DOT_IN_FP32)
     if SCORED:
         raw = dot * SM_SCALE
-        return pattern_score(raw, pos, keys, h, b, N_Q, N_K,{score_args}) * 1.4426950408889634, raw
+        return pattern_score(raw, pos, keys, h, b, LEN_Q, LEN_K,{score_args}) * 1.4426950408889634, raw
     return dot * QK_SCALE, dot
 
 
 @triton.jit
 def _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, IDX, start, end, offs_d, in_d, stride_kn, stride_kd,
-                   stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_params}
+                   stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, SM_SCALE, QK_SCALE, K_ORDER,{keep_params}
                    {score_params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                    EVEN_N: tl.constexpr, PERMUTED: tl.constexpr, SCORED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    DOT_IN_FP32: tl.constexpr):
@@ -192,10 +192,10 @@ def _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, IDX, start, end, offs_
         keys = cols
         if MASKED or SCORED:
             keys = _positions(K_ORDER, b * (H // G) + hk, cols, N_K, PERMUTED)
-        s, raw = _scores(q, k, pos, keys, h, b, N_Q, N_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
+        s, raw = _scores(q, k, pos, keys, h, b, LEN_Q, LEN_K, SM_SCALE, QK_SCALE,{score_args} SCORED, DOT_PRECISION,
                          DOT_IN_FP32)
         if MASKED:
-            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
+            keep = pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,{keep_args} BLOCK_M, BLOCK_N)
         elif EVEN_N:
             keep = None
         else:
@@ -204,14 +204,14 @@ def _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, IDX, start, end, offs_
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K", "Q_OFFSET", "SPLITS"{scalars}])
+@triton.jit(do_not_specialize=["N_Q", "N_K", "LEN_Q", "LEN_K", "Q_OFFSET", "SPLITS"{scalars}])
 def sparse_attention_forward(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od, stride_os, stride_ls,
-    N_Q, N_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE, SPLITS,
+    N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, H, G, SM_SCALE, QK_SCALE, SPLITS,
     FULL_PTR, FULL_IDX, PARTIAL_PTR, PARTIAL_IDX, LAYOUT_B, LAYOUT_H, QUERY_TILES, SCHEDULE, Q_ORDER, K_ORDER,{params}
     {score_params} HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, PERMUTED: tl.constexpr,
@@ -247,12 +247,12 @@ def sparse_attention_forward(
     row = ((b % LAYOUT_B) * LAYOUT_H + h % LAYOUT_H) * QUERY_TILES + tile
     start, end = _split_range(tl.load(FULL_PTR + row), tl.load(FULL_PTR + row + 1), split, SPLITS)
     acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, FULL_IDX, start, end, offs_d, in_d,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,
                                    SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N, False,
                                    EVEN_N, PERMUTED, SCORED, DOT_PRECISION, DOT_IN_FP32)
     start, end = _split_range(tl.load(PARTIAL_PTR + row), tl.load(PARTIAL_PTR + row + 1), split, SPLITS)
     acc, m_i, l_i = _forward_tiles(acc, m_i, l_i, q, pos, k_base, v_base, PARTIAL_IDX, start, end, offs_d, in_d,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, Q_OFFSET,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, b, h, hk, H, G, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,
                                    SM_SCALE, QK_SCALE, K_ORDER,{keep_args} {score_args} BLOCK_M, BLOCK_N, True,
                                    EVEN_N, PERMUTED, SCORED, DOT_PRECISION, DOT_IN_FP32)
 

@@ -2,7 +2,8 @@
 from .block import BlockLayout, DeviceLayout, TileLists
 from .build import build_layout, tile_classes
 from .choose import BUILDERS, LayoutRequest, device_layout, host_layout
+from .placed import Placement, reindex
 from .sorted import SortedOrder
 
-__all__ = ["BUILDERS", "BlockLayout", "DeviceLayout", "LayoutRequest", "SortedOrder", "TileLists", "build_layout", "device_layout",
-           "host_layout", "tile_classes"]
+__all__ = ["BUILDERS", "BlockLayout", "DeviceLayout", "LayoutRequest", "Placement", "SortedOrder", "TileLists", "build_layout", "device_layout",
+           "host_layout", "reindex", "tile_classes"]

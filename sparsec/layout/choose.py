@@ -12,6 +12,7 @@ from ..passes.shares import active_heads, offset_bounds
 from .block import BlockLayout, DeviceLayout
 from .build import build_layout
 from .documents import DocumentLayouts, static_part
+from .placed import Placement
 from .selections import SelectionLayouts, supported
 from .sorted import SortedOrder
 
@@ -23,7 +24,8 @@ class LayoutRequest:
     """One share of one call at one tile size: what a layout is built for. body is the share's
     specialized body; full says the share is its bucketing alone (sorted tiles may be FULL);
     inputs: the call's inputs by name (the builders read segment_ids and content, the ids and
-    selections of its content parts); order: a sorted share's order, else None."""
+    selections of its content parts); order: a sorted share's order, or the Placement of a compact
+    buffer's rows (placed.py), else None."""
     share: int
     body: Pattern
     full: bool
@@ -36,7 +38,7 @@ class LayoutRequest:
     block_n: int
     device: torch.device
     inputs: dict
-    order: SortedOrder | None = None
+    order: SortedOrder | Placement | None = None
 
     def shape(self) -> tuple:
         """The key of what a layout of a share that reads no call input depends on."""
@@ -106,6 +108,8 @@ def _document_static(r: LayoutRequest) -> bool:
 
 
 BUILDERS: tuple[Builder, ...] = (
+    Builder("placed rows", lambda r: isinstance(r.order, Placement), host=lambda r, cached: r.order.tiles(
+        r.block_m, r.block_n)),
     Builder("sorted share", lambda r: r.order is not None, device=_sorted),
     Builder("top-k selection", lambda r: supported(r.body), device=_selection),
     Builder("document & static", _document_static, device=_document, host=_static_host),
@@ -117,7 +121,7 @@ BUILDERS: tuple[Builder, ...] = (
 
 def choose(r: LayoutRequest, cached: Cached) -> Builder:
     """The first builder that applies, decided once per share and shape (the tests walk the body)."""
-    return cached(("builder", *r.shape(), r.order is None), lambda: next(b for b in BUILDERS if b.applies(r)))
+    return cached(("builder", *r.shape(), type(r.order).__name__), lambda: next(b for b in BUILDERS if b.applies(r)))
 
 
 def device_layout(r: LayoutRequest, cached: Cached) -> DeviceLayout:

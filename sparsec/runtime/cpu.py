@@ -37,11 +37,12 @@ class Plan:
 def row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, inputs, t: int,
               key_tiles: np.ndarray, order) -> np.ndarray:
     """The reference mask over query tile t x the visited key tiles (padding rows/keys False).
-    order: (q rows, k rows) of a sorted share, the original row of each sorted one."""
+    order: (q rows, k rows) of a sorted share, the original row of each sorted one. The layout's
+    lengths bound the rows; the space's are the pattern's (more, for a compact buffer's rows)."""
     bm, bn = layout.block_m, layout.block_n
-    rows = np.arange(t * bm, min((t + 1) * bm, space.n_q), dtype=np.int64)
+    rows = np.arange(t * bm, min((t + 1) * bm, layout.n_q), dtype=np.int64)
     keys = (key_tiles[:, None] * bn + np.arange(bn)).ravel()
-    valid = np.flatnonzero(keys < space.n_k)
+    valid = np.flatnonzero(keys < layout.n_k)
     keep = np.zeros((bm, len(keys)), bool)
     if order is None:
         keep[: len(rows), valid] = body.mask(Grid(rows + space.q_offset, keys[valid], space.n_q, space.n_k, head,
@@ -75,7 +76,7 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
                 if not len(visits):
                     continue
                 if (lay_h, t) not in masks:
-                    past_n_k = (visits[-1] + 1) * layout.block_n > space.n_k
+                    past_n_k = (visits[-1] + 1) * layout.block_n > layout.n_k
                     masks[(lay_h, t)] = row_mask(body, layout, space, h, inputs, t, visits, rows_of) \
                         if len(part) or past_n_k else None
                 by_count.setdefault(len(visits), []).append((h * tq + t, (h // group) * tk + visits, (lay_h, t)))

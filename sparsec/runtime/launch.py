@@ -102,6 +102,11 @@ class GeneratedAttention:
     score: object = None        # the call's TorchScore (runtime/scores.py) when the pattern has `with`
     score_tables: list = ()     # its tables' values (score_values), in the kernels' order
     grads: tuple = ()           # the float inputs the kernels take gradient pointers for (Generated.grads)
+    lengths: tuple | None = None   # (n_q, n_k) the pattern is specialized for, when Q and K hold fewer rows
+    # (context parallelism's compact buffers, read through orders); None: the call's own lengths
+
+    def _lengths(self) -> tuple[int, int]:
+        return (self.call.n_q, self.call.n_k) if self.lengths is None else self.lengths
 
     def _orders(self, q) -> tuple:
         if self.order is None:  # never read (PERMUTED is False): any pointer will do
@@ -140,7 +145,8 @@ class GeneratedAttention:
             self.module.sparse_attention_forward[(tq * splits * c.batch * c.heads,)](
                 q, k, v, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), *o_part.stride()[-4:],
                 o_part.stride(0) if splits > 1 else 0, lse_part.stride(0) if splits > 1 else 0,
-                c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale, c.scale * math.log2(math.e), splits,
+                c.n_q, c.n_k, *self._lengths(), c.q_offset, c.heads, c.heads // c.kv_heads, c.scale,
+                c.scale * math.log2(math.e), splits,
                 *lay.full, *lay.partial, lb, lh, tq, lay.schedule(c.batch, c.heads), *self._orders(q), *self.tables,
                 *self.score_tables, EVEN_N=c.n_k % lay.block_n == 0, **self._common(q))
         if splits == 1:
@@ -161,7 +167,7 @@ class GeneratedAttention:
         dq = self._empty(q.shape, q.dtype, q.device)
         dk, dv = self._empty(k.shape, k.dtype, k.device), self._empty(v.shape, v.dtype, v.device)
         grads = self._input_grads(q)
-        scalars = (c.n_q, c.n_k, c.q_offset, c.heads, c.heads // c.kv_heads, c.scale, c.scale * math.log2(math.e))
+        scalars = (c.n_q, c.n_k, *self._lengths(), c.q_offset, c.heads, c.heads // c.kv_heads, c.scale, c.scale * math.log2(math.e))
         with interpreting(self.interpret):
             self.module.sparse_attention_backward_delta[(tq, c.batch * c.heads)](
                 o, do, dlse if dlse is not None else delta, delta, *o.stride(), *do.stride(), c.n_q, c.heads,

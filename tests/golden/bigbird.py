@@ -3,7 +3,7 @@
 # pattern:      bigbird
 # canonical IR: blocks(64, band(1) + global(1) + last(1) + random(3, seed=0))
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: bb8f553d2aaf2a42
+# content hash: bbadb3e0469495a0
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,
+def pattern_rows(pos, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,
         arg4_0, random5_keys, random5_row0, random5_rows, random5_count, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The parts of the pattern that depend on the query rows alone: computed once per query tile."""
     block_rows0 = _floordiv(pos, 64)
@@ -37,7 +37,7 @@ def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,
 
 
 @triton.jit
-def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,
+def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,
         block_rows0, global_rows0, last_rows0, random_at0, random_ok0, random_row0, arg4_0, random5_keys,
         random5_row0, random5_rows, random5_count,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

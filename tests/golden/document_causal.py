@@ -3,7 +3,7 @@
 # pattern:      document_causal
 # canonical IR: band(512, 0) & document
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: c0e9a4181cdfb8f6
+# content hash: 901142395ba1d356
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -21,20 +21,20 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET,
+def pattern_rows(pos, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,
         document2_ids, document2_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The parts of the pattern that depend on the query rows alone: computed once per query tile."""
     document_ids0 = document2_ids + b.to(tl.int64) * document2_stride
-    document_rows0 = tl.load(document_ids0 + pos, mask=(pos >= 0) & (pos < N_K), other=-1)
+    document_rows0 = tl.load(document_ids0 + pos, mask=(pos >= 0) & (pos < LEN_K), other=-1)
     return document_ids0, document_rows0
 
 
 @triton.jit
-def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,
+def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,
         document_ids0, document_rows0, document2_ids, document2_stride,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The pattern's predicate over one (query tile, key tile), (BLOCK_M, BLOCK_N) bool: which
     pairs are allowed (pos: query positions, keys: key positions, cols: key rows)."""
     d0 = pos[:, None] - keys[None, :]
-    document_cols0 = tl.load(document_ids0 + keys, mask=keys < N_K, other=-2)
+    document_cols0 = tl.load(document_ids0 + keys, mask=keys < LEN_K, other=-2)
     return (((d0 >= 0) & (d0 <= 512)) & (document_rows0[:, None] == document_cols0[None, :])) & (cols < N_K)[None, :]

@@ -3,7 +3,7 @@
 # pattern:      longformer
 # canonical IR: band(256) + global(16)
 # tiles:        BLOCK_M, BLOCK_N, num_warps and num_stages are chosen at launch (TileConfig)
-# content hash: 4c89d2118cc91fd5
+# content hash: 4ac033acb9488e0a
 #
 # Glossary
 #   pos      (BLOCK_M,) query positions p = i + Q_OFFSET of this program's query tile
@@ -20,14 +20,14 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def pattern_rows(pos, h, b, H, N_Q, N_K, Q_OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def pattern_rows(pos, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The parts of the pattern that depend on the query rows alone: computed once per query tile."""
     global_rows0 = pos < 16
     return global_rows0
 
 
 @triton.jit
-def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, Q_OFFSET,
+def pattern_keep(pos, keys, cols, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,
         global_rows0,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The pattern's predicate over one (query tile, key tile), (BLOCK_M, BLOCK_N) bool: which

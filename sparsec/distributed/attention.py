@@ -1,0 +1,163 @@
+"""A context-parallel call's forward and backward: fetch K/V tiles, send out query tiles, run the kernels on compact buffers, merge by LSE."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import pipeline
+from ..layout import LayoutRequest, Placement, reindex
+from ..runtime.call import Call
+from .exchange import Moves, Tally, move
+
+
+@dataclass(frozen=True)
+class Side:
+    """One of a rank's two computations over compact buffers: query rows q_rows against key rows
+    k_rows (positions of the sequence). keep(block_m, block_n), when given, says at those tile
+    sizes which of the layout's tiles this side computes (a predicate over its tiles)."""
+    q_rows: torch.Tensor
+    k_rows: torch.Tensor
+    keep: object = None
+
+    def runner(self, kern, body, layout_at, n: int, call: Call, backend: str, config, inputs: dict):
+        """The share's backend bound to these rows (pipeline.bind with a Placement order), or
+        None when there are no query rows. layout_at(block_m, block_n): the sequence's layout."""
+        if not len(self.q_rows):
+            return None
+        B, H = call.batch, call.heads
+        pos = lambda rows: rows.to(call.device, torch.int32).expand(B, H, -1).contiguous()
+        rows = (self.q_rows.numpy(), self.k_rows.numpy())
+        keep = None if self.keep is None else self.keep(config.block_m, config.block_n)
+        placed = Placement(pos(self.q_rows), pos(self.k_rows), lambda bm, bn: reindex(layout_at(bm, bn), *rows, keep))
+        r = LayoutRequest(0, body, kern.shares[0].full, n, n, 0, H, B, config.block_m, config.block_n, call.device,
+                          inputs, placed)
+        memo: dict = {}   # its own cache: two sides of one rank share every shape key
+        cached = lambda key, make: memo[key] if key in memo else memo.setdefault(key, make())
+        local = Call(B, H, call.kv_heads, len(self.q_rows), len(self.k_rows), call.dim, 0, call.scale, call.device)
+        return pipeline.bind(backend, r, local, config, lambda: kern.generated(0), cached, kern.name)
+
+
+@dataclass(frozen=True)
+class Exchanges:
+    """This rank's moves: K/V rows fetched (`fetch`, arriving grouped by owner, `fetch_order`
+    sorting them by position), query rows sent out (`queries`, `query_order` likewise on the
+    serving rank), and where fetched rows sit in the key buffer (`fetched_at`)."""
+    fetch: Moves
+    fetch_order: torch.Tensor
+    fetched_first: bool            # the buffer is [fetched, local] (this rank holds the last tile) or [local, fetched]
+    queries: Moves
+    query_order: torch.Tensor
+
+    def buffer(self, local: torch.Tensor, fetched: torch.Tensor) -> torch.Tensor:
+        fetched = fetched.index_select(2, self.fetch_order.to(fetched.device))
+        return torch.cat([fetched, local] if self.fetched_first else [local, fetched], 2)
+
+    def split(self, buf: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local rows, fetched rows in arrival order) of a key buffer's gradient."""
+        m = buf.shape[2] - n_local
+        local, fetched = (buf[:, :, m:], buf[:, :, :m]) if self.fetched_first else (buf[:, :, :n_local],
+                                                                                   buf[:, :, n_local:])
+        back = torch.empty_like(fetched)
+        back[:, :, self.fetch_order.to(buf.device)] = fetched
+        return local, back
+
+
+def merge(o: torch.Tensor, lse: torch.Tensor, parts_o: torch.Tensor, parts_lse: torch.Tensor,
+          rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local (O, LSE) of every row merged with partial results for rows `rows` (repeats allowed):
+    LSE = log sum exp over a row's parts, O = sum exp(LSE_part - LSE) O_part. Rows no part
+    reaches keep O = 0 and LSE = -inf."""
+    if not len(rows):
+        return o, lse
+    index = torch.cat([torch.arange(lse.shape[-1], device=lse.device), rows.to(lse.device)])
+    all_lse = torch.cat([lse, parts_lse], -1)
+    top = torch.full_like(lse, float("-inf")).scatter_reduce(-1, index.expand_as(all_lse), all_lse, "amax")
+    top = torch.where(torch.isneginf(top), 0.0, top)
+    weight = torch.exp(all_lse - top[..., index])
+    total = torch.zeros_like(lse).scatter_add(-1, index.expand_as(all_lse), weight)
+    merged = torch.where(total == 0, float("-inf"), top + torch.log(total))
+    share = (weight / torch.where(total == 0, 1.0, total)[..., index]).unsqueeze(-1)
+    out = torch.zeros(o.shape, dtype=torch.float32, device=o.device)
+    out.index_add_(2, index, share * torch.cat([o, parts_o], 2).float())
+    return out.to(o.dtype), merged
+
+
+def _empty_like_rows(x: torch.Tensor, rows: int, width: int | None = None) -> torch.Tensor:
+    B, H, _, D = x.shape
+    return x.new_zeros((B, H, rows, D if width is None else width))
+
+
+class ContextParallel(torch.autograd.Function):
+    """O and LSE of this rank's rows. Forward: fetch K/V rows, send out query rows, attend the
+    local rows over [local + fetched] keys and the received rows over the local keys, return the
+    received rows' partial results, merge by LSE. Backward: each part's gradient from the merged
+    O and LSE (the parts are disjoint pairs, as shares are), the received rows' dQ and the fetched
+    rows' dK, dV sent back and summed. Every rank issues every collective, in the same order."""
+
+    @staticmethod
+    def forward(ctx, ex: Exchanges, local_side, remote_side, group, tally: Tally, q, k, v):
+        kv = move(torch.cat([k, v], -1), ex.fetch, group, tally, "kv")
+        D = k.shape[-1]
+        k_buf, v_buf = ex.buffer(k, kv[..., :D]), ex.buffer(v, kv[..., D:])
+        q_in = move(q, ex.queries, group, tally, "queries").index_select(2, ex.query_order.to(q.device))
+        o, lse = local_side.forward(q, k_buf, v_buf)
+        if remote_side is not None:
+            o_in, lse_in = remote_side.forward(q_in, k, v)
+        else:
+            o_in, lse_in = _empty_like_rows(q, 0), q.new_zeros((*q.shape[:2], 0), dtype=torch.float32)
+        back = ex.queries.reverse(_back_rows(ex))
+        parts_o = move(o_in, back, group, tally, "partials")
+        parts_lse = move(lse_in.unsqueeze(-1), back, group, tally, "partials")[..., 0]
+        o, lse = merge(o, lse, parts_o, parts_lse, torch.cat(ex.queries.send) if ex.queries.send else
+                       torch.zeros(0, dtype=torch.long))
+        ctx.save_for_backward(q, k, v, k_buf, v_buf, q_in, o, lse)
+        ctx.parts = (ex, local_side, remote_side, group, tally)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, k_buf, v_buf, q_in, o, lse = ctx.saved_tensors
+        ex, local_side, remote_side, group, tally = ctx.parts
+        order = ex.query_order.to(q.device)
+        # the sent rows' merged O, dO, LSE and dLSE go where their partial results were computed
+        rows_in = move(torch.cat([o, do.to(o.dtype)], -1), ex.queries, group, tally, "grads").index_select(2, order)
+        stats_in = move(torch.stack([lse, dlse.float()], -1), ex.queries, group, tally, "grads").index_select(2, order)
+        dq, dk_buf, dv_buf = local_side.backward(q, k_buf, v_buf, o, lse, do, dlse.float())
+        D = q.shape[-1]
+        if remote_side is not None:
+            dq_in, dk_in, dv_in = remote_side.backward(q_in, k, v, rows_in[..., :D].contiguous(), stats_in[..., 0],
+                                                       rows_in[..., D:].contiguous(), stats_in[..., 1].contiguous())
+        else:
+            dq_in, dk_in, dv_in = _empty_like_rows(q, 0), torch.zeros_like(k), torch.zeros_like(v)
+        dq_back = move(dq_in, ex.queries.reverse(_back_rows(ex)), group, tally, "grads")
+        dq = dq.float()
+        if ex.queries.send:
+            dq.index_add_(2, torch.cat(ex.queries.send).to(q.device), dq_back.float())
+        dk_local, dk_fetched = ex.split(dk_buf, k.shape[2])
+        dv_local, dv_fetched = ex.split(dv_buf, v.shape[2])
+        fetched_back = Moves([torch.arange(a, b) for a, b in _spans(ex.fetch.recv)], [len(i) for i in ex.fetch.send])
+        dkv = move(torch.cat([dk_fetched, dv_fetched], -1), fetched_back, group, tally, "grads").float()
+        dk = dk_local.float() + dk_in.float()
+        dv = dv_local.float() + dv_in.float()
+        if ex.fetch.send:
+            at = torch.cat(ex.fetch.send).to(k.device)
+            dk.index_add_(2, at, dkv[..., :D])
+            dv.index_add_(2, at, dkv[..., D:])
+        return None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _spans(counts: list[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each rank's block in an arrival order grouped by rank."""
+    out, at = [], 0
+    for c in counts:
+        out.append((at, at + c))
+        at += c
+    return out
+
+
+def _back_rows(ex: Exchanges) -> list[torch.Tensor]:
+    """For each rank that sent query rows here, where they sit in the sorted received rows, in its
+    send order: the rows of their partial results (and dQ) to send back."""
+    inverse = torch.argsort(ex.query_order)
+    return [inverse[a:b] for a, b in _spans(ex.queries.recv)]

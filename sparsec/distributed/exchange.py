@@ -1,0 +1,44 @@
+"""The collectives of a context-parallel call: rows of (B, H, rows, D) tensors moved by one uneven all-to-all, bytes tallied."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Tally:
+    """Bytes this rank has received, by what moved (kv, queries, partials; and in the backward
+    grads), counted from the tensors the collectives filled."""
+    received: dict = field(default_factory=dict)
+
+    def add(self, what: str, x: torch.Tensor) -> None:
+        self.received[what] = self.received.get(what, 0) + x.numel() * x.element_size()
+
+
+@dataclass(frozen=True)
+class Moves:
+    """One all-to-all of rows: `send[d]` the local row indices this rank sends to rank d,
+    `recv[s]` how many rows it receives from rank s (in s's send order). Every rank issues it,
+    moving nothing or not: a collective one rank skips hangs the others."""
+    send: list[torch.Tensor]
+    recv: list[int]
+
+    def reverse(self, sent_back: list[torch.Tensor]) -> "Moves":
+        """The way back: what came from s returns to s (sent_back[s]: those rows' local indices)."""
+        return Moves(sent_back, [len(x) for x in self.send])
+
+
+def move(x: torch.Tensor, moves: Moves, group, tally: Tally | None = None, what: str = "") -> torch.Tensor:
+    """Rows x[:, :, send[d]] to each rank d; returns (B, H, sum(recv), D), the rows from rank 0
+    first, each rank's in its send order. Rows travel as one contiguous (rows, B, H, D) block."""
+    B, H, _, D = x.shape
+    index = torch.cat([i.to(x.device) for i in moves.send]) if moves.send else torch.zeros(0, dtype=torch.long)
+    out_rows = x.index_select(2, index).permute(2, 0, 1, 3).contiguous()
+    into = x.new_empty((sum(moves.recv), B, H, D))
+    dist.all_to_all_single(into, out_rows, output_split_sizes=list(moves.recv),
+                           input_split_sizes=[len(i) for i in moves.send], group=group)
+    if tally is not None:
+        tally.add(what, into)
+    return into.permute(1, 2, 0, 3)
