@@ -1,8 +1,6 @@
 """Context parallelism (spec section 9) on gloo processes: outputs and gradients equal one process, bytes equal the plan's."""
 import json
-import os
 import random
-import socket
 import time
 from datetime import timedelta
 
@@ -67,20 +65,14 @@ def _case(rank: int, world: int, case, seed: int) -> dict:
             "received": forward, "planned": plan.bytes()[rank]}
 
 
-def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=SECONDS // 2))
+def _worker(rank: int, world: int, seed: int, out: str) -> None:
+    torch.set_num_threads(1)   # a file store, not a port: groups of concurrent runs cannot meet
+    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=SECONDS // 2))
     results = [_case(rank, world, case, seed + i) for i, case in enumerate(CASES) if world in case[-1]]
     with open(f"{out}.{rank}", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_group(world: int, tmp) -> list[list[dict]]:
@@ -88,7 +80,7 @@ def run_group(world: int, tmp) -> list[list[dict]]:
     the test fails): each rank's results."""
     seed = random.randrange(1 << 30)   # drawn fresh each run
     out = str(tmp / f"world{world}")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), seed, out), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, seed, out), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + SECONDS
     while not ctx.join(timeout=5):

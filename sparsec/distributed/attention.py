@@ -42,7 +42,7 @@ class Side:
 class Exchanges:
     """This rank's moves: K/V rows fetched (`fetch`, arriving grouped by owner, `fetch_order`
     sorting them by position), query rows sent out (`queries`, `query_order` likewise on the
-    serving rank), and where fetched rows sit in the key buffer (`fetched_at`)."""
+    serving rank), and whether the key buffer puts the fetched rows first."""
     fetch: Moves
     fetch_order: torch.Tensor
     fetched_first: bool            # the buffer is [fetched, local] (this rank holds the last tile) or [local, fetched]
@@ -136,8 +136,8 @@ class ContextParallel(torch.autograd.Function):
             dq.index_add_(2, torch.cat(ex.queries.send).to(q.device), dq_back.float())
         dk_local, dk_fetched = ex.split(dk_buf, k.shape[2])
         dv_local, dv_fetched = ex.split(dv_buf, v.shape[2])
-        fetched_back = Moves([torch.arange(a, b) for a, b in _spans(ex.fetch.recv)], [len(i) for i in ex.fetch.send])
-        dkv = move(torch.cat([dk_fetched, dv_fetched], -1), fetched_back, group, tally, "grads").float()
+        dkv = move(torch.cat([dk_fetched, dv_fetched], -1), ex.fetch.reverse(arrivals(ex.fetch)), group, tally,
+                   "grads").float()
         dk = dk_local.float() + dk_in.float()
         dv = dv_local.float() + dv_in.float()
         if ex.fetch.send:
@@ -154,6 +154,11 @@ def _spans(counts: list[int]) -> list[tuple[int, int]]:
         out.append((at, at + c))
         at += c
     return out
+
+
+def arrivals(moves: Moves) -> list[torch.Tensor]:
+    """The rows that came from each rank, in arrival order: what goes back to it."""
+    return [torch.arange(a, b) for a, b in _spans(moves.recv)]
 
 
 def _back_rows(ex: Exchanges) -> list[torch.Tensor]:

@@ -8,18 +8,11 @@ import torch
 import torch.distributed as dist
 
 from .. import pipeline
+from ..compiled import _int_arg as _int
 from ..runtime.call import Call, check_tensors, choose_backend, default_config
 from . import routing as R
-from .attention import ContextParallel, Exchanges, Side
+from .attention import ContextParallel, Exchanges, Side, arrivals
 from .exchange import Moves, Tally, move
-
-
-def _int(name: str, v, lowest: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lowest:
-        raise ValueError(f"{name} must be at least {lowest}, got {v}")
-    return int(v)
 
 
 class Plan:
@@ -64,13 +57,26 @@ class Plan:
             schemes = [s for s in schemes if tiles >= (2 if s == "zigzag" else 1) * self.world] or schemes
             for s in schemes:
                 R.check_world(tiles, self.world, s, self.block, self.n)
-        routes = {s: R.route(pairs, work, R.shard_tiles(s, work, self.world), self.block, self.n, self.shape,
-                             send=self.mode == "sparse") for s in schemes}
+        routes = {s: self._balanced(s, pairs, work) for s in schemes}
         self.costs = {s: R.cost(rt, self.block, self.n, self.shape, flops, bandwidth) for s, rt in routes.items()}
         self.scheme = min(schemes, key=lambda s: (self.costs[s], schemes.index(s)))
         self.route = routes[self.scheme]
         self.tally = Tally()
         self._runners: dict = {}
+
+    def _balanced(self, scheme: str, pairs, work) -> R.Route:
+        """The route of a scheme, sharded twice: a sent tile's work is done where its keys are, so
+        the second sharding counts a sent tile's work as 1/P at its owner."""
+        first = R.route(pairs, work, R.shard_tiles(scheme, work, self.world), self.block, self.n, self.shape,
+                        send=self.mode == "sparse")
+        sent = np.concatenate([t for row in first.sent for t in row]).astype(np.int64)
+        if not len(sent):
+            return first
+        spread = work.copy()
+        spread[sent] /= self.world
+        second = R.route(pairs, work, R.shard_tiles(scheme, spread, self.world), self.block, self.n, self.shape,
+                         send=self.mode == "sparse")
+        return min((first, second), key=lambda rt: max(rt.work))
 
     def _refuse(self, kern) -> None:
         if kern.ir.score is not None:
@@ -124,10 +130,8 @@ class Plan:
         """Per rank, the bytes it receives in one forward: K/V rows fetched ("kv"), other ranks'
         query rows ("queries"), partial results of its sent rows ("partials"), "total", and what
         ring attention or an all-gather would receive ("ring": (P-1)/P of all K/V)."""
-        ring = (self.n - min(len(self.rows(r)) for r in range(self.world))) * self.shape.kv_row()
         return [{**R.received_bytes(self.route, r, self.block, self.n, self.shape),
-                 "ring": (self.n - len(self.rows(r))) * self.shape.kv_row()} for r in range(self.world)] \
-            if ring >= 0 else []
+                 "ring": (self.n - len(self.rows(r))) * self.shape.kv_row()} for r in range(self.world)]
 
     def work(self) -> list[float]:
         """Per rank, the (query tile, key tile) pairs it computes, over the layout's heads."""
@@ -159,12 +163,16 @@ class Plan:
         return Exchanges(fetch, torch.as_tensor(np.argsort(fetched, kind="stable")), bool((rows == self.n - 1).any()),
                          queries, torch.as_tensor(np.argsort(received, kind="stable")))
 
-    def _sides(self) -> tuple[Side, Side]:
-        rt, r, ex = self.route, self.rank, self.exchanges
+    def key_rows(self) -> torch.Tensor:
+        """The positions of this rank's key buffer's rows: its own and the fetched ones (by position)."""
         rows = self.rows()
         fetched = torch.as_tensor(np.sort(np.concatenate(
-            [R.tile_rows(rt.fetch[r][s], self.block, self.n) for s in range(self.world)])))
-        k_rows = torch.cat([fetched, rows] if ex.fetched_first else [rows, fetched])
+            [R.tile_rows(self.route.fetch[self.rank][s], self.block, self.n) for s in range(self.world)])))
+        return torch.cat([fetched, rows] if self.exchanges.fetched_first else [rows, fetched])
+
+    def _sides(self) -> tuple[Side, Side]:
+        rt, r = self.route, self.rank
+        rows, k_rows = self.rows(), self.key_rows()
         received = torch.as_tensor(np.sort(np.concatenate(
             [R.tile_rows(rt.sent[s][r], self.block, self.n) for s in range(self.world)])))
         sends = np.zeros(-(-self.n // self.block), bool)
@@ -215,7 +223,10 @@ class Plan:
             raise ValueError(f"under this plan q must be (B={want[0]}, H={want[1]}, rows={want[2]}, D) and k, v "
                              f"(B, Hkv={self.shape.kv_heads}, rows, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                              f"v {tuple(v.shape)}")
-        extra = sorted(set(inputs) - {"segment_ids", "centroids", "rotations"})
+        if "segment_ids" in inputs:
+            raise ValueError("under plan=, segment_ids go to sd.plan (the whole sequence's, on every rank), "
+                             "not to the call")
+        extra = sorted(set(inputs) - {"centroids", "rotations"})
         if extra:
             raise TypeError(f"unexpected keyword arguments under plan=: {', '.join(extra)}")
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -247,12 +258,7 @@ class Gathered(torch.autograd.Function):
         ex = plan.exchanges
         kv = move(torch.cat([k, v], -1), ex.fetch, plan.group, plan.tally, "kv")
         kv_all = ex.buffer(torch.cat([k, v], -1), kv)
-        rows = torch.cat([torch.as_tensor(np.sort(np.concatenate(
-            [R.tile_rows(plan.route.fetch[plan.rank][s], plan.block, plan.n) for s in range(plan.world)]))),
-            plan.rows()])
-        if not ex.fetched_first:
-            rows = torch.cat([rows[-len(plan.rows()):], rows[:-len(plan.rows())]])
-        order = torch.argsort(rows).to(k.device)
+        order = torch.argsort(plan.key_rows()).to(k.device)
         ctx.plan, ctx.order, ctx.D = plan, order, k.shape[-1]
         kv_all = kv_all.index_select(2, order)
         return kv_all[..., :ctx.D], kv_all[..., ctx.D:]
@@ -264,11 +270,7 @@ class Gathered(torch.autograd.Function):
         dkv = torch.empty_like(torch.cat([dk, dv], -1))
         dkv[:, :, ctx.order] = torch.cat([dk, dv], -1)
         local, fetched = ex.split(dkv, len(plan.rows()))
-        spans, at = [], 0
-        for c in ex.fetch.recv:
-            spans.append(torch.arange(at, at + c))
-            at += c
-        back = move(fetched, Moves(spans, [len(i) for i in ex.fetch.send]), plan.group, plan.tally, "grads")
+        back = move(fetched, ex.fetch.reverse(arrivals(ex.fetch)), plan.group, plan.tally, "grads")
         out = local.float()
         if ex.fetch.send:
             out.index_add_(2, torch.cat(ex.fetch.send).to(out.device), back.float())

@@ -69,7 +69,7 @@ class Route:
     tiles: list[np.ndarray]          # per rank, its query (and key) tiles, ascending
     fetch: list[list[np.ndarray]]
     sent: list[list[np.ndarray]]
-    work: np.ndarray                 # per rank, the (query tile, key tile, head) triples it computes
+    work: np.ndarray                 # per rank, the tile pairs it computes (over heads), sent tiles' where computed
 
 
 def route(pairs: tuple[np.ndarray, np.ndarray], work: np.ndarray, tiles: list[np.ndarray], tile: int, n: int,
@@ -85,6 +85,7 @@ def route(pairs: tuple[np.ndarray, np.ndarray], work: np.ndarray, tiles: list[np
     for r, t in enumerate(tiles):
         owner[t] = r
     qt, kt = pairs
+    per_tile = np.maximum(np.bincount(qt, minlength=len(owner)), 1)   # distinct key tiles per query tile
     rows_of = lambda t: np.minimum(tile, n - t * tile)          # rows in tile t (the last is short)
     send_cost = shape.batch * shape.heads * (5 * shape.dim * shape.itemsize + 12)   # per row and rank
     fetch_saving = 2 * shape.kv_row()                                              # per key row
@@ -109,7 +110,13 @@ def route(pairs: tuple[np.ndarray, np.ndarray], work: np.ndarray, tiles: list[np
             if s != r:
                 fetch[r][s] = np.flatnonzero((need > 0) & (owner == s))
                 sent[r][s] = np.array(sorted(t for t in sends if np.any(owner[by_tile[t]] == s)), np.int64)
-        done[r] = work[tiles[r]].sum()
+        is_sent = np.zeros(len(owner), bool)
+        is_sent[sends] = True
+        kept = mine & ~is_sent[qt]
+        done[r] += (work[qt[kept]] / per_tile[qt[kept]]).sum()
+        for s in range(world):   # a sent tile's pairs are computed where their keys are
+            gone = mine & is_sent[qt] & (owner[kt] == s)
+            done[s] += (work[qt[gone]] / per_tile[qt[gone]]).sum()
     return Route(tiles, fetch, sent, done)
 
 
