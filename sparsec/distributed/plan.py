@@ -43,26 +43,24 @@ class Plan:
             raise ValueError(f"rank must be below world={self.world}, got {self.rank}")
         self.segment_ids = None if segment_ids is None else torch.as_tensor(segment_ids).to(torch.int64)
         self._refuse(kern)
+        self.tally, self._runners = Tally(), {}
         # "gather": content patterns (their tiles depend on every rank's q and k) fetch all K/V
         self.mode = "gather" if {"q", "k"} & kern.needs or len(kern.shares) > 1 else "sparse"
         tiles = -(-self.n // self.block)
-        if self.mode == "gather":
+        if self.mode == "gather":   # every rank fetches every other rank's tiles, sends nothing
             R.check_world(tiles, self.world, "contiguous", self.block, self.n)
-            work = np.ones(tiles)
-            pairs = (np.repeat(np.arange(tiles), tiles), np.tile(np.arange(tiles), tiles))
-            schemes = ["contiguous"]
-        else:
-            pairs, work = R.tile_pairs(self._layout(self.block, self.block))
-            schemes = ["contiguous", "zigzag"] if scheme == "auto" else [scheme]
-            schemes = [s for s in schemes if tiles >= (2 if s == "zigzag" else 1) * self.world] or schemes
-            for s in schemes:
-                R.check_world(tiles, self.world, s, self.block, self.n)
+            self.route = R.gathered(R.shard_tiles("contiguous", np.ones(tiles), self.world), tiles)
+            self.scheme, self.costs = "contiguous", {}
+            return
+        pairs, work = R.tile_pairs(self._layout(self.block, self.block))
+        schemes = ["contiguous", "zigzag"] if scheme == "auto" else [scheme]
+        schemes = [s for s in schemes if tiles >= (2 if s == "zigzag" else 1) * self.world] or schemes
+        for s in schemes:
+            R.check_world(tiles, self.world, s, self.block, self.n)
         routes = {s: self._balanced(s, pairs, work) for s in schemes}
         self.costs = {s: R.cost(rt, self.block, self.n, self.shape, flops, bandwidth) for s, rt in routes.items()}
         self.scheme = min(schemes, key=lambda s: (self.costs[s], schemes.index(s)))
         self.route = routes[self.scheme]
-        self.tally = Tally()
-        self._runners: dict = {}
 
     def _balanced(self, scheme: str, pairs, work) -> R.Route:
         """The route of a scheme, sharded twice: a sent tile's work is done where its keys are, so

@@ -120,6 +120,15 @@ def route(pairs: tuple[np.ndarray, np.ndarray], work: np.ndarray, tiles: list[np
     return Route(tiles, fetch, sent, done)
 
 
+def gathered(tiles: list[np.ndarray], count: int) -> Route:
+    """The route of an all-gather: each rank fetches every other rank's tiles (content patterns,
+    whose tiles depend on every rank's q and k), in O(tiles), not O(tiles^2)."""
+    world = len(tiles)
+    fetch = [[tiles[s] if s != r else np.zeros(0, np.int64) for s in range(world)] for r in range(world)]
+    sent = [[np.zeros(0, np.int64) for _ in range(world)] for _ in range(world)]
+    return Route(tiles, fetch, sent, np.array([len(t) * count for t in tiles], np.float64))
+
+
 def received_bytes(rt: Route, r: int, tile: int, n: int, shape: CallShape) -> dict[str, int]:
     """Bytes rank r receives in one forward under the route: K/V rows fetched, other ranks'
     query rows it computes partial results for, and its own sent rows' partial results."""
