@@ -145,6 +145,10 @@ def _row_stats(LSE, DELTA, bh, offs_m, N_Q):
 '''
 
 # The pattern, said once: its parts of the query rows alone (once per query tile) and its predicate.
+# Lengths: N_Q, N_K are the rows of Q and K (loads, stores, the key bound); LEN_Q, LEN_K the
+# lengths the pattern is specialized for, which its code reads (n in where(...), document ids).
+# They differ only for context parallelism's compact buffers, whose rows sit at positions of a
+# longer sequence (read through Q_ORDER / K_ORDER).
 PATTERN = '''
 @triton.jit
 def pattern_rows(pos, h, b, H, N_Q, N_K, LEN_Q, LEN_K, Q_OFFSET,{params} BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
