@@ -67,7 +67,8 @@ def merge(o: torch.Tensor, lse: torch.Tensor, parts_o: torch.Tensor, parts_lse: 
           rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Local (O, LSE) of every row merged with partial results for rows `rows` (repeats allowed):
     LSE = log sum exp over a row's parts, O = sum exp(LSE_part - LSE) O_part. Rows no part
-    reaches keep O = 0 and LSE = -inf."""
+    reaches keep O = 0 and LSE = -inf. (runtime.content.merge_by_lse merges whole-shape shares;
+    here each sent row has its own number of parts, so the sums are scatters.)"""
     if not len(rows):
         return o, lse
     index = torch.cat([torch.arange(lse.shape[-1], device=lse.device), rows.to(lse.device)])
@@ -88,6 +89,22 @@ def _empty_like_rows(x: torch.Tensor, rows: int, width: int | None = None) -> to
     return x.new_zeros((B, H, rows, D if width is None else width))
 
 
+def fetch(ex: Exchanges, k, v, group, tally: Tally) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value buffers: local rows and the rows fetched from their owners."""
+    kv = move(torch.cat([k, v], -1), ex.fetch, group, tally, "kv")
+    D = k.shape[-1]
+    return ex.buffer(k, kv[..., :D]), ex.buffer(v, kv[..., D:])
+
+
+def give_back(ex: Exchanges, dk_buf, dv_buf, n_local: int, group, tally: Tally) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV of the local rows (fp32): the buffers' local part plus what the ranks that fetched
+    these rows computed for them, sent back and summed at the owner."""
+    (dk, dk_out), (dv, dv_out) = ex.split(dk_buf, n_local), ex.split(dv_buf, n_local)
+    back = move(torch.cat([dk_out, dv_out], -1), ex.fetch.reverse(ex.fetch.arrivals()), group, tally, "grads").float()
+    at, D = ex.fetch.sent_rows().to(dk.device), dk.shape[-1]
+    return dk.float().index_add_(2, at, back[..., :D]), dv.float().index_add_(2, at, back[..., D:])
+
+
 class ContextParallel(torch.autograd.Function):
     """O and LSE of this rank's rows. Forward: fetch K/V rows, send out query rows, attend the
     local rows over [local + fetched] keys and the received rows over the local keys, return the
@@ -97,9 +114,7 @@ class ContextParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ex: Exchanges, local_side, remote_side, group, tally: Tally, q, k, v):
-        kv = move(torch.cat([k, v], -1), ex.fetch, group, tally, "kv")
-        D = k.shape[-1]
-        k_buf, v_buf = ex.buffer(k, kv[..., :D]), ex.buffer(v, kv[..., D:])
+        k_buf, v_buf = fetch(ex, k, v, group, tally)
         q_in = move(q, ex.queries, group, tally, "queries").index_select(2, ex.query_order.to(q.device))
         o, lse = local_side.forward(q, k_buf, v_buf)
         if remote_side is not None:
@@ -109,8 +124,7 @@ class ContextParallel(torch.autograd.Function):
         back = ex.queries.reverse(_back_rows(ex))
         parts_o = move(o_in, back, group, tally, "partials")
         parts_lse = move(lse_in.unsqueeze(-1), back, group, tally, "partials")[..., 0]
-        o, lse = merge(o, lse, parts_o, parts_lse, torch.cat(ex.queries.send) if ex.queries.send else
-                       torch.zeros(0, dtype=torch.long))
+        o, lse = merge(o, lse, parts_o, parts_lse, ex.queries.sent_rows())
         ctx.save_for_backward(q, k, v, k_buf, v_buf, q_in, o, lse)
         ctx.parts = (ex, local_side, remote_side, group, tally)
         return o, lse
@@ -131,38 +145,34 @@ class ContextParallel(torch.autograd.Function):
         else:
             dq_in, dk_in, dv_in = _empty_like_rows(q, 0), torch.zeros_like(k), torch.zeros_like(v)
         dq_back = move(dq_in, ex.queries.reverse(_back_rows(ex)), group, tally, "grads")
-        dq = dq.float()
-        if ex.queries.send:
-            dq.index_add_(2, torch.cat(ex.queries.send).to(q.device), dq_back.float())
-        dk_local, dk_fetched = ex.split(dk_buf, k.shape[2])
-        dv_local, dv_fetched = ex.split(dv_buf, v.shape[2])
-        dkv = move(torch.cat([dk_fetched, dv_fetched], -1), ex.fetch.reverse(arrivals(ex.fetch)), group, tally,
-                   "grads").float()
-        dk = dk_local.float() + dk_in.float()
-        dv = dv_local.float() + dv_in.float()
-        if ex.fetch.send:
-            at = torch.cat(ex.fetch.send).to(k.device)
-            dk.index_add_(2, at, dkv[..., :D])
-            dv.index_add_(2, at, dkv[..., D:])
+        dq = dq.float().index_add_(2, ex.queries.sent_rows().to(q.device), dq_back.float())
+        dk, dv = give_back(ex, dk_buf, dv_buf, k.shape[2], group, tally)
+        dk, dv = dk + dk_in.float(), dv + dv_in.float()
         return None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _spans(counts: list[int]) -> list[tuple[int, int]]:
-    """[start, stop) of each rank's block in an arrival order grouped by rank."""
-    out, at = [], 0
-    for c in counts:
-        out.append((at, at + c))
-        at += c
-    return out
+class Gathered(torch.autograd.Function):
+    """Content patterns' K and V: every rank's rows fetched, put in position order (`order`: the
+    buffer's rows sorted by position); backward: each rank's gradient rows summed at their owner."""
 
+    @staticmethod
+    def forward(ctx, ex: Exchanges, order: torch.Tensor, group, tally: Tally, k, v):
+        k_buf, v_buf = fetch(ex, k, v, group, tally)
+        order = order.to(k.device)
+        ctx.parts = (ex, order, group, tally, k.shape[2])
+        return k_buf.index_select(2, order), v_buf.index_select(2, order)
 
-def arrivals(moves: Moves) -> list[torch.Tensor]:
-    """The rows that came from each rank, in arrival order: what goes back to it."""
-    return [torch.arange(a, b) for a, b in _spans(moves.recv)]
+    @staticmethod
+    def backward(ctx, dk, dv):
+        ex, order, group, tally, n_local = ctx.parts
+        dk_buf, dv_buf = torch.empty_like(dk), torch.empty_like(dv)
+        dk_buf[:, :, order], dv_buf[:, :, order] = dk, dv
+        dk_local, dv_local = give_back(ex, dk_buf, dv_buf, n_local, group, tally)
+        return None, None, None, None, dk_local.to(dk.dtype), dv_local.to(dv.dtype)
 
 
 def _back_rows(ex: Exchanges) -> list[torch.Tensor]:
     """For each rank that sent query rows here, where they sit in the sorted received rows, in its
     send order: the rows of their partial results (and dQ) to send back."""
     inverse = torch.argsort(ex.query_order)
-    return [inverse[a:b] for a, b in _spans(ex.queries.recv)]
+    return [inverse[rows] for rows in ex.queries.arrivals()]

@@ -29,13 +29,21 @@ class Moves:
         """The way back: what came from s returns to s (sent_back[s]: those rows' local indices)."""
         return Moves(sent_back, [len(x) for x in self.send])
 
+    def sent_rows(self) -> torch.Tensor:
+        """Every row sent, in send order (where what comes back on the reverse lands)."""
+        return torch.cat(self.send)
+
+    def arrivals(self) -> list[torch.Tensor]:
+        """Per rank, the indices of the rows that came from it, in arrival order."""
+        ends = torch.cumsum(torch.tensor([0, *self.recv]), 0)
+        return [torch.arange(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
+
 
 def move(x: torch.Tensor, moves: Moves, group, tally: Tally | None = None, what: str = "") -> torch.Tensor:
     """Rows x[:, :, send[d]] to each rank d; returns (B, H, sum(recv), D), the rows from rank 0
     first, each rank's in its send order. Rows travel as one contiguous (rows, B, H, D) block."""
     B, H, _, D = x.shape
-    index = torch.cat([i.to(x.device) for i in moves.send]) if moves.send else torch.zeros(0, dtype=torch.long)
-    out_rows = x.index_select(2, index).permute(2, 0, 1, 3).contiguous()
+    out_rows = x.index_select(2, moves.sent_rows().to(x.device)).permute(2, 0, 1, 3).contiguous()
     into = x.new_empty((sum(moves.recv), B, H, D))
     dist.all_to_all_single(into, out_rows, output_split_sizes=list(moves.recv),
                            input_split_sizes=[len(i) for i in moves.send], group=group)

@@ -1,6 +1,7 @@
 """`sparsec.distributed.plan` and the Plan it returns: one sequence sharded over a process group, and the calls under it."""
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 
 import numpy as np
@@ -11,8 +12,8 @@ from .. import pipeline
 from ..compiled import _int_arg as _int
 from ..runtime.call import Call, check_tensors, choose_backend, default_config
 from . import routing as R
-from .attention import ContextParallel, Exchanges, Side, arrivals
-from .exchange import Moves, Tally, move
+from .attention import ContextParallel, Exchanges, Gathered, Side
+from .exchange import Moves, Tally
 
 
 class Plan:
@@ -43,7 +44,7 @@ class Plan:
             raise ValueError(f"rank must be below world={self.world}, got {self.rank}")
         self.segment_ids = None if segment_ids is None else torch.as_tensor(segment_ids).to(torch.int64)
         self._refuse(kern)
-        self.tally, self._runners = Tally(), {}
+        self.tally, self._runners, self._layouts = Tally(), {}, {}
         # "gather": content patterns (their tiles depend on every rank's q and k) fetch all K/V
         self.mode = "gather" if {"q", "k"} & kern.needs or len(kern.shares) > 1 else "sparse"
         tiles = -(-self.n // self.block)
@@ -137,16 +138,21 @@ class Plan:
 
     # ---- layouts and exchanges ----
     def _layout(self, block_m: int, block_n: int):
-        key = ("layout", block_m, block_n)
-        if key not in self._cache:
-            self._cache[key] = self.kern.layout(self.n, self.n, block_m, block_n, heads=self.shape.heads, q_offset=0,
-                                                segment_ids=None if self.segment_ids is None else
-                                                self.segment_ids.numpy())
-        return self._cache[key]
+        """The whole sequence's layout at these tiles (made once per size)."""
+        if (block_m, block_n) not in self._layouts:
+            seg = None if self.segment_ids is None else self.segment_ids.numpy()
+            self._layouts[block_m, block_n] = self.kern.layout(self.n, self.n, block_m, block_n, heads=self.shape.heads,
+                                                               q_offset=0, segment_ids=seg)
+        return self._layouts[block_m, block_n]
 
     @cached_property
-    def _cache(self) -> dict:
-        return {}
+    def _arrivals(self) -> tuple[np.ndarray, np.ndarray]:
+        """The positions of the K/V rows this rank fetches and of the query rows it receives,
+        in arrival order (grouped by sending rank, each rank's ascending)."""
+        rt, r, world = self.route, self.rank, self.world
+        rows = lambda tiles: R.tile_rows(tiles, self.block, self.n)
+        return (np.concatenate([rows(rt.fetch[r][s]) for s in range(world)]),
+                np.concatenate([rows(rt.sent[s][r]) for s in range(world)]))
 
     @cached_property
     def exchanges(self) -> Exchanges:
@@ -156,23 +162,19 @@ class Plan:
         count = lambda tiles: len(R.tile_rows(tiles, self.block, self.n))
         fetch = Moves([local(rt.fetch[d][r]) for d in range(world)], [count(rt.fetch[r][s]) for s in range(world)])
         queries = Moves([local(rt.sent[r][d]) for d in range(world)], [count(rt.sent[s][r]) for s in range(world)])
-        fetched = np.concatenate([R.tile_rows(rt.fetch[r][s], self.block, self.n) for s in range(world)])
-        received = np.concatenate([R.tile_rows(rt.sent[s][r], self.block, self.n) for s in range(world)])
+        fetched, received = self._arrivals
         return Exchanges(fetch, torch.as_tensor(np.argsort(fetched, kind="stable")), bool((rows == self.n - 1).any()),
                          queries, torch.as_tensor(np.argsort(received, kind="stable")))
 
     def key_rows(self) -> torch.Tensor:
         """The positions of this rank's key buffer's rows: its own and the fetched ones (by position)."""
-        rows = self.rows()
-        fetched = torch.as_tensor(np.sort(np.concatenate(
-            [R.tile_rows(self.route.fetch[self.rank][s], self.block, self.n) for s in range(self.world)])))
+        rows, fetched = self.rows(), torch.as_tensor(np.sort(self._arrivals[0]))
         return torch.cat([fetched, rows] if self.exchanges.fetched_first else [rows, fetched])
 
     def _sides(self) -> tuple[Side, Side]:
         rt, r = self.route, self.rank
         rows, k_rows = self.rows(), self.key_rows()
-        received = torch.as_tensor(np.sort(np.concatenate(
-            [R.tile_rows(rt.sent[s][r], self.block, self.n) for s in range(self.world)])))
+        received = torch.as_tensor(np.sort(self._arrivals[1]))
         sends = np.zeros(-(-self.n // self.block), bool)
         for s in range(self.world):
             sends[rt.sent[r][s]] = True
@@ -185,25 +187,23 @@ class Plan:
             q_sent = sends[q_np[::bm] // self.block]
             k_local = owned[k_np[::bn] // self.block]
             return lambda qt, kt: ~q_sent[qt] | k_local[kt]
-        local = Side(rows, k_rows, keep)
-        return local, Side(received, rows)
+        return Side(rows, k_rows, keep), Side(received, rows)
 
     def _bound(self, q, k, v, scale, backend):
         """The two sides' runners for this call's backend, scale and tensors (made once)."""
         B, H, n_r, D = q.shape
         call = Call(B, H, k.shape[1], n_r, n_r, D, 0, scale, q.device)
+        whole = replace(call, n_q=self.n, n_k=self.n)   # what the pattern is specialized for
         backend = choose_backend(backend, q.device)
         if backend == "flex":
             raise ValueError("context parallelism runs backend='triton', 'interpret' or 'cpu', not 'flex'")
         key = (backend, scale, q.device, q.dtype)
         if key not in self._runners:
-            config = self.kern.config or default_config(backend, Call(B, H, k.shape[1], self.n, self.n, D, 0, scale,
-                                                                     q.device))
+            config = self.kern.config or default_config(backend, whole)
             if self.block % config.block_m or self.block % config.block_n:
                 raise ValueError(f"the kernels' tiles {config.block_m}x{config.block_n} must divide the plan's "
                                  f"block={self.block}")
-            body = pipeline.specialize(self.kern.shares[0].body, Call(B, H, k.shape[1], self.n, self.n, D, 0, scale,
-                                                                     q.device))
+            body = pipeline.specialize(self.kern.shares[0].body, whole)
             inputs = {} if self.segment_ids is None else {"segment_ids": self.segment_ids.to(q.device)}
             self._runners[key] = tuple(side.runner(self.kern, body, self._layout, self.n, call, backend, config,
                                                    inputs) for side in self._sides())
@@ -238,42 +238,13 @@ class Plan:
     def _gathered(self, q, k, v, scale, backend, inputs):
         """Content patterns: every rank's K/V fetched whole, then the ordinary call on this rank's
         query rows (a contiguous run: q_offset = its first position)."""
-        k_all, v_all = Gathered.apply(self, k, v)
+        k_all, v_all = Gathered.apply(self.exchanges, torch.argsort(self.key_rows()), self.group, self.tally, k, v)
         seg = self.segment_ids
         given = dict(inputs)
         if seg is not None:
             given["segment_ids"] = seg.to(q.device)
         start = int(self.rows()[0])
         return self.kern(q, k_all, v_all, scale=scale, q_offset=start, return_lse=True, backend=backend, **given)
-
-
-class Gathered(torch.autograd.Function):
-    """All K/V rows of the sequence on every rank, in position order; backward: each rank's
-    gradient rows summed back at their owner (one all-to-all each way)."""
-
-    @staticmethod
-    def forward(ctx, plan: Plan, k, v):
-        ex = plan.exchanges
-        kv = move(torch.cat([k, v], -1), ex.fetch, plan.group, plan.tally, "kv")
-        kv_all = ex.buffer(torch.cat([k, v], -1), kv)
-        order = torch.argsort(plan.key_rows()).to(k.device)
-        ctx.plan, ctx.order, ctx.D = plan, order, k.shape[-1]
-        kv_all = kv_all.index_select(2, order)
-        return kv_all[..., :ctx.D], kv_all[..., ctx.D:]
-
-    @staticmethod
-    def backward(ctx, dk, dv):
-        plan, D = ctx.plan, ctx.D
-        ex = plan.exchanges
-        dkv = torch.empty_like(torch.cat([dk, dv], -1))
-        dkv[:, :, ctx.order] = torch.cat([dk, dv], -1)
-        local, fetched = ex.split(dkv, len(plan.rows()))
-        back = move(fetched, ex.fetch.reverse(arrivals(ex.fetch)), plan.group, plan.tally, "grads")
-        out = local.float()
-        if ex.fetch.send:
-            out.index_add_(2, torch.cat(ex.fetch.send).to(out.device), back.float())
-        out = out.to(dk.dtype)
-        return None, out[..., :D], out[..., D:]
 
 
 def plan(kern, n: int, group=None, **options) -> Plan:

@@ -167,7 +167,8 @@ class GeneratedAttention:
         dq = self._empty(q.shape, q.dtype, q.device)
         dk, dv = self._empty(k.shape, k.dtype, k.device), self._empty(v.shape, v.dtype, v.device)
         grads = self._input_grads(q)
-        scalars = (c.n_q, c.n_k, *self._lengths(), c.q_offset, c.heads, c.heads // c.kv_heads, c.scale, c.scale * math.log2(math.e))
+        scalars = (c.n_q, c.n_k, *self._lengths(), c.q_offset, c.heads, c.heads // c.kv_heads, c.scale,
+                   c.scale * math.log2(math.e))
         with interpreting(self.interpret):
             self.module.sparse_attention_backward_delta[(tq, c.batch * c.heads)](
                 o, do, dlse if dlse is not None else delta, delta, *o.stride(), *do.stride(), c.n_q, c.heads,
