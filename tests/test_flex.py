@@ -105,9 +105,9 @@ TRANSCENDENTAL = ("exp", "log", "tanh", "sigmoid", "softplus")
 
 
 def test_torch_ops_are_the_operators():
-    """runtime.mask_mods.TORCH_OPS against ir/operators.py's evaluators, operator by operator."""
+    """layout.expressions.TORCH_OPS against ir/operators.py's evaluators, operator by operator."""
     from sparsec.ir.operators import OPS
-    from sparsec.runtime.mask_mods import TORCH_OPS
+    from sparsec.layout.expressions import TORCH_OPS
     assert set(TORCH_OPS) == set(OPS)
     rng = np.random.default_rng()
     for name, op in OPS.items():

@@ -185,6 +185,95 @@ def test_a_read_that_can_leave_its_input_counts_its_zero():
     assert ((lay.classes() != FULL) | (true == FULL)).all() and (true > 0).sum() < true.size
 
 
+# ---- the device build (layout/input_tiles.py): per call, on the inputs' device ----
+
+LIBRARY_READS = [("sparsebert", "sparsebert"), ("adaptive", "adaptive"), ("sinkhorn", "sinkhorn_causal"),
+                 ("sinkhorn", "sinkhorn"), ("expire_span", "expire"), ("expire_span", "expire_span")]
+
+
+def both_layouts(kern, inputs: dict, heads: int, n_q: int, n_k: int, block_m: int, block_n: int, batch: int = 2):
+    """(builder name, host layout, device layout as host lists) of one call's share 0."""
+    from sparsec import pipeline
+    from sparsec.layout.choose import choose
+    from sparsec.runtime.call import check_call
+    q, k = torch.zeros(batch, heads, n_q, 16), torch.zeros(batch, heads, n_k, 16)
+    call = check_call(kern.name, kern.needs, q, k, k, None, None, inputs)
+    values, bodies, _ = kern._prepare(call, q, k, inputs)
+    r = kern._request(0, bodies[0], call, values, None, block_m, block_n)
+    cache = {}
+    cached = lambda key, make: cache[key] if key in cache else cache.setdefault(key, make())
+    host = pipeline.build_layout(r, cached, "host")
+    return choose(r, cached).name, host, pipeline.build_layout(r, cached, "device").to_host(n_q, n_k, n_k - n_q)
+
+
+def assert_sound_and_no_looser(kern, inputs, heads, n_q, n_k, block_m, block_n):
+    """The device layout covers every allowed pair, its FULL tiles hold only allowed pairs, and it
+    lists no tile the host build leaves out nor calls FULL a tile the host calls PARTIAL."""
+    from sparsec.ir.tiles import EMPTY, FULL
+    from sparsec.layout.build import tile_classes
+    name, host, dev = both_layouts(kern, inputs, heads, n_q, n_k, block_m, block_n)
+    assert name == "declared inputs on the device"
+    shape = (2, heads, *dev.shape[2:])
+    got, hosts = np.broadcast_to(dev.classes(), shape), np.broadcast_to(host.classes(), shape)
+    mask = np.broadcast_to(kern.mask(n_q, n_k, heads=heads, **inputs).numpy(), (2, heads, n_q, n_k))
+    true = tile_classes(mask, block_m, block_n)
+    assert ((true == EMPTY) | (got > EMPTY)).all(), "an allowed pair outside every listed tile"
+    assert ((got != FULL) | (true == FULL)).all(), "a FULL tile with a pair not allowed"
+    assert ((got == EMPTY) | (hosts > EMPTY)).all() and ((got != FULL) | (hosts == FULL)).all()
+    return got, hosts, true
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("block_m, block_n, n_q, n_k", [(8, 8, 50, 50), (16, 8, 37, 61), (8, 32, 50, 50),
+                                                        (32, 16, 29, 70)])
+def test_device_layouts_from_inputs_are_sound_and_no_looser_than_the_host(name, block_m, block_n, n_q, n_k):
+    """Inputs drawn fresh, unequal tiles and lengths (q_offset = n_k - n_q); against the dense
+    reference mask and the host build (ir/intervals.py), an independent walk of the same rules."""
+    rng = np.random.default_rng()
+    t_q, t_k = -(-n_q // 16), -(-n_k // 16)   # keep's and sigma's block rows are the query positions'
+    x = dict(span=rng.integers(0, 20, (2, 3, n_k)), keep=rng.random((2, 1, t_q, t_k)) < 0.4,
+             valid=rng.random((2, n_k)) < 0.8, sigma=rng.integers(-1, t_k + 1, (2, 3, t_q)),
+             rel=rng.normal(size=(3, 33)))
+    kern = sparsec.compile(PROGRAM, pattern=name)
+    mine = {d.name: torch.as_tensor(x[d.name]) for d in kern.ir.inputs}
+    assert_sound_and_no_looser(kern, mine, 3, n_q, n_k, block_m, block_n)
+
+
+@pytest.mark.parametrize("path, name", LIBRARY_READS)
+def test_library_layouts_from_inputs_are_built_on_the_device(path, name):
+    """The library's learned and adaptive patterns (blocks of 16 here) take the device build; for
+    block-level inputs at tiles of the block size it lists exactly the true tiles."""
+    kern = sparsec.compile(path, pattern=name, block=16) if "span" not in path else sparsec.compile(
+        path, pattern=name, ramp=4)
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    inputs = testing.draw_inputs(kern, 2, 3, {"n": 80, "n_q": 80, "n_k": 80}, gen)
+    mine = {n: x for n, x in inputs.items() if n not in kern.score_only}   # expire_span's gate reads it in with
+    got, _, true = assert_sound_and_no_looser(kern, mine, 3, 80, 80, 16, 16)
+    if "span" not in path:
+        assert (got == true).all()
+
+
+def test_device_layouts_cost_the_tiles_not_the_pairs():
+    """At n = 2^18 (2^36 pairs: a dense mask could not be made here) Expire-Span's and Sinkhorn's
+    layouts come from per-tile extremes and one key per block row (spans below 300: 4 tiles a row)."""
+    n, rng = 1 << 18, np.random.default_rng()
+    expire = sparsec.compile(PROGRAM, pattern="expire")
+    span = torch.as_tensor(rng.integers(0, 300, (1, 1, n)))
+    _, host, dev = both_layouts(expire, {"span": span}, 1, n, n, 128, 128, batch=1)
+    assert dev.tiles_visited() <= 4 * (n // 128) and dev.tiles_visited() == host.tiles_visited()
+    sinkhorn = sparsec.compile("patterns/sinkhorn.sa", pattern="sinkhorn")
+    sigma = torch.as_tensor(rng.integers(0, n // 64, (1, 2, n // 64)))
+    _, _, dev = both_layouts(sinkhorn, {"sigma": sigma}, 2, n, n, 64, 64, batch=1)
+    assert dev.tiles_visited() <= 2 * 2 * (n // 64)
+
+
+def test_input_parts_without_a_device_rule_keep_the_host_build():
+    kern = sparsec.compile("input valid(b, n_k) bool\npattern p = band(8) - where(valid[b, j])")
+    valid = torch.as_tensor(np.random.default_rng().random((2, 40)) < 0.5)
+    name, host, dev = both_layouts(kern, {"valid": valid}, 1, 40, 40, 8, 8)
+    assert name == "declared inputs" and (host.classes() == dev.classes()).all()
+
+
 CALLS = [   # (pattern, heads, kv_heads, n_q, n_k)
     ("expire", 4, 2, 50, 50), ("learned", 2, 2, 37, 61), ("padded", 3, 1, 50, 50), ("sinkhorn", 2, 1, 50, 50),
     ("biased", 2, 2, 45, 70), ("edges", 2, 1, 40, 40),

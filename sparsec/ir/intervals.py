@@ -10,54 +10,79 @@ PARTIAL, which is always sound.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from . import expr as E
 from .tiles import EMPTY, FULL, PARTIAL
 
 
+@dataclass(frozen=True)
+class Arrays:
+    """The array operations the rules use, so that one set of rules classifies tiles on the host
+    (numpy, here) and on a device (torch, layout/input_tiles.py) without this module importing torch."""
+    asarray: Callable      # a Python scalar or array -> an array (ints int64, reals float64)
+    where: Callable
+    minimum: Callable
+    maximum: Callable
+    abs: Callable
+    ints: Callable         # a bool or int array -> int64
+    is_real: Callable      # whether an array (or scalar) holds reals
+
+
+NUMPY = Arrays(np.asarray, np.where, np.minimum, np.maximum, np.abs, lambda x: np.asarray(x).astype(np.int64),
+               lambda x: np.asarray(x).dtype.kind == "f")
+
+
 def tile_classes(cond: E.Expr, t, qt: np.ndarray, kt: np.ndarray, env: dict) -> np.ndarray:
     """Classes of the tiles (qt, kt) of tiling t; env: what conditions.env gives (inputs, head)."""
     ranges = {"i": (t.q_lo[qt], t.q_hi[qt]), "j": (t.k_lo[kt], t.k_hi[kt])}
     ranges.update({name: (env[name], env[name]) for name in ("h", "b", "n", "n_q", "n_k")})
-    lo, hi = _truth(_interval(cond, _Context(t, qt, kt, env, ranges), {}))
+    lo, hi = condition_interval(cond, ranges, lambda e: _read(e, _Context(t, qt, kt, env)), NUMPY)
     lo, hi = np.broadcast_to(lo, qt.shape), np.broadcast_to(hi, qt.shape)
     return np.where(lo == 1, FULL, np.where(hi == 0, EMPTY, PARTIAL)).astype(np.int8)
 
 
+def condition_interval(cond: E.Expr, ranges: dict, read: Callable, xp: Arrays):
+    """(lo, hi) of a condition per tile, 1 and 0 for true and false: ranges gives each variable's
+    (lo, hi) per tile, read(e) each input read's, in the arrays of xp."""
+    return _truth(_interval(cond, ranges, read, xp, {}))
+
+
+@dataclass(frozen=True)
 class _Context:
-    def __init__(self, t, qt, kt, env, ranges):
-        self.t, self.qt, self.kt, self.env, self.ranges = t, qt, kt, env, ranges
+    t: object
+    qt: np.ndarray
+    kt: np.ndarray
+    env: dict
 
 
 def _truth(iv):
     return (0, 1) if iv is None else iv
 
 
-def _is_real(iv) -> bool:
-    return any(np.asarray(x).dtype.kind == "f" for x in iv)
-
-
-def _interval(e: E.Expr, cx: _Context, memo: dict):
+def _interval(e: E.Expr, ranges: dict, read: Callable, xp: Arrays, memo: dict):
     if id(e) in memo:
         return memo[id(e)][0]
     if isinstance(e, E.Const):
         out = (int(e.value), int(e.value)) if isinstance(e.value, bool) else (e.value, e.value)
     elif isinstance(e, E.Var):
-        out = cx.ranges.get(e.name)
+        out = ranges.get(e.name)
     elif isinstance(e, E.Read):
-        out = _read(e, cx)
+        out = read(e)
     else:
-        args = [_interval(a, cx, memo) for a in e.args]
+        args = [_interval(a, ranges, read, xp, memo) for a in e.args]
         rule = RULES.get(e.op)
         if e.op in ("and", "or", "not"):
-            out = rule(*(_truth(a) for a in args))
+            out = rule(xp, *(_truth(a) for a in args))
         elif rule is None or any(a is None for a in args):
             out = None
-        elif e.op in ARITHMETIC and any(_is_real(a) for a in args):
+        elif e.op in ARITHMETIC and any(xp.is_real(x) for a in args for x in a):
             out = None   # reals computed from reals are rounded: no exact bound
         else:
-            out = rule(*args)
+            out = rule(xp, *args)
     memo[id(e)] = (out, e)
     return out
 
@@ -109,39 +134,30 @@ def _read_on_tiles(e: E.Read, cx: _Context):
     return lo, hi
 
 
-def _constant_positive(b) -> int | None:
+def _constant_positive(xp: Arrays, b) -> int | None:
     lo, hi = b
-    if np.ndim(lo) == 0 and np.ndim(hi) == 0 and lo == hi and not isinstance(lo, float) and lo > 0:
+    if np.ndim(lo) == 0 and np.ndim(hi) == 0 and not xp.is_real(lo) and lo == hi and lo > 0:
         return int(lo)
     return None
 
 
-def _floordiv(a, b):
-    d = _constant_positive(b)
+def _floordiv(xp, a, b):
+    d = _constant_positive(xp, b)
     return None if d is None else (a[0] // d, a[1] // d)   # monotone in a for a positive d
 
 
-def _ceil_div(a, b):
-    d = _constant_positive(b)
+def _ceil_div(xp, a, b):
+    d = _constant_positive(xp, b)
     return None if d is None else (-((-a[0]) // d), -((-a[1]) // d))
 
 
-def _mod(a, b):
-    d = _constant_positive(b)
+def _mod(xp, a, b):
+    d = _constant_positive(xp, b)
     if d is None:
         return None
-    same = (a[0] // d) == (a[1] // d)   # no wrap inside the range: exact
-    return np.where(same, a[0] % d, 0), np.where(same, a[1] % d, d - 1)
-
-
-def _times(a, b):
-    corners = [a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]]
-    return np.minimum.reduce(np.broadcast_arrays(*corners)), np.maximum.reduce(np.broadcast_arrays(*corners))
-
-
-def _abs(a):
-    lo = np.where(np.asarray(a[0]) > 0, a[0], np.where(np.asarray(a[1]) < 0, -np.asarray(a[1]), 0))
-    return lo, np.maximum(np.abs(a[0]), np.abs(a[1]))
+    lo, hi = xp.asarray(a[0]), xp.asarray(a[1])
+    same = (lo // d) == (hi // d)   # no wrap inside the range: exact
+    return xp.where(same, lo % d, xp.asarray(0)), xp.where(same, hi % d, xp.asarray(d - 1))
 
 
 def _fold(pick, parts):
@@ -151,36 +167,52 @@ def _fold(pick, parts):
     return lo, hi
 
 
-def _bools(true, false):
+def _times(xp, a, b):
+    corners = [xp.asarray(x * y) for x in a for y in b]
+    return _fold(xp.minimum, [(c, c) for c in corners])[0], _fold(xp.maximum, [(c, c) for c in corners])[1]
+
+
+def _abs(xp, a):
+    lo, hi = xp.asarray(a[0]), xp.asarray(a[1])
+    zero = xp.asarray(0)
+    return xp.where(lo > 0, lo, xp.where(hi < 0, -hi, zero)), xp.maximum(xp.abs(lo), xp.abs(hi))
+
+
+def _bools(xp, true, false):
     """A condition's interval from where it surely holds and where it surely fails."""
-    true, false = np.asarray(true), np.asarray(false)
-    return true.astype(np.int64), (~false).astype(np.int64)
+    return xp.ints(true), xp.ints(~xp.asarray(false))
 
 
-def _equal(a, b):
-    one = (np.asarray(a[0]) == a[1]) & (np.asarray(b[0]) == b[1]) & (np.asarray(a[0]) == b[0])
-    return _bools(one, (np.asarray(a[1]) < b[0]) | (np.asarray(b[1]) < a[0]))
+def _less(xp, a, b, strict: bool):
+    """a < b (a <= b when not strict): sure where a's greatest is below b's least."""
+    a_hi, b_lo, a_lo, b_hi = (xp.asarray(x) for x in (a[1], b[0], a[0], b[1]))
+    return _bools(xp, a_hi < b_lo, a_lo >= b_hi) if strict else _bools(xp, a_hi <= b_lo, a_lo > b_hi)
+
+
+def _equal(xp, a, b):
+    a0, a1, b0, b1 = (xp.asarray(x) for x in (*a, *b))
+    return _bools(xp, (a0 == a1) & (b0 == b1) & (a0 == b0), (a1 < b0) | (b1 < a0))
 
 
 ARITHMETIC = ("+", "-", "*", "neg", "//", "%", "ceil_div", "abs", "min", "max")
-RULES = {   # operator -> interval of its result from its operands' intervals (lo, hi)
-    "+": lambda a, b: (a[0] + b[0], a[1] + b[1]),
-    "-": lambda a, b: (a[0] - b[1], a[1] - b[0]),
-    "neg": lambda a: (-np.asarray(a[1]), -np.asarray(a[0])),
+RULES = {   # operator -> interval of its result from its operands' intervals (lo, hi), in xp's arrays
+    "+": lambda xp, a, b: (a[0] + b[0], a[1] + b[1]),
+    "-": lambda xp, a, b: (a[0] - b[1], a[1] - b[0]),
+    "neg": lambda xp, a: (-xp.asarray(a[1]), -xp.asarray(a[0])),
     "*": _times,
     "//": _floordiv,
     "ceil_div": _ceil_div,
     "%": _mod,
     "abs": _abs,
-    "min": lambda *p: _fold(np.minimum, p),
-    "max": lambda *p: _fold(np.maximum, p),
-    "<": lambda a, b: _bools(np.asarray(a[1]) < b[0], np.asarray(a[0]) >= b[1]),
-    "<=": lambda a, b: _bools(np.asarray(a[1]) <= b[0], np.asarray(a[0]) > b[1]),
-    ">": lambda a, b: _bools(np.asarray(b[1]) < a[0], np.asarray(b[0]) >= a[1]),
-    ">=": lambda a, b: _bools(np.asarray(b[1]) <= a[0], np.asarray(b[0]) > a[1]),
+    "min": lambda xp, *p: _fold(lambda x, y: xp.minimum(xp.asarray(x), xp.asarray(y)), p),
+    "max": lambda xp, *p: _fold(lambda x, y: xp.maximum(xp.asarray(x), xp.asarray(y)), p),
+    "<": lambda xp, a, b: _less(xp, a, b, True),
+    "<=": lambda xp, a, b: _less(xp, a, b, False),
+    ">": lambda xp, a, b: _less(xp, b, a, True),
+    ">=": lambda xp, a, b: _less(xp, b, a, False),
     "==": _equal,
-    "!=": lambda a, b: tuple(1 - x for x in reversed(_equal(a, b))),
-    "and": lambda *p: _fold(np.minimum, p),
-    "or": lambda *p: _fold(np.maximum, p),
-    "not": lambda a: (1 - np.asarray(a[1]), 1 - np.asarray(a[0])),
+    "!=": lambda xp, a, b: tuple(1 - x for x in reversed(_equal(xp, a, b))),
+    "and": lambda xp, *p: _fold(lambda x, y: xp.minimum(xp.asarray(x), xp.asarray(y)), p),
+    "or": lambda xp, *p: _fold(lambda x, y: xp.maximum(xp.asarray(x), xp.asarray(y)), p),
+    "not": lambda xp, a: (1 - xp.asarray(a[1]), 1 - xp.asarray(a[0])),
 }

@@ -11,6 +11,7 @@ from ..ir.tiles import FIXED_INPUTS, TableSpace
 from ..passes.shares import active_heads, offset_bounds
 from .block import BlockLayout, DeviceLayout
 from .build import build_layout
+from . import input_tiles
 from .documents import DocumentLayouts, static_part
 from .placed import Placement
 from .selections import SelectionLayouts, supported
@@ -79,6 +80,16 @@ def _declared(r: LayoutRequest) -> bool:
     return any(name not in FIXED_INPUTS for name in r.body.inputs_read())
 
 
+def _declared_device(r: LayoutRequest, cached: Cached) -> DeviceLayout:
+    """A pattern whose input-reading parts have device rules (input_tiles.py): built per call on
+    the inputs' device, its static parts once per shape."""
+    inputs = {name: torch.as_tensor(x, device=r.device) for name, x in r.inputs.items() if name not in FIXED_INPUTS}
+    inputs = {name: x.double() if x.is_floating_point() else x for name, x in inputs.items()}   # compared exactly
+    space = input_tiles.Space(r.n_q, r.n_k, r.q_offset, r.block_m, r.block_n, r.batch,
+                              r.heads if r.body.varies_with_head() else 1, r.device, inputs)
+    return input_tiles.build(r.body, space, cached)
+
+
 def _declared_host(r: LayoutRequest, cached: Cached) -> BlockLayout:
     """A pattern that reads declared inputs: the analytic build per batch row, each where(...)
     reading them classified from their values per tile (ir/intervals.py), never pair by pair."""
@@ -114,6 +125,8 @@ BUILDERS: tuple[Builder, ...] = (
     Builder("top-k selection", lambda r: supported(r.body), device=_selection),
     Builder("document & static", _document_static, device=_document, host=_static_host),
     Builder("content beside document", lambda r: bool({"q", "k"} & r.body.inputs_read()), host=_content_host),
+    Builder("declared inputs on the device", lambda r: _declared(r) and input_tiles.supported(r.body),
+            device=_declared_device, host=_declared_host),
     Builder("declared inputs", _declared, host=_declared_host),
     Builder("static", lambda r: True, host=_static_host),
 )
