@@ -21,7 +21,6 @@ from .ir.tiles import TableSpace
 from .layout import BlockLayout, LayoutRequest, SortedOrder, build_layout
 from .passes import specialize
 from .passes.shares import Share
-from .errors import SparsecError
 from .ir import expr as E
 from .ir import score as score_ir
 from .runtime import content, flex, mask_mods, ops, scores, tuning
@@ -109,9 +108,6 @@ class CompiledPattern:
         self.score_inputs = () if self.ir.score is None else tuple(d.name for d in score_ir.float_reads(self.ir.score))
         self.key = ops.register(self, repr((self.ir, self.config, self.autotune)), self.name)
         self._cache: dict = {}   # shares, specializations, generated code, layouts, tables, CPU plans
-        if self.ir.score is not None and any(s.key is not None for s in self.shares):
-            raise SparsecError("a score modification (with ...) on a pattern with lsh or cluster terms is not "
-                               "supported yet: their shares run in a sorted order", self.ir.score.span)
 
     def _cached(self, key, make):
         if key not in self._cache:

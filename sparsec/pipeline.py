@@ -146,7 +146,8 @@ def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generat
             mask = per_shape("block mask", lambda: flex.share_block_mask(
                 r.body, build_layout(r, cached, "host"), space, rows, call.batch, call.heads, call.device))
             runner = flex.FlexAttention(mask, call.scale, None if score is None else scores.score_mod(
-                score.expr, call.q_offset, call.n_q, call.n_k, score.inputs))
+                score.expr, call.q_offset, call.n_q, call.n_k, score.inputs,
+                None if r.order is None else (r.order.q_pos, r.order.k_pos)))
     else:
         interpret = backend == "interpret"
         gen = generated()

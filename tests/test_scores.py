@@ -81,9 +81,7 @@ def test_a_param_beyond_64_bits_in_real_arithmetic_is_located():   # the fuzzer'
         assert (info.value.span.line, info.value.span.column) == (1, 13)
 
 
-def test_lsh_shares_refuse_scores_and_missing_inputs_are_named():
-    with pytest.raises(SparsecError, match="not supported yet"):
-        sparsec.compile("pattern p = lsh(4) & causal with score * 2")
+def test_missing_inputs_are_named():
     q = torch.randn(1, 1, 20, 16)
     alibi = sparsec.compile("alibi")
     with pytest.raises(ValueError, match="reads the input slopes: pass slopes="):
@@ -169,6 +167,12 @@ CASES = [   # (source, B, H, Hkv, n_q, n_k, q_offset, inputs)
      20, {"w": _rand(2, 60, low=0.5, high=1.5)}),
     ("pattern p = blocks(16, band(1) + random(2, seed=5)) with exp(score / 8) - score ** 2 / 16", 1, 2, 2, 96, 96, 0,
      {}),
+    # content shares run in bucket order: the expression reads the sorted rows' original positions
+    ("input slopes(h) float\ninput gate(b, h, n_k) float\npattern p = (lsh(4, rounds=2) & causal) + band(3, 0) "
+     "with score - slopes[h] * (i - j) + log(gate[b, h, j])", 2, 4, 2, 70, 70, 0,
+     {"slopes": _rand(4, low=0.01, high=0.5), "gate": _rand(2, 4, 70, low=0.05, high=1.0)}),
+    ("input rel(h, 41) float\npattern p = causal & (cluster(3) + band(5, 0)) with score + rel[h, j - i + 20]",
+     1, 2, 1, 50, 80, 30, {"rel": _rand(2, 41)}),
 ]
 
 
@@ -303,6 +307,22 @@ def test_flex_score_mod_is_the_cpu_path(src, inputs):
     s = torch.tensor(0.8)
     expect = kern.score_function(130, heads=2, **inputs)(torch.full((1, 2, 130, 130), 0.8))[0, 1, 7, 9]
     assert torch.allclose(mod(s, torch.tensor(0), torch.tensor(1), torch.tensor(7), torch.tensor(9)), expect.float())
+
+
+def test_a_sorted_shares_score_mod_reads_original_positions():
+    """Under Flex a sorted share's q_idx and kv_idx are sorted rows: the score_mod reads their
+    original positions (Flex runs several shares on CUDA only, so the mapping is checked here)."""
+    from sparsec.runtime.scores import score_mod
+    kern = sparsec.compile("input slopes(h) float\npattern p = lsh(4) & causal with score - slopes[h] * (i - j)")
+    slopes = torch.tensor([0.1, 0.3])
+    q_pos = torch.stack([torch.randperm(20) for _ in range(2)])[None]   # (B=1, H=2, n_q=20)
+    k_pos = torch.stack([torch.randperm(30) for _ in range(2)])[None]
+    mod = score_mod(kern.ir.score, 10, 20, 30, {"slopes": slopes}, (q_pos, k_pos))
+    b, h = torch.tensor(0), torch.tensor(1)
+    for row, key in [(0, 0), (3, 17), (19, 29)]:
+        got = mod(torch.tensor(0.5), b, h, torch.tensor(row), torch.tensor(key))
+        want = 0.5 - 0.3 * (q_pos[0, 1, row] + 10 - k_pos[0, 1, key])
+        assert torch.allclose(got, want.float())
 
 
 # ---- properties: random pattern trees with random with expressions ----

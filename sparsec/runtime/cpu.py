@@ -29,9 +29,12 @@ class TileGroup:
 
 @dataclass(frozen=True)
 class Plan:
-    """Tile groups per batch row (key None: the same for every batch row)."""
+    """Tile groups per batch row (key None: the same for every batch row). positions: for a share
+    in a sorted order, (q rows, k rows) int tensors (B, H, n), the original row of each sorted
+    one (a score expression reads positions); None in the positional order."""
     layout: BlockLayout
     groups: dict[int | None, list[TileGroup]]
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def row_mask(body: Pattern, layout: BlockLayout, space: TableSpace, head: int, inputs, t: int,
@@ -96,7 +99,7 @@ def plan(body: Pattern, layout: BlockLayout, space: TableSpace, kv_heads: int, p
             out.append(TileGroup(rows, key_tiles, torch.as_tensor(np.stack(stack)),
                                  torch.as_tensor([index[key] for key in keys])))
         groups[b] = out
-    return Plan(layout, groups)
+    return Plan(layout, groups, None if order is None else tuple(torch.as_tensor(x).long() for x in order))
 
 
 def _tiles(x: torch.Tensor, tiles: int, size: int) -> torch.Tensor:
@@ -130,10 +133,16 @@ def _coordinates(p: Plan, bs: slice, batch: int, rows, key_tiles, q_offset: int)
     _, _, tq, tk = p.layout.shape
     bm, bn = p.layout.block_m, p.layout.block_n
     r = len(rows)
-    i = ((rows % tq)[:, None] * bm + torch.arange(bm) + q_offset).view(1, r, bm, 1)
-    j = ((key_tiles % tk)[:, :, None] * bn + torch.arange(bn)).view(1, r, 1, -1)
+    i = (rows % tq)[:, None] * bm + torch.arange(bm)             # (r, BLOCK_M) rows of the share's order
+    j = (key_tiles % tk)[:, :, None] * bn + torch.arange(bn)     # (r, visits, BLOCK_N)
+    h = rows // tq
     b = torch.arange(batch) if bs.start is None else torch.tensor([bs.start])
-    return i, j, (rows // tq).view(1, r, 1, 1), b.view(-1, 1, 1, 1)
+    if p.positions is not None:   # a sorted share: each sorted row's original row (padding rows clamped)
+        q_pos, k_pos = p.positions
+        i = q_pos[b[:, None, None], h[None, :, None], i.clamp(max=q_pos.shape[2] - 1)]
+        j = k_pos[b[:, None, None, None], (key_tiles // tk)[None, :, :, None], j.clamp(max=k_pos.shape[2] - 1)]
+    return ((i + q_offset).view(-1, r, bm, 1), j.reshape(-1, r, 1, key_tiles.shape[1] * bn), h.view(1, r, 1, 1),
+            b.view(-1, 1, 1, 1))
 
 
 UNDERFLOW = -87.0   # exp(x) below fp32's smallest normal number (2^-126 = e^-87.3) for x < this

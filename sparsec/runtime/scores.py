@@ -9,7 +9,7 @@ import torch
 from ..ir import derivative
 from ..ir.expr import Var
 from ..ir.score import float_reads
-from .mask_mods import to_torch
+from ..layout.expressions import to_torch
 
 SCORE = Var("score")
 
@@ -87,10 +87,14 @@ class TorchScore:
         grad.view(-1).index_add_(0, flat[ok], values[ok].float())
 
 
-def score_mod(expr, q_offset: int, n_q: int, n_k: int, inputs: dict):
+def score_mod(expr, q_offset: int, n_q: int, n_k: int, inputs: dict, positions=None):
     """Flex's score_mod(score, b, h, q_idx, kv_idx) of a specialized with expression: the same
-    torch rules (mask_mods.TORCH_OPS), on int64 coordinates, in the score's dtype."""
+    torch rules (layout/expressions.TORCH_OPS), on int64 coordinates, in the score's dtype.
+    positions: a sorted share's (q rows, k rows) (B, H, n), the original row of each sorted row
+    Flex indexes; None in the positional order."""
     def score_mod(score, b, h, q_idx, kv_idx):
+        if positions is not None:
+            q_idx, kv_idx = positions[0][b, h, q_idx], positions[1][b, h, kv_idx]
         names = {"score": score, "i": (q_idx + q_offset).long(), "j": kv_idx.long(), "h": h.long(), "b": b.long(),
                  "n": n_k, "n_q": n_q, "n_k": n_k, **inputs}
         out = to_torch(expr, names)
