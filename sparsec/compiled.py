@@ -375,9 +375,6 @@ class CompiledPattern:
         bound = self.bind(q, k, v, scale, q_offset, backend, True, **inputs)
         score = bound[0].score
         if input_grads and score is not None:
-            if isinstance(bound[0].runner, flex.FlexAttention):
-                raise ValueError(f"pattern {self.name}: gradients of the score expression's inputs are computed on "
-                                 f"backend='cpu' only so far, not under backend='flex'")
             score.want_grads(inputs)
         parts = [b.grad(o, lse, do, dlse) for b in bound]
         grads = {} if score is None else {n: g.to(inputs[n].dtype) for n, g in score.grads.items()}

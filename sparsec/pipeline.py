@@ -16,6 +16,8 @@ share reads no call input). `watching` sends a stage's output to any sink: SPARS
 it to stderr, `sparsec emit` to stdout."""
 from __future__ import annotations
 
+import functools
+
 import os
 import sys
 from contextlib import contextmanager
@@ -145,9 +147,9 @@ def bind(backend: str, r: LayoutRequest, call: Call, config: TileConfig, generat
         else:
             mask = per_shape("block mask", lambda: flex.share_block_mask(
                 r.body, build_layout(r, cached, "host"), space, rows, call.batch, call.heads, call.device))
-            runner = flex.FlexAttention(mask, call.scale, None if score is None else scores.score_mod(
-                score.expr, call.q_offset, call.n_q, call.n_k, score.inputs,
-                None if r.order is None else (r.order.q_pos, r.order.k_pos)))
+            runner = flex.FlexAttention(mask, call.scale, score, None if score is None else functools.partial(
+                scores.score_mod, score.expr, call.q_offset, call.n_q, call.n_k,
+                positions=None if r.order is None else (r.order.q_pos.long(), r.order.k_pos.long())))
     else:
         interpret = backend == "interpret"
         gen = generated()

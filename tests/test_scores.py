@@ -325,6 +325,64 @@ def test_a_sorted_shares_score_mod_reads_original_positions():
         assert torch.allclose(got, want.float())
 
 
+def _dense_flex(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False):
+    """FlexAttention's meaning written densely in eager torch, with autograd on CPU (which CPU Flex
+    lacks): visited blocks of the BlockMask, its mask_mod, the score_mod, and O = 0, LSE = -inf on
+    rows with nothing allowed. A stand-in for compiled Flex, so the CPU suite can run the sparsec
+    side of backend='flex''s backward."""
+    B, H, n_q, _ = q.shape
+    n_k = k.shape[2]
+    if enable_gqa:
+        k, v = (x.repeat_interleave(H // x.shape[1], 1) for x in (k, v))
+    b, h, qi, ki = (torch.arange(n).view([-1 if d == axis else 1 for d in range(4)])
+                    for axis, n in enumerate((B, H, n_q, n_k)))
+    s = q @ k.transpose(-1, -2) * scale
+    if score_mod is not None:
+        s = score_mod(s, b, h, qi, ki)
+    bq, bk = block_mask.BLOCK_SIZE
+    visited = block_mask.to_dense().bool().repeat_interleave(bq, 2).repeat_interleave(bk, 3)[..., :n_q, :n_k]
+    s = s.masked_fill(~(visited & block_mask.mask_mod(b, h, qi, ki)), float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0).detach()
+    p = torch.exp(s - m)
+    total = p.sum(-1, keepdim=True)
+    some = total > 0
+    o = (p @ v) / torch.where(some, total, 1.0)
+    lse = torch.where(some, m + torch.log(torch.where(some, total, 1.0)), float("-inf")).squeeze(-1)
+    return (o, lse) if return_lse else o
+
+
+@pytest.mark.parametrize("case", [0, 2, 6])   # ALiBi (GQA, n_q != n_k), a relative table, lsh + band shares
+def test_flex_backward_runs_in_the_op_merges_shares_and_gives_input_gradients(monkeypatch, case):
+    """backend='flex''s backward: Flex's autograd recorded inside the custom op
+    (flex.autograd_inside_op), each share's cotangents weighted by its part of the merged LSE,
+    and the score inputs' gradients, for O and LSE against float64 autograd of the reference.
+    Compiled Flex has no CPU backward, so _dense_flex stands in for it: this checks sparsec's side."""
+    from sparsec.runtime import flex
+    monkeypatch.setattr(flex, "compiled_flex", lambda: _dense_flex)
+    monkeypatch.setattr(flex, "gives_lse", lambda device: True)
+    src, B, H, Hkv, n_q, n_k, q_offset, inputs = CASES[case]
+    kern = sparsec.compile(src)
+    gen = torch.Generator().manual_seed(_seed())
+    qkv = [torch.randn(B, heads, n, 16, generator=gen) for heads, n in ((H, n_q), (Hkv, n_k), (Hkv, n_k))]
+    floats = [name for name in inputs if name in kern.score_inputs]
+    leaves = [x.clone().requires_grad_() for x in qkv] + [inputs[n].clone().requires_grad_() for n in floats]
+    o, lse = kern(*leaves[:3], q_offset=q_offset, return_lse=True, backend="flex",
+                  **{**inputs, **dict(zip(floats, leaves[3:]))})
+    wants = [x.double().requires_grad_() for x in qkv] + [inputs[n].double().requires_grad_() for n in floats]
+    want_o, want_lse = testing.reference(kern, *wants[:3], q_offset=q_offset, **{**inputs, **dict(zip(floats, wants[3:]))})
+    do, dl = torch.randn(o.shape, generator=gen, dtype=torch.float64), torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+    finite = torch.isfinite(want_lse)
+    got = torch.autograd.grad((o * do).sum() + (torch.where(finite, lse, 0) * dl).sum(), leaves, allow_unused=True,
+                              materialize_grads=True)
+    want = torch.autograd.grad((want_o * do).sum() + (torch.where(finite, want_lse, 0) * dl).sum(), wants,
+                               allow_unused=True, materialize_grads=True)
+    _close(o, want_o)
+    _close(lse, want_lse)
+    for g, w in zip(got, want):
+        _close(g, w)
+
+
 # ---- properties: random pattern trees with random with expressions ----
 
 def _score_expressions():

@@ -1,7 +1,9 @@
 """FlexAttention from sparsec: a pattern's BlockMask built from its layout, with the lowered mask_mod (mask_mods.py) or its tiles' bits, and backend='flex'."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -126,13 +128,34 @@ def compiled_flex():
 _COMPILED = None
 
 
+def gives_lse(device) -> bool:
+    """Whether compiled Flex returns the LSE (and has a backward) on this device: not on CPU
+    (torch 2.13's CPU Flex kernels are inference-only)."""
+    return device.type != "cpu"
+
+
 def check_cpu_call(device, needs_lse: bool) -> None:
     """backend='flex' on CPU runs what torch.compile's CPU Flex kernels support (torch 2.13):
     inference without the LSE; a call that needs it is refused, not answered approximately."""
-    if device.type == "cpu" and needs_lse:
+    if not gives_lse(device) and needs_lse:
         raise ValueError("backend='flex' on CPU runs compiled FlexAttention, which on CPU is forward-only and "
                          "returns no LSE: calls with return_lse=True, a backward, or patterns that run as several "
                          "shares need backend='cpu' (the same attention) or CUDA tensors")
+
+
+@contextmanager
+def autograd_inside_op():
+    """Autograd recording inside a torch.library custom op's implementation, which runs below
+    the autograd dispatch keys (`torch.enable_grad()` alone does not bring them back: a result
+    built there has requires_grad False). Flex's backward is its autograd, and running it in the
+    op keeps a training step one opaque node for torch.compile; the keys are restored on exit.
+    Private API (torch._C): test_scores.py's Flex backward test fails without it."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
 
 
 @dataclass(frozen=True)
@@ -140,24 +163,39 @@ class FlexAttention:
     """One share of one call run by compiled FlexAttention under the share's BlockMask. On CUDA
     the LSE is Flex's and the backward is Flex's own (the forward recomputed under autograd); on
     CPU, Flex's compiled kernels are inference-only, so the LSE is NaN and never read
-    (check_cpu_call refuses the calls that would read it)."""
+    (check_cpu_call refuses the calls that would read it). score: the call's TorchScore, or
+    None; score_mod_of: its inputs -> Flex's score_mod over them (scores.score_mod)."""
     mask: object
     scale: float
-    score_mod: object = None   # scores.score_mod of the pattern's with expression, or None
+    score: object = None
+    score_mod_of: Callable | None = None
 
-    def _run(self, q, k, v, lse: bool):
-        return compiled_flex()(q, k, v, score_mod=self.score_mod, block_mask=self.mask, scale=self.scale,
+    def _run(self, q, k, v, lse: bool, inputs: dict | None = None):
+        mod = None if self.score_mod_of is None else self.score_mod_of(self.score.inputs if inputs is None else inputs)
+        return compiled_flex()(q, k, v, score_mod=mod, block_mask=self.mask, scale=self.scale,
                                enable_gqa=q.shape[1] != k.shape[1], return_lse=lse)
 
     def forward(self, q, k, v):
-        if q.device.type == "cpu":
+        if not gives_lse(q.device):
             return self._run(q, k, v, False), torch.full(q.shape[:3], float("nan"))
         o, lse = self._run(q, k, v, True)
         return o, lse.float()
 
     def backward(self, q, k, v, o, lse, do, dlse):
-        with torch.enable_grad():
+        """dQ, dK, dV by Flex's autograd of this share's forward, and the score inputs' gradients
+        added into score.grads. o and lse are the whole call's, merged over the shares by LSE
+        (O = sum_s w_s O_s, w_s = exp(LSE_s - LSE)), so the share's outputs get the cotangents
+        w_s dO and w_s (rowsum(dO (O_s - O)) + dLSE): with one share, w = 1 and O_s = O."""
+        wanted = [] if self.score is None else list(self.score.grads)
+        with torch.enable_grad(), autograd_inside_op():
             args = [x.detach().requires_grad_() for x in (q, k, v)]
-            o2, lse2 = self._run(*args, True)
-            outs, grads = (o2, lse2), (do, torch.zeros_like(lse2) if dlse is None else dlse.to(lse2.dtype))
-            return torch.autograd.grad(outs, args, grads)
+            leaves = {name: self.score.inputs[name].detach().requires_grad_() for name in wanted}
+            o_s, lse_s = self._run(*args, True, None if self.score is None else {**self.score.inputs, **leaves})
+            w = torch.exp(lse_s.float() - lse.float()).nan_to_num_(0.0)   # rows no share allows: 0
+            back = (do.float() * (o_s.float() - o.float())).sum(-1) + (0.0 if dlse is None else dlse.float())
+            cotangents = ((w[..., None] * do.float()).to(o_s.dtype), (w * back).to(lse_s.dtype))
+            grads = torch.autograd.grad((o_s, lse_s), [*args, *leaves.values()], cotangents, allow_unused=True)
+        for name, g in zip(wanted, grads[3:]):
+            if g is not None:
+                self.score.grads[name] += g.float()
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip((q, k, v), grads[:3]))
