@@ -28,6 +28,9 @@ CASES = [
 ]
 
 
+COMPILED = ("band+global", "lsh")   # also run under torch.compile(fullgraph=True): sparse and gather modes
+
+
 def _packing(seed: int, batch: int, n: int) -> torch.Tensor:
     """Random document packings: 1..6 documents per batch row at random cuts."""
     g = torch.Generator().manual_seed(seed)
@@ -59,10 +62,19 @@ def _case(rank: int, world: int, case, seed: int) -> dict:
     want, _ = ref.attention(q.double(), k.double(), v.double(), mask, 16 ** -0.5)
     got = plan.unshard(o_r.detach())
     grads = [plan.unshard(s.grad) for s in shards]
-    return {"case": name, "rank": rank, "scheme": plan.scheme, "mode": plan.mode,
-            "vs_one_process": [float((a - b).abs().max()) for a, b in zip([got, *grads], [o.detach(), *(t.grad for t in x)])],
-            "vs_reference": float((got.double() - want).abs().max()),
-            "received": forward, "planned": plan.bytes()[rank]}
+    out = {"case": name, "rank": rank, "scheme": plan.scheme, "mode": plan.mode,
+           "vs_one_process": [float((a - b).abs().max()) for a, b in zip([got, *grads], [o.detach(), *(t.grad for t in x)])],
+           "vs_reference": float((got.double() - want).abs().max()),
+           "received": forward, "planned": plan.bytes()[rank]}
+    if name in COMPILED:   # the call is custom ops: one graph, forward and backward, equal to eager
+        step = torch.compile(lambda a, b, c: kern(a, b, c, plan=plan, backend=backend), fullgraph=True,
+                             backend="aot_eager")
+        again = [plan.shard(t).requires_grad_() for t in (q, k, v)]
+        o_c = step(*again)
+        o_c.backward(plan.shard(do))
+        out["compiled_vs_eager"] = [float((a - b).abs().max()) for a, b in
+                                    zip([o_c.detach(), *(s.grad for s in again)], [o_r.detach(), *(s.grad for s in shards)])]
+    return out
 
 
 def _worker(rank: int, world: int, seed: int, out: str) -> None:
@@ -102,6 +114,8 @@ def test_outputs_and_gradients_equal_one_process(group_results):
         for r in rank:
             assert max(r["vs_one_process"]) < 2e-5, r
             assert r["vs_reference"] < 2e-5, r
+            if r["case"] in COMPILED:
+                assert max(r["compiled_vs_eager"]) < 1e-6, r
     names = {r["case"] for r in results[0]}
     assert names == {c[0] for c in CASES if world in c[-1]}
 

@@ -105,70 +105,63 @@ def give_back(ex: Exchanges, dk_buf, dv_buf, n_local: int, group, tally: Tally) 
     return dk.float().index_add_(2, at, back[..., :D]), dv.float().index_add_(2, at, back[..., D:])
 
 
-class ContextParallel(torch.autograd.Function):
-    """O and LSE of this rank's rows. Forward: fetch K/V rows, send out query rows, attend the
-    local rows over [local + fetched] keys and the received rows over the local keys, return the
-    received rows' partial results, merge by LSE. Backward: each part's gradient from the merged
-    O and LSE (the parts are disjoint pairs, as shares are), the received rows' dQ and the fetched
-    rows' dK, dV sent back and summed. Every rank issues every collective, in the same order."""
-
-    @staticmethod
-    def forward(ctx, ex: Exchanges, local_side, remote_side, group, tally: Tally, q, k, v):
-        k_buf, v_buf = fetch(ex, k, v, group, tally)
-        q_in = move(q, ex.queries, group, tally, "queries").index_select(2, ex.query_order.to(q.device))
-        o, lse = local_side.forward(q, k_buf, v_buf)
-        if remote_side is not None:
-            o_in, lse_in = remote_side.forward(q_in, k, v)
-        else:
-            o_in, lse_in = _empty_like_rows(q, 0), q.new_zeros((*q.shape[:2], 0), dtype=torch.float32)
-        back = ex.queries.reverse(_back_rows(ex))
-        parts_o = move(o_in, back, group, tally, "partials")
-        parts_lse = move(lse_in.unsqueeze(-1), back, group, tally, "partials")[..., 0]
-        o, lse = merge(o, lse, parts_o, parts_lse, ex.queries.sent_rows())
-        ctx.save_for_backward(q, k, v, k_buf, v_buf, q_in, o, lse)
-        ctx.parts = (ex, local_side, remote_side, group, tally)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, k_buf, v_buf, q_in, o, lse = ctx.saved_tensors
-        ex, local_side, remote_side, group, tally = ctx.parts
-        order = ex.query_order.to(q.device)
-        # the sent rows' merged O, dO, LSE and dLSE go where their partial results were computed
-        rows_in = move(torch.cat([o, do.to(o.dtype)], -1), ex.queries, group, tally, "grads").index_select(2, order)
-        stats_in = move(torch.stack([lse, dlse.float()], -1), ex.queries, group, tally, "grads").index_select(2, order)
-        dq, dk_buf, dv_buf = local_side.backward(q, k_buf, v_buf, o, lse, do, dlse.float())
-        D = q.shape[-1]
-        if remote_side is not None:
-            dq_in, dk_in, dv_in = remote_side.backward(q_in, k, v, rows_in[..., :D].contiguous(), stats_in[..., 0],
-                                                       rows_in[..., D:].contiguous(), stats_in[..., 1].contiguous())
-        else:
-            dq_in, dk_in, dv_in = _empty_like_rows(q, 0), torch.zeros_like(k), torch.zeros_like(v)
-        dq_back = move(dq_in, ex.queries.reverse(_back_rows(ex)), group, tally, "grads")
-        dq = dq.float().index_add_(2, ex.queries.sent_rows().to(q.device), dq_back.float())
-        dk, dv = give_back(ex, dk_buf, dv_buf, k.shape[2], group, tally)
-        dk, dv = dk + dk_in.float(), dv + dv_in.float()
-        return None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+def attend(ex: Exchanges, local_side, remote_side, group, tally: Tally, q, k, v):
+    """O and LSE of this rank's rows, and what the backward needs (the key and value buffers, the
+    received query rows). Fetch K/V rows, send out query rows, attend the local rows over
+    [local + fetched] keys and the received rows over the local keys, return the received rows'
+    partial results, merge by LSE. Every rank issues every collective, in the same order."""
+    k_buf, v_buf = fetch(ex, k, v, group, tally)
+    q_in = move(q, ex.queries, group, tally, "queries").index_select(2, ex.query_order.to(q.device))
+    o, lse = local_side.forward(q, k_buf, v_buf)
+    if remote_side is not None:
+        o_in, lse_in = remote_side.forward(q_in, k, v)
+    else:
+        o_in, lse_in = _empty_like_rows(q, 0), q.new_zeros((*q.shape[:2], 0), dtype=torch.float32)
+    back = ex.queries.reverse(_back_rows(ex))
+    parts_o = move(o_in, back, group, tally, "partials")
+    parts_lse = move(lse_in.unsqueeze(-1), back, group, tally, "partials")[..., 0]
+    o, lse = merge(o, lse, parts_o, parts_lse, ex.queries.sent_rows())
+    return o, lse, k_buf, v_buf, q_in
 
 
-class Gathered(torch.autograd.Function):
+def attend_backward(ex: Exchanges, local_side, remote_side, group, tally: Tally, q, k, v, k_buf, v_buf, q_in, o, lse,
+                    do, dlse):
+    """dQ, dK, dV of this rank's rows: each part's gradient from the merged O and LSE (the parts
+    are disjoint pairs, as shares are), the received rows' dQ and the fetched rows' dK, dV sent
+    back and summed. Every rank issues every collective, in the same order."""
+    order = ex.query_order.to(q.device)
+    # the sent rows' merged O, dO, LSE and dLSE go where their partial results were computed
+    rows_in = move(torch.cat([o, do.to(o.dtype)], -1), ex.queries, group, tally, "grads").index_select(2, order)
+    stats_in = move(torch.stack([lse, dlse.float()], -1), ex.queries, group, tally, "grads").index_select(2, order)
+    dq, dk_buf, dv_buf = local_side.backward(q, k_buf, v_buf, o, lse, do, dlse.float())
+    D = q.shape[-1]
+    if remote_side is not None:
+        dq_in, dk_in, dv_in = remote_side.backward(q_in, k, v, rows_in[..., :D].contiguous(), stats_in[..., 0],
+                                                   rows_in[..., D:].contiguous(), stats_in[..., 1].contiguous())
+    else:
+        dq_in, dk_in, dv_in = _empty_like_rows(q, 0), torch.zeros_like(k), torch.zeros_like(v)
+    dq_back = move(dq_in, ex.queries.reverse(_back_rows(ex)), group, tally, "grads")
+    dq = dq.float().index_add_(2, ex.queries.sent_rows().to(q.device), dq_back.float())
+    dk, dv = give_back(ex, dk_buf, dv_buf, k.shape[2], group, tally)
+    dk, dv = dk + dk_in.float(), dv + dv_in.float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def gather(ex: Exchanges, order: torch.Tensor, group, tally: Tally, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """Content patterns' K and V: every rank's rows fetched, put in position order (`order`: the
-    buffer's rows sorted by position); backward: each rank's gradient rows summed at their owner."""
+    buffer's rows sorted by position)."""
+    k_buf, v_buf = fetch(ex, k, v, group, tally)
+    order = order.to(k.device)
+    return k_buf.index_select(2, order), v_buf.index_select(2, order)
 
-    @staticmethod
-    def forward(ctx, ex: Exchanges, order: torch.Tensor, group, tally: Tally, k, v):
-        k_buf, v_buf = fetch(ex, k, v, group, tally)
-        order = order.to(k.device)
-        ctx.parts = (ex, order, group, tally, k.shape[2])
-        return k_buf.index_select(2, order), v_buf.index_select(2, order)
 
-    @staticmethod
-    def backward(ctx, dk, dv):
-        ex, order, group, tally, n_local = ctx.parts
-        dk_buf, dv_buf = torch.empty_like(dk), torch.empty_like(dv)
-        dk_buf[:, :, order], dv_buf[:, :, order] = dk, dv
-        dk_local, dv_local = give_back(ex, dk_buf, dv_buf, n_local, group, tally)
-        return None, None, None, None, dk_local.to(dk.dtype), dv_local.to(dv.dtype)
+def gather_backward(ex: Exchanges, order: torch.Tensor, group, tally: Tally, n_local: int, dk, dv):
+    """The gradient of this rank's K and V rows: each rank's gradient rows summed at their owner."""
+    order = order.to(dk.device)
+    dk_buf, dv_buf = torch.empty_like(dk), torch.empty_like(dv)
+    dk_buf[:, :, order], dv_buf[:, :, order] = dk, dv
+    dk_local, dv_local = give_back(ex, dk_buf, dv_buf, n_local, group, tally)
+    return dk_local.to(dk.dtype), dv_local.to(dv.dtype)
 
 
 def _back_rows(ex: Exchanges) -> list[torch.Tensor]:

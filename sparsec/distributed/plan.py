@@ -12,7 +12,8 @@ from .. import pipeline
 from ..compiled import _int_arg as _int
 from ..runtime.call import Call, check_tensors, choose_backend, default_config
 from . import routing as R
-from .attention import ContextParallel, Exchanges, Gathered, Side
+from . import ops
+from .attention import Exchanges, Side
 from .exchange import Moves, Tally
 
 
@@ -45,12 +46,13 @@ class Plan:
         self.segment_ids = None if segment_ids is None else torch.as_tensor(segment_ids).to(torch.int64)
         self._refuse(kern)
         self.tally, self._runners, self._layouts = Tally(), {}, {}
+        self.key = ops.register(self)   # what the custom ops (ops.py) know this plan by
         # "gather": content patterns (their tiles depend on every rank's q and k) fetch all K/V
         self.mode = "gather" if {"q", "k"} & kern.needs or len(kern.shares) > 1 else "sparse"
         tiles = -(-self.n // self.block)
         if self.mode == "gather":   # every rank fetches every other rank's tiles, sends nothing
             R.check_world(tiles, self.world, "contiguous", self.block, self.n)
-            self.route = R.gathered(R.shard_tiles("contiguous", np.ones(tiles), self.world), tiles)
+            self._settle(R.gathered(R.shard_tiles("contiguous", np.ones(tiles), self.world), tiles))
             self.scheme, self.costs = "contiguous", {}
             return
         pairs, work = R.tile_pairs(self._layout(self.block, self.block))
@@ -61,7 +63,7 @@ class Plan:
         routes = {s: self._balanced(s, pairs, work) for s in schemes}
         self.costs = {s: R.cost(rt, self.block, self.n, self.shape, flops, bandwidth) for s, rt in routes.items()}
         self.scheme = min(schemes, key=lambda s: (self.costs[s], schemes.index(s)))
-        self.route = routes[self.scheme]
+        self._settle(routes[self.scheme])
 
     def _balanced(self, scheme: str, pairs, work) -> R.Route:
         """The route of a scheme, sharded twice: a sent tile's work is done where its keys are, so
@@ -215,7 +217,7 @@ class Plan:
         if kern is not self.kern:
             raise ValueError(f"plan= was made for pattern {self.kern.name}, not {kern.name}")
         check_tensors(q, k, v)
-        want = (self.shape.batch, self.shape.heads, len(self.rows()))
+        want = (self.shape.batch, self.shape.heads, self._row_count)
         if tuple(q.shape[:3]) != want or tuple(k.shape[:3]) != (want[0], self.shape.kv_heads, want[2]) \
                 or k.shape != v.shape or q.shape[3] != k.shape[3]:
             raise ValueError(f"under this plan q must be (B={want[0]}, H={want[1]}, rows={want[2]}, D) and k, v "
@@ -230,21 +232,35 @@ class Plan:
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         if self.mode == "gather":
             o, lse = self._gathered(q, k, v, scale, backend, inputs)
-        else:
-            local, remote = self._bound(q, k, v, scale, backend)
-            o, lse = ContextParallel.apply(self.exchanges, local, remote, self.group, self.tally, q, k, v)
+        else:   # one custom op (ops.py): torch.compile sees one node, collectives inside
+            o, lse, *_ = ops.context_parallel(q, k, v, self.key, scale, backend)
         return (o, lse) if return_lse else o
 
     def _gathered(self, q, k, v, scale, backend, inputs):
         """Content patterns: every rank's K/V fetched whole, then the ordinary call on this rank's
         query rows (a contiguous run: q_offset = its first position)."""
-        k_all, v_all = Gathered.apply(self.exchanges, torch.argsort(self.key_rows()), self.group, self.tally, k, v)
-        seg = self.segment_ids
+        k_all, v_all = ops.context_parallel_gather(k, v, self.key)
         given = dict(inputs)
-        if seg is not None:
-            given["segment_ids"] = seg.to(q.device)
-        start = int(self.rows()[0])
-        return self.kern(q, k_all, v_all, scale=scale, q_offset=start, return_lse=True, backend=backend, **given)
+        if self.segment_ids is not None:
+            given["segment_ids"] = self.segment_ids.to(q.device)
+        return self.kern(q, k_all, v_all, scale=scale, q_offset=self._first_row, return_lse=True, backend=backend,
+                         **given)
+
+    def _settle(self, route: R.Route) -> None:
+        """The route, and the plain numbers a call reads (an int attribute is all torch.compile
+        traces of the plan: no numpy under dynamo)."""
+        self.route = route
+        rows = self.rows()
+        self._row_count, self._first_row = len(rows), int(rows[0])
+
+    @cached_property
+    def key_order(self) -> torch.Tensor:
+        """The key buffer's rows sorted by position (gather mode: the whole sequence in order)."""
+        return torch.argsort(self.key_rows())
+
+    def buffer_rows(self) -> tuple[int, int]:
+        """Rows of this rank's key buffer (local and fetched) and of the query rows it receives."""
+        return len(self._arrivals[0]) + self._row_count, len(self._arrivals[1])
 
 
 def plan(kern, n: int, group=None, **options) -> Plan:
