@@ -132,6 +132,16 @@ def test_misuse_is_a_located_error(src, message, where):
     assert f"<string>:{where}:" in str(e.value)
 
 
+@pytest.mark.parametrize("dim", ["n_k - 40", "2147483647", "9223372036854775808"])
+def test_an_input_dim_beyond_its_limits_is_located(dim):
+    """Dims lie within 0..2**30 (reads index positions and blocks): the fuzzer's 2**63 and
+    2**31 - 1 were a torch overflow and a 34 GB allocation."""
+    kern = sparsec.compile(f"input big(b, {dim}) int\npattern p = where(big[b, j] > 0)")
+    with pytest.raises(sparsec.SparsecError, match=r"dims must be within 0\.\.2\*\*30") as info:
+        kern.mask(20, big=np.zeros((1, 1), np.int64))   # checked before its shape
+    assert info.value.span is not None and info.value.span.line == 1
+
+
 def test_inputs_are_checked_by_name_shape_and_type():
     kern = sparsec.compile(PROGRAM, pattern="expire")
     span = np.zeros((2, 3, 40), np.int64)

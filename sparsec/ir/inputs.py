@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import Span, SparsecError
-from .limits import SATURATED
+from .limits import POSITIONS, SATURATED
 
 TYPES = ("bool", "int", "float")   # an int input holds int32 values (expr.INPUT_INT_RANGE), checked per call
 
@@ -60,9 +60,9 @@ def expected_shape(decl: InputDecl, batch: int, heads: int, lengths: dict) -> tu
     sizes = {"b": batch, "h": heads}
     out = tuple(sizes[d] if isinstance(d, str) else E.integer(d, lengths) for d in decl.dims)
     for d, size in zip(decl.dims, out):
-        if size < 0:
-            raise SparsecError(f"input {decl.name}: this dim is {size} here; an input's dims must be at least 0",
-                               d.span or decl.span)
+        if size < 0 or size > POSITIONS:   # reads index positions and blocks: no axis needs more
+            raise SparsecError(f"input {decl.name}: this dim is {size} here; an input's dims must be within "
+                               f"0..2**30", d.span or decl.span)
     return out
 
 
