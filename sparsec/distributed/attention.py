@@ -8,7 +8,8 @@ import torch
 from .. import pipeline
 from ..layout import LayoutRequest, Placement, reindex
 from ..runtime.call import Call
-from .exchange import Moves, Tally, move
+from ..runtime.content import merge_by_lse
+from .exchange import Moves, Tally, move, start
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Side:
     def runner(self, kern, body, layout_at, n: int, call: Call, backend: str, config, inputs: dict):
         """The share's backend bound to these rows (pipeline.bind with a Placement order), or
         None when there are no query rows. layout_at(block_m, block_n): the sequence's layout."""
-        if not len(self.q_rows):
+        if not len(self.q_rows) or not len(self.k_rows):
             return None
         B, H = call.batch, call.heads
         pos = lambda rows: rows.to(call.device, torch.int32).expand(B, H, -1).contiguous()
@@ -96,35 +97,41 @@ def fetch(ex: Exchanges, k, v, group, tally: Tally) -> tuple[torch.Tensor, torch
     return ex.buffer(k, kv[..., :D]), ex.buffer(v, kv[..., D:])
 
 
-def give_back(ex: Exchanges, dk_buf, dv_buf, n_local: int, group, tally: Tally) -> tuple[torch.Tensor, torch.Tensor]:
-    """dK, dV of the local rows (fp32): the buffers' local part plus what the ranks that fetched
-    these rows computed for them, sent back and summed at the owner."""
-    (dk, dk_out), (dv, dv_out) = ex.split(dk_buf, n_local), ex.split(dv_buf, n_local)
-    back = move(torch.cat([dk_out, dv_out], -1), ex.fetch.reverse(ex.fetch.arrivals()), group, tally, "grads").float()
+def give_back(ex: Exchanges, dk, dv, dk_fetched, dv_fetched, group, tally: Tally) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV of the local rows (fp32): dk, dv plus what the ranks that fetched these rows
+    computed for them, sent back and summed at the owner (dk_fetched: the gradients of the rows
+    this rank fetched, in arrival order)."""
+    back = move(torch.cat([dk_fetched, dv_fetched], -1), ex.fetch.reverse(ex.fetch.arrivals()), group, tally,
+                "grads").float()
     at, D = ex.fetch.sent_rows().to(dk.device), dk.shape[-1]
     return dk.float().index_add_(2, at, back[..., :D]), dv.float().index_add_(2, at, back[..., D:])
 
 
-def attend(ex: Exchanges, local_side, remote_side, group, tally: Tally, q, k, v):
-    """O and LSE of this rank's rows, and what the backward needs (the key and value buffers, the
-    received query rows). Fetch K/V rows, send out query rows, attend the local rows over
-    [local + fetched] keys and the received rows over the local keys, return the received rows'
-    partial results, merge by LSE. Every rank issues every collective, in the same order."""
-    k_buf, v_buf = fetch(ex, k, v, group, tally)
-    q_in = move(q, ex.queries, group, tally, "queries").index_select(2, ex.query_order.to(q.device))
-    o, lse = local_side.forward(q, k_buf, v_buf)
-    if remote_side is not None:
-        o_in, lse_in = remote_side.forward(q_in, k, v)
+def attend(ex: Exchanges, near, far, remote, group, tally: Tally, q, k, v):
+    """O and LSE of this rank's rows, and what the backward needs (the fetched key and value
+    rows in position order, the received query rows). The K/V rows and the sent query rows are
+    issued first and travel while the local rows attend the local keys (`near`); then the local
+    rows attend the fetched keys (`far`), the received rows the local keys (`remote`), whose
+    partial results go back and merge by LSE. Every rank issues every collective, in the same order."""
+    kv_in, q_in = start(torch.cat([k, v], -1), ex.fetch, group), start(q, ex.queries, group)
+    o, lse = near.forward(q, k, v)                                      # overlaps the two transfers
+    kv = kv_in.wait(tally, "kv").index_select(2, ex.fetch_order.to(q.device))
+    k_far, v_far = kv[..., :k.shape[-1]].clone(), kv[..., k.shape[-1]:].clone()   # own storage, even with 0 rows
+    q_in = q_in.wait(tally, "queries").index_select(2, ex.query_order.to(q.device))
+    if far is not None:
+        o, lse = merge_by_lse([(o, lse), far.forward(q, k_far, v_far)], q.dtype)
+    if remote is not None:
+        o_in, lse_in = remote.forward(q_in, k, v)
     else:
         o_in, lse_in = _empty_like_rows(q, 0), q.new_zeros((*q.shape[:2], 0), dtype=torch.float32)
     back = ex.queries.reverse(_back_rows(ex))
     parts_o = move(o_in, back, group, tally, "partials")
     parts_lse = move(lse_in.unsqueeze(-1), back, group, tally, "partials")[..., 0]
     o, lse = merge(o, lse, parts_o, parts_lse, ex.queries.sent_rows())
-    return o, lse, k_buf, v_buf, q_in
+    return o, lse, k_far, v_far, q_in
 
 
-def attend_backward(ex: Exchanges, local_side, remote_side, group, tally: Tally, q, k, v, k_buf, v_buf, q_in, o, lse,
+def attend_backward(ex: Exchanges, near, far, remote, group, tally: Tally, q, k, v, k_far, v_far, q_in, o, lse,
                     do, dlse):
     """dQ, dK, dV of this rank's rows: each part's gradient from the merged O and LSE (the parts
     are disjoint pairs, as shares are), the received rows' dQ and the fetched rows' dK, dV sent
@@ -133,16 +140,22 @@ def attend_backward(ex: Exchanges, local_side, remote_side, group, tally: Tally,
     # the sent rows' merged O, dO, LSE and dLSE go where their partial results were computed
     rows_in = move(torch.cat([o, do.to(o.dtype)], -1), ex.queries, group, tally, "grads").index_select(2, order)
     stats_in = move(torch.stack([lse, dlse.float()], -1), ex.queries, group, tally, "grads").index_select(2, order)
-    dq, dk_buf, dv_buf = local_side.backward(q, k_buf, v_buf, o, lse, do, dlse.float())
+    dq, dk, dv = near.backward(q, k, v, o, lse, do, dlse.float())
+    dk_far, dv_far = torch.zeros_like(k_far), torch.zeros_like(v_far)
+    if far is not None:
+        dq_far, dk_sorted, dv_sorted = far.backward(q, k_far, v_far, o, lse, do, dlse.float())
+        dq = dq.float() + dq_far.float()
+        fetch_order = ex.fetch_order.to(q.device)   # position order back to arrival order
+        dk_far[:, :, fetch_order], dv_far[:, :, fetch_order] = dk_sorted, dv_sorted
     D = q.shape[-1]
-    if remote_side is not None:
-        dq_in, dk_in, dv_in = remote_side.backward(q_in, k, v, rows_in[..., :D].contiguous(), stats_in[..., 0],
-                                                   rows_in[..., D:].contiguous(), stats_in[..., 1].contiguous())
+    if remote is not None:
+        dq_in, dk_in, dv_in = remote.backward(q_in, k, v, rows_in[..., :D].contiguous(), stats_in[..., 0],
+                                              rows_in[..., D:].contiguous(), stats_in[..., 1].contiguous())
     else:
         dq_in, dk_in, dv_in = _empty_like_rows(q, 0), torch.zeros_like(k), torch.zeros_like(v)
     dq_back = move(dq_in, ex.queries.reverse(_back_rows(ex)), group, tally, "grads")
     dq = dq.float().index_add_(2, ex.queries.sent_rows().to(q.device), dq_back.float())
-    dk, dv = give_back(ex, dk_buf, dv_buf, k.shape[2], group, tally)
+    dk, dv = give_back(ex, dk, dv, dk_far, dv_far, group, tally)
     dk, dv = dk + dk_in.float(), dv + dv_in.float()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -160,7 +173,8 @@ def gather_backward(ex: Exchanges, order: torch.Tensor, group, tally: Tally, n_l
     order = order.to(dk.device)
     dk_buf, dv_buf = torch.empty_like(dk), torch.empty_like(dv)
     dk_buf[:, :, order], dv_buf[:, :, order] = dk, dv
-    dk_local, dv_local = give_back(ex, dk_buf, dv_buf, n_local, group, tally)
+    (dk_local, dk_fetched), (dv_local, dv_fetched) = ex.split(dk_buf, n_local), ex.split(dv_buf, n_local)
+    dk_local, dv_local = give_back(ex, dk_local, dv_local, dk_fetched, dv_fetched, group, tally)
     return dk_local.to(dk.dtype), dv_local.to(dv.dtype)
 
 

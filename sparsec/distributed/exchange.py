@@ -39,14 +39,30 @@ class Moves:
         return [torch.arange(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
 
 
-def move(x: torch.Tensor, moves: Moves, group, tally: Tally | None = None, what: str = "") -> torch.Tensor:
-    """Rows x[:, :, send[d]] to each rank d; returns (B, H, sum(recv), D), the rows from rank 0
+@dataclass(frozen=True)
+class Pending:
+    """An all-to-all in flight: `wait` gives its rows (B, H, rows, D) once they have arrived."""
+    into: torch.Tensor
+    work: object
+
+    def wait(self, tally: Tally | None = None, what: str = "") -> torch.Tensor:
+        self.work.wait()
+        if tally is not None:
+            tally.add(what, self.into)
+        return self.into.permute(1, 2, 0, 3)
+
+
+def start(x: torch.Tensor, moves: Moves, group) -> Pending:
+    """Rows x[:, :, send[d]] to each rank d, issued without waiting: the rows from rank 0 arrive
     first, each rank's in its send order. Rows travel as one contiguous (rows, B, H, D) block."""
     B, H, _, D = x.shape
     out_rows = x.index_select(2, moves.sent_rows().to(x.device)).permute(2, 0, 1, 3).contiguous()
     into = x.new_empty((sum(moves.recv), B, H, D))
-    dist.all_to_all_single(into, out_rows, output_split_sizes=list(moves.recv),
-                           input_split_sizes=[len(i) for i in moves.send], group=group)
-    if tally is not None:
-        tally.add(what, into)
-    return into.permute(1, 2, 0, 3)
+    work = dist.all_to_all_single(into, out_rows, output_split_sizes=list(moves.recv),
+                                  input_split_sizes=[len(i) for i in moves.send], group=group, async_op=True)
+    return Pending(into, work)
+
+
+def move(x: torch.Tensor, moves: Moves, group, tally: Tally | None = None, what: str = "") -> torch.Tensor:
+    """The same, waited for: (B, H, sum(recv), D)."""
+    return start(x, moves, group).wait(tally, what)

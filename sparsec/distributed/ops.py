@@ -2,7 +2,7 @@
 
 The plan travels as a registry key (a string: ranks make their plans in the same order, so a
 plan has the same key on every rank). `sparsec::context_parallel` returns this rank's O and LSE
-and, for its backward, the key and value buffers and the received query rows: only tensors may
+and, for its backward, the fetched key and value rows and the received query rows: only tensors may
 cross from a forward op to its backward under torch.compile, and fetching them again would
 repeat the forward's collectives. Gather mode (content patterns) fetches K/V whole with
 `sparsec::context_parallel_gather`, then makes the ordinary call.
@@ -40,7 +40,7 @@ def registered(key: str):
 @torch.library.custom_op("sparsec::context_parallel", mutates_args=())
 def context_parallel(q: Tensor, k: Tensor, v: Tensor, plan: str, scale: float, backend: Optional[str]
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(O, LSE) of this rank's rows, then the key buffer, the value buffer and the received query
+    """(O, LSE) of this rank's rows, then the fetched key and value rows and the received query
     rows, which the backward reads."""
     p = registered(plan)
     return tuple(x.contiguous() for x in attend(p.exchanges, *p._bound(q, k, v, scale, backend), p.group, p.tally,
@@ -51,39 +51,40 @@ def context_parallel(q: Tensor, k: Tensor, v: Tensor, plan: str, scale: float, b
 def _context_parallel_fake(q, k, v, plan, scale, backend):
     p = registered(plan)
     B, H, n_r, D = q.shape
-    keys, received = p.buffer_rows()
+    fetched, received = p.buffer_rows()
     return (q.new_empty(q.shape), q.new_empty((B, H, n_r), dtype=torch.float32),
-            k.new_empty((B, k.shape[1], keys, D)), v.new_empty((B, v.shape[1], keys, D)), q.new_empty((B, H, received, D)))
+            k.new_empty((B, k.shape[1], fetched, D)), v.new_empty((B, v.shape[1], fetched, D)),
+            q.new_empty((B, H, received, D)))
 
 
 @torch.library.custom_op("sparsec::context_parallel_backward", mutates_args=())
-def context_parallel_backward(q: Tensor, k: Tensor, v: Tensor, k_buf: Tensor, v_buf: Tensor, q_in: Tensor, o: Tensor,
+def context_parallel_backward(q: Tensor, k: Tensor, v: Tensor, k_far: Tensor, v_far: Tensor, q_in: Tensor, o: Tensor,
                               lse: Tensor, do: Tensor, dlse: Tensor, plan: str, scale: float,
                               backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     p = registered(plan)
-    out = attend_backward(p.exchanges, *p._bound(q, k, v, scale, backend), p.group, p.tally, q, k, v, k_buf, v_buf,
+    out = attend_backward(p.exchanges, *p._bound(q, k, v, scale, backend), p.group, p.tally, q, k, v, k_far, v_far,
                           q_in, o, lse, do, dlse)
     return tuple(x.contiguous() for x in out)
 
 
 @context_parallel_backward.register_fake
-def _context_parallel_backward_fake(q, k, v, k_buf, v_buf, q_in, o, lse, do, dlse, plan, scale, backend):
+def _context_parallel_backward_fake(q, k, v, k_far, v_far, q_in, o, lse, do, dlse, plan, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, plan, scale, backend = inputs
-    o, lse, k_buf, v_buf, q_in = output
-    ctx.save_for_backward(q, k, v, k_buf, v_buf, q_in, o, lse)
+    o, lse, k_far, v_far, q_in = output
+    ctx.save_for_backward(q, k, v, k_far, v_far, q_in, o, lse)
     ctx.plan, ctx.scale, ctx.backend = plan, scale, backend
     ctx.set_materialize_grads(False)   # an unused LSE (or O) arrives as None
 
 
 def _backward(ctx, do, dlse, *buffers):
-    q, k, v, k_buf, v_buf, q_in, o, lse = ctx.saved_tensors
+    q, k, v, k_far, v_far, q_in, o, lse = ctx.saved_tensors
     do = torch.zeros_like(o) if do is None else do
     dlse = torch.zeros_like(lse) if dlse is None else dlse.float()
-    dq, dk, dv = context_parallel_backward(q, k, v, k_buf, v_buf, q_in, o, lse, do.contiguous(), dlse.contiguous(),
+    dq, dk, dv = context_parallel_backward(q, k, v, k_far, v_far, q_in, o, lse, do.contiguous(), dlse.contiguous(),
                                            ctx.plan, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None, None
 

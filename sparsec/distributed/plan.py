@@ -173,23 +173,22 @@ class Plan:
         rows, fetched = self.rows(), torch.as_tensor(np.sort(self._arrivals[0]))
         return torch.cat([fetched, rows] if self.exchanges.fetched_first else [rows, fetched])
 
-    def _sides(self) -> tuple[Side, Side]:
+    def _sides(self) -> tuple[Side, Side, Side]:
+        """near: local rows over local keys; far: local rows over fetched keys (not the sent
+        tiles': their remote keys are computed where those keys are); remote: received rows
+        over local keys."""
         rt, r = self.route, self.rank
-        rows, k_rows = self.rows(), self.key_rows()
+        rows, fetched = self.rows(), torch.as_tensor(np.sort(self._arrivals[0]))
         received = torch.as_tensor(np.sort(self._arrivals[1]))
         sends = np.zeros(-(-self.n // self.block), bool)
         for s in range(self.world):
             sends[rt.sent[r][s]] = True
-        owned = np.zeros(len(sends), bool)
-        owned[rt.tiles[r]] = True
-        q_np, k_np = rows.numpy(), k_rows.numpy()
+        q_np = rows.numpy()
 
         def keep(bm: int, bn: int):
-            """A sent query tile keeps only its local key tiles: the other ranks compute the rest."""
             q_sent = sends[q_np[::bm] // self.block]
-            k_local = owned[k_np[::bn] // self.block]
-            return lambda qt, kt: ~q_sent[qt] | k_local[kt]
-        return Side(rows, k_rows, keep), Side(received, rows)
+            return lambda qt, kt: ~q_sent[qt]
+        return Side(rows, rows), Side(rows, fetched, keep), Side(received, rows)
 
     def _bound(self, q, k, v, scale, backend):
         """The two sides' runners for this call's backend, scale and tensors (made once)."""
@@ -259,8 +258,8 @@ class Plan:
         return torch.argsort(self.key_rows())
 
     def buffer_rows(self) -> tuple[int, int]:
-        """Rows of this rank's key buffer (local and fetched) and of the query rows it receives."""
-        return len(self._arrivals[0]) + self._row_count, len(self._arrivals[1])
+        """The K/V rows this rank fetches and the query rows it receives."""
+        return len(self._arrivals[0]), len(self._arrivals[1])
 
 
 def plan(kern, n: int, group=None, **options) -> Plan:
