@@ -9,7 +9,7 @@ from .. import pipeline
 from ..layout import LayoutRequest, Placement, reindex
 from ..runtime.call import Call
 from ..runtime.content import merge_by_lse
-from .exchange import Moves, Tally, move, start
+from .exchange import Moves, Pending, Tally, move, start
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,17 @@ def fetch(ex: Exchanges, k, v, group, tally: Tally) -> tuple[torch.Tensor, torch
     return ex.buffer(k, kv[..., :D]), ex.buffer(v, kv[..., D:])
 
 
-def give_back(ex: Exchanges, dk, dv, dk_fetched, dv_fetched, group, tally: Tally) -> tuple[torch.Tensor, torch.Tensor]:
-    """dK, dV of the local rows (fp32): dk, dv plus what the ranks that fetched these rows
-    computed for them, sent back and summed at the owner (dk_fetched: the gradients of the rows
-    this rank fetched, in arrival order)."""
-    back = move(torch.cat([dk_fetched, dv_fetched], -1), ex.fetch.reverse(ex.fetch.arrivals()), group, tally,
-                "grads").float()
+def give_back(ex: Exchanges, dk_fetched, dv_fetched, group) -> Pending:
+    """What this rank computed for the rows it fetched (their dK, dV in arrival order), on its way
+    back to their owners; `added` sums it into the owners' dK, dV."""
+    return start(torch.cat([dk_fetched, dv_fetched], -1), ex.fetch.reverse(ex.fetch.arrivals()), group)
+
+
+def added(ex: Exchanges, dk, dv, back: Pending, tally: Tally) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV of the local rows (fp32): dk, dv plus the returned gradients of the rows others fetched."""
+    grads = back.wait(tally, "grads").float()
     at, D = ex.fetch.sent_rows().to(dk.device), dk.shape[-1]
-    return dk.float().index_add_(2, at, back[..., :D]), dv.float().index_add_(2, at, back[..., D:])
+    return dk.float().index_add_(2, at, grads[..., :D]), dv.float().index_add_(2, at, grads[..., D:])
 
 
 def attend(ex: Exchanges, near, far, remote, group, tally: Tally, q, k, v):
@@ -135,11 +138,12 @@ def attend_backward(ex: Exchanges, near, far, remote, group, tally: Tally, q, k,
                     do, dlse):
     """dQ, dK, dV of this rank's rows: each part's gradient from the merged O and LSE (the parts
     are disjoint pairs, as shares are), the received rows' dQ and the fetched rows' dK, dV sent
-    back and summed. Every rank issues every collective, in the same order."""
-    order = ex.query_order.to(q.device)
+    back and summed. The sent rows' O, dO, LSE and dLSE travel while the local rows' parts run,
+    and the fetched rows' gradients while the received rows' part runs. Every rank issues every
+    collective, in the same order."""
     # the sent rows' merged O, dO, LSE and dLSE go where their partial results were computed
-    rows_in = move(torch.cat([o, do.to(o.dtype)], -1), ex.queries, group, tally, "grads").index_select(2, order)
-    stats_in = move(torch.stack([lse, dlse.float()], -1), ex.queries, group, tally, "grads").index_select(2, order)
+    rows_in = start(torch.cat([o, do.to(o.dtype)], -1), ex.queries, group)
+    stats_in = start(torch.stack([lse, dlse.float()], -1), ex.queries, group)
     dq, dk, dv = near.backward(q, k, v, o, lse, do, dlse.float())
     dk_far, dv_far = torch.zeros_like(k_far), torch.zeros_like(v_far)
     if far is not None:
@@ -147,6 +151,10 @@ def attend_backward(ex: Exchanges, near, far, remote, group, tally: Tally, q, k,
         dq = dq.float() + dq_far.float()
         fetch_order = ex.fetch_order.to(q.device)   # position order back to arrival order
         dk_far[:, :, fetch_order], dv_far[:, :, fetch_order] = dk_sorted, dv_sorted
+    back = give_back(ex, dk_far, dv_far, group)
+    order = ex.query_order.to(q.device)
+    rows_in = rows_in.wait(tally, "grads").index_select(2, order)
+    stats_in = stats_in.wait(tally, "grads").index_select(2, order)
     D = q.shape[-1]
     if remote is not None:
         dq_in, dk_in, dv_in = remote.backward(q_in, k, v, rows_in[..., :D].contiguous(), stats_in[..., 0],
@@ -155,7 +163,7 @@ def attend_backward(ex: Exchanges, near, far, remote, group, tally: Tally, q, k,
         dq_in, dk_in, dv_in = _empty_like_rows(q, 0), torch.zeros_like(k), torch.zeros_like(v)
     dq_back = move(dq_in, ex.queries.reverse(_back_rows(ex)), group, tally, "grads")
     dq = dq.float().index_add_(2, ex.queries.sent_rows().to(q.device), dq_back.float())
-    dk, dv = give_back(ex, dk, dv, dk_far, dv_far, group, tally)
+    dk, dv = added(ex, dk, dv, back, tally)
     dk, dv = dk + dk_in.float(), dv + dv_in.float()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -174,7 +182,7 @@ def gather_backward(ex: Exchanges, order: torch.Tensor, group, tally: Tally, n_l
     dk_buf, dv_buf = torch.empty_like(dk), torch.empty_like(dv)
     dk_buf[:, :, order], dv_buf[:, :, order] = dk, dv
     (dk_local, dk_fetched), (dv_local, dv_fetched) = ex.split(dk_buf, n_local), ex.split(dv_buf, n_local)
-    dk_local, dv_local = give_back(ex, dk_local, dv_local, dk_fetched, dv_fetched, group, tally)
+    dk_local, dv_local = added(ex, dk_local, dv_local, give_back(ex, dk_fetched, dv_fetched, group), tally)
     return dk_local.to(dk.dtype), dv_local.to(dv.dtype)
 
 
