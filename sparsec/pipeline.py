@@ -17,7 +17,6 @@ it to stderr, `sparsec emit` to stdout."""
 from __future__ import annotations
 
 import functools
-
 import os
 import sys
 from contextlib import contextmanager

@@ -302,9 +302,10 @@ def _intersection(node: Intersection, sp: Space, cached) -> Tiles:
     out = _all_tiles(sp) if not generators else tiles_of(generators[0], sp, cached)
     for part in generators[1:]:
         other = tiles_of(part, sp, cached)
-        at = torch.searchsorted(other.key, out.key).clamp(max=max(len(other.key) - 1, 0))
-        hit = other.key[at] == out.key if len(other.key) else torch.zeros_like(out.key, dtype=torch.bool)
-        out = out.keep(torch.where(hit, torch.minimum(out.cls, other.cls[at] if len(other.key) else out.cls), EMPTY))
+        if not len(other.key):
+            return other
+        at = torch.searchsorted(other.key, out.key).clamp(max=len(other.key) - 1)
+        out = out.keep(torch.where(other.key[at] == out.key, torch.minimum(out.cls, other.cls[at]), EMPTY))
     for part in node.parts:
         if _token_where(part):
             out = out.keep(torch.minimum(out.cls, classify(part.cond, sp, out)))
