@@ -15,6 +15,11 @@ CPU path, so it is not timed here.
 
     .venv/bin/python benchmarks/context_parallel.py       # -> benchmarks/results/context_parallel_cpu.json + .png
     .venv/bin/python benchmarks/context_parallel.py --quick
+    .venv/bin/python benchmarks/context_parallel.py --content   # part 3 alone
+
+Part 3, content patterns (lsh, cluster, topk): they run in gather mode, every rank fetching all
+K/V. The bound any K/V-fetching plan could reach instead, from the dense mask of random q and k at
+n = 8192, P = 8: per rank, the distinct key rows its query rows need over ring's.
 """
 from __future__ import annotations
 
@@ -145,6 +150,31 @@ def wall_times(n: int, world: int, repeats: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+CONTENT = {"reformer": ("reformer", None), "routing": ("routing", None), "moba": ("moba", None),
+           "nsa_selection": ("moba", "nsa_selection")}
+
+
+def content_bound(n: int, world: int, heads: int = 4, dim: int = 64) -> list[dict]:
+    """Content patterns run in gather mode (all K/V to every rank). The best any K/V-fetching plan
+    could do instead: per rank (contiguous shards), the distinct key rows its query rows need over
+    any head, from the dense mask of random q and k, over ring's (P-1)/P n."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, heads, n, dim, generator=g) for _ in range(2))
+    rows, out = n // world, []
+    for name, (path, pattern) in CONTENT.items():
+        mask = sparsec.compile(path, pattern=pattern).mask(n, heads=heads, q=q, k=k).numpy()[0]
+        fractions = []
+        for r in range(world):
+            need = mask[:, r * rows:(r + 1) * rows].any(axis=(0, 1))
+            need[r * rows:(r + 1) * rows] = False
+            fractions.append(float(need.sum() / (n - rows)))
+        out.append(dict(pattern=name, n=n, world=world, heads=heads, density=float(mask.mean()),
+                        max_over_ring=max(fractions), mean_over_ring=statistics.mean(fractions)))
+        print(f"{name:14s} n={n} P={world}: needed keys / ring's, busiest {max(fractions):.3f}, "
+              f"mean {statistics.mean(fractions):.3f}", flush=True)
+    return out
+
+
 def plot(rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -170,7 +200,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16384, help="the timed sequence length")
     ap.add_argument("--world", type=int, default=2, help="gloo processes for the timing")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--content", action="store_true",
+                    help="only the content patterns' bound (n = 8192, P = 8) -> context_parallel_content_cpu.json")
     args = ap.parse_args()
+    if args.content:
+        path = ROOT / "benchmarks" / "results" / "context_parallel_content_cpu.json"
+        path.write_text(json.dumps(dict(machine=machine(torch.device("cpu")), rows=content_bound(8192, 8)), indent=1))
+        print(f"wrote {path}")
+        return
     sizes = [1 << 16] if args.quick else [1 << 16, 1 << 18, 1 << 20]
     worlds = [2, 8] if args.quick else [2, 4, 8]
     out = ROOT / "benchmarks" / "results"
