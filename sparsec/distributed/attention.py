@@ -33,7 +33,7 @@ class Side:
         placed = Placement(pos(self.q_rows), pos(self.k_rows), lambda bm, bn: reindex(layout_at(bm, bn), *rows, keep))
         r = LayoutRequest(0, body, kern.shares[0].full, n, n, 0, H, B, config.block_m, config.block_n, call.device,
                           inputs, placed)
-        memo: dict = {}   # its own cache: two sides of one rank share every shape key
+        memo: dict = {}   # its own cache: the sides of one rank share every shape key
         cached = lambda key, make: memo[key] if key in memo else memo.setdefault(key, make())
         local = Call(B, H, call.kv_heads, len(self.q_rows), len(self.k_rows), call.dim, 0, call.scale, call.device)
         return pipeline.bind(backend, r, local, config, lambda: kern.generated(0), cached, kern.name)

@@ -51,7 +51,7 @@ def context_parallel(q: Tensor, k: Tensor, v: Tensor, plan: str, scale: float, b
 def _context_parallel_fake(q, k, v, plan, scale, backend):
     p = registered(plan)
     B, H, n_r, D = q.shape
-    fetched, received = p.buffer_rows()
+    fetched, received = p.received_rows()
     return (q.new_empty(q.shape), q.new_empty((B, H, n_r), dtype=torch.float32),
             k.new_empty((B, k.shape[1], fetched, D)), v.new_empty((B, v.shape[1], fetched, D)),
             q.new_empty((B, H, received, D)))

@@ -191,7 +191,7 @@ class Plan:
         return Side(rows, rows), Side(rows, fetched, keep), Side(received, rows)
 
     def _bound(self, q, k, v, scale, backend):
-        """The two sides' runners for this call's backend, scale and tensors (made once)."""
+        """The three sides' runners (near, far, remote) for this call's backend, scale and tensors (made once)."""
         B, H, n_r, D = q.shape
         call = Call(B, H, k.shape[1], n_r, n_r, D, 0, scale, q.device)
         whole = replace(call, n_q=self.n, n_k=self.n)   # what the pattern is specialized for
@@ -257,7 +257,7 @@ class Plan:
         """The key buffer's rows sorted by position (gather mode: the whole sequence in order)."""
         return torch.argsort(self.key_rows())
 
-    def buffer_rows(self) -> tuple[int, int]:
+    def received_rows(self) -> tuple[int, int]:
         """The K/V rows this rank fetches and the query rows it receives."""
         return len(self._arrivals[0]), len(self._arrivals[1])
 
