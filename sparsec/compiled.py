@@ -25,7 +25,8 @@ from .ir import expr as E
 from .ir import score as score_ir
 from .runtime import content, flex, mask_mods, ops, scores, tuning
 from .runtime.cache import cache_dir
-from .runtime.call import INPUTS, Call, check_call, check_tensors, choose_backend, default_config, op_options, wants_grad
+from .runtime.call import (INPUTS, Call, TensorFacts, check_call, check_tensors, choose_backend, default_config,
+                           op_options, wants_grad)
 
 N = sympy.Symbol("n", positive=True, integer=True)
 
@@ -150,13 +151,15 @@ class CompiledPattern:
 
     def _check_declared(self, call: Call, inputs: dict) -> None:
         """A call of a pattern that reads declared inputs: the inputs checked as kern.mask checks
-        them (on host copies), on q's device."""
+        them, on q's device, from their shapes and dtypes (and an int input's extremes: one small
+        transfer), never copied whole to the host."""
         for d in self.ir.inputs:
             x = inputs.get(d.name)
             if isinstance(x, torch.Tensor) and x.device != call.device:
                 raise ValueError(f"{d.name} must be on q's device {call.device}, got {x.device}")
-        _, batch = check_arrays(self.name, self.ir.inputs, {n: _numpy(n, x, None) for n, x in inputs.items()
-                                                            if n in self.input_names[len(INPUTS):]},
+        facts = {n: TensorFacts(x) if isinstance(x, torch.Tensor) else _numpy(n, x, None) for n, x in inputs.items()
+                 if n in self.input_names[len(INPUTS):]}
+        _, batch = check_arrays(self.name, self.ir.inputs, facts,
                                 call.heads, {"n": call.n_k, "n_q": call.n_q, "n_k": call.n_k})
         if batch not in (1, call.batch):
             raise ValueError(f"the inputs' b axes have size {batch}, but q has batch {call.batch}")

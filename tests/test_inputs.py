@@ -329,6 +329,23 @@ def test_flex_reads_them(name):
         torch.testing.assert_close(kern(q, k, v, backend="flex", **mine), kern(q, k, v, backend="cpu", **mine))
 
 
+def test_calls_check_inputs_from_shape_dtype_and_extremes():
+    """A call checks a tensor input from its metadata and an int input's two extremes
+    (runtime/call.TensorFacts), never a host copy of the whole; the messages name torch's dtype."""
+    kern = sparsec.compile(PROGRAM, pattern="expire")
+    q = torch.randn(2, 3, 40, 16)
+    span = torch.zeros(2, 3, 40, dtype=torch.int64)
+    with pytest.raises(TypeError, match="span is declared int, got an array of float32"):
+        kern(q, q, q, span=span.float())
+    with pytest.raises(ValueError, match=r"span must have shape \(b=2, h=3, 40\)"):
+        kern(q, q, q, span=span[..., :39])
+    with pytest.raises(ValueError, match=r"int inputs hold values within \+-\(2\*\*31 - 1\), got -3..1099511627776"):
+        kern(q, q, q, span=torch.cat([span[..., :1] - 3, span[..., 1:] + 2**40], -1))
+    from sparsec.runtime.call import TensorFacts
+    facts = TensorFacts(torch.tensor([[5, -2], [7, 1]]))
+    assert (facts.min(), facts.max(), facts.shape, facts.dtype.kind) == (-2, 7, (2, 2), "i")
+
+
 def test_calls_check_the_inputs():
     kern = sparsec.compile(PROGRAM, pattern="padded")
     q = torch.randn(1, 1, 32, 16)

@@ -20,6 +20,39 @@ INPUTS = ("segment_ids", "centroids", "rotations")   # the tensors a call takes 
 
 
 @dataclass(frozen=True)
+class DtypeKind:
+    """A torch dtype as check_arrays reads a numpy one: its kind letter, printed by its name."""
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TensorFacts:
+    """What ir/inputs.check_arrays reads of a declared input, without copying it off its device:
+    its shape, its dtype's kind, and for an int tensor its least and greatest value (one small
+    transfer, made when first asked for)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.tensor, self.shape, self.ndim, self.size = x, tuple(x.shape), x.dim(), x.numel()
+        kind = "b" if x.dtype == torch.bool else "f" if x.is_floating_point() else "c" if x.is_complex() else "i"
+        self.dtype = DtypeKind(kind, str(x.dtype).removeprefix("torch."))   # the kind is what is checked
+        self._extremes = None
+
+    def min(self):
+        return self.extremes()[0]
+
+    def max(self):
+        return self.extremes()[1]
+
+    def extremes(self) -> tuple:
+        if self._extremes is None:
+            self._extremes = tuple(torch.stack(torch.aminmax(self.tensor)).tolist())
+        return self._extremes
+
+
+@dataclass(frozen=True)
 class Call:
     """One call's shapes and options, after checking."""
     batch: int
