@@ -277,6 +277,34 @@ def test_device_layouts_cost_the_tiles_not_the_pairs():
     assert dev.tiles_visited() <= 2 * 2 * (n // 64)
 
 
+GLOBAL_TOKENS = "input g(b, n_k) bool\npattern p = band(4) + where(g[b, i] or g[b, j])"
+
+
+@pytest.mark.parametrize("block_m, block_n, n_q, n_k", [(8, 8, 60, 60), (16, 8, 37, 61)])
+def test_runtime_global_tokens_are_lines_of_tiles(block_m, block_n, n_q, n_k):
+    """where(g[b, i] or g[b, j]): a row condition and a key condition, each classified per query
+    or key tile and listed across; sound, and no looser than the host build."""
+    kern = sparsec.compile(GLOBAL_TOKENS)
+    g = torch.as_tensor(np.random.default_rng().random((2, n_k)) < 0.05)
+    assert_sound_and_no_looser(kern, {"g": g}, 1, n_q, n_k, block_m, block_n)
+
+
+def test_line_conditions_never_classify_every_tile(monkeypatch):
+    """At n = 2^18 (a 2048 x 2048 grid of 128-tiles), three global tokens list the band and their
+    rows and columns; the all-tiles rule is never reached."""
+    from sparsec.layout import input_tiles
+
+    def every_tile(sp):
+        raise AssertionError("classified every tile")
+    monkeypatch.setattr(input_tiles, "_all_tiles", every_tile)
+    n = 1 << 18
+    g = torch.zeros(1, n, dtype=torch.bool)
+    g[0, [5, 70000, 200000]] = True
+    _, host, dev = both_layouts(sparsec.compile(GLOBAL_TOKENS), {"g": g}, 1, n, n, 128, 128, batch=1)
+    tiles = n // 128
+    assert dev.tiles_visited() <= 3 * tiles + 2 * 3 * tiles and dev.tiles_visited() == host.tiles_visited()
+
+
 def test_input_parts_without_a_device_rule_keep_the_host_build():
     kern = sparsec.compile("input valid(b, n_k) bool\npattern p = band(8) - where(valid[b, j])")
     valid = torch.as_tensor(np.random.default_rng().random((2, 40)) < 0.5)

@@ -8,7 +8,9 @@ the device alone, in torch, with a rule per node type (RULES):
 * a token-level `where(C)` classifies tiles by interval arithmetic (ir/intervals.py's rules, on
   torch arrays): each read ranges over its per-tile extremes (its values at every row or key,
   O(n), then a min and max per tile), over its values on the tile's pairs for tiles of at most
-  intervals.SMALL_TILE pairs, else over the whole input and 0;
+  intervals.SMALL_TILE pairs, else over the whole input and 0. A condition of the rows alone or
+  the keys alone is classified per query or key tile and listed across, `or` and `and` of parts
+  as union and intersection (as conditions.plan does on the host);
 * `blocks(B, where(C))` lists block pairs straight from the input: `j == f(i)` (and `or`s of such)
   from f at every block row, anything else from C on every block pair, the block-level input's
   own size; tiles are FULL when they hold only listed block pairs;
@@ -19,6 +21,7 @@ Cost: O(n + tiles + block pairs) per call, never n_q x n_k. Other shapes (a diff
 an input read under a document) keep the host build (choose.py's "declared inputs")."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -210,8 +213,39 @@ def classify(cond: E.Expr, sp: Space, tiles: Tiles) -> torch.Tensor:
 
 
 def _where(node: Where, sp: Space, cached) -> Tiles:
+    return _condition_tiles(node.cond, sp)
+
+
+def _condition_tiles(cond: E.Expr, sp: Space) -> Tiles:
+    """where(cond)'s tiles, listed as conditions.plan lists them on the host: a condition of the
+    rows alone (or the keys alone) from its class per query (key) tile, times every key (query)
+    tile; `or` and `and` of parts as union and intersection; anything else by classifying every
+    tile. So runtime global tokens, `g[b, i] or g[b, j]`, cost the tiles they list."""
+    used = E.names(cond)
+    if "i" not in used or "j" not in used:
+        return _line_tiles(cond, sp, on_keys="j" in used)
+    if isinstance(cond, E.Apply) and cond.op in ("or", "and"):
+        parts = [_condition_tiles(a, sp) for a in cond.args]
+        return _merged(parts) if cond.op == "or" else functools.reduce(_meet, parts)
     every = _all_tiles(sp)
-    return every.keep(classify(node.cond, sp, every))
+    return every.keep(classify(cond, sp, every))
+
+
+def _line_tiles(cond: E.Expr, sp: Space, on_keys: bool) -> Tiles:
+    """A condition of the keys alone (on_keys) or of the rows alone: classified once per (b, h,
+    key tile) or (b, h, query tile), each line that allows something then listed across."""
+    tq, tk = sp.tiles
+    lines, across = (tk, tq) if on_keys else (tq, tk)
+    bh = torch.arange(sp.batch * sp.heads, device=sp.device)[:, None]
+    line = torch.arange(lines, device=sp.device)[None, :]
+    key = (bh * tq * tk + (line if on_keys else line * tk)).reshape(-1)   # the line's first tile
+    cls = classify(cond, sp, Tiles(key, torch.zeros_like(key, dtype=torch.int8)))
+    hit = cls > EMPTY
+    step = torch.arange(across, device=sp.device) * (tk if on_keys else 1)
+    keys = (key[hit][:, None] + step[None, :]).reshape(-1)
+    classes = cls[hit][:, None].expand(-1, across).reshape(-1)
+    order = torch.argsort(keys)
+    return Tiles(keys[order], classes[order])
 
 
 # ---- blocks(B, where(...)): block pairs from the input ----
@@ -285,14 +319,26 @@ def _blocks(node: Blocks, sp: Space, cached) -> Tiles:
             found.append(_tiles_of_block_pairs(sp, size, *_block_pairs(part.cond, sp, size)))
         else:
             found.append(_static(replace(node, body=part), sp, cached))
-    return Tiles.merged(torch.cat([x.key for x in found]), torch.cat([x.cls for x in found]))
+    return _merged(found)
 
 
 # ---- combinators ----
 
-def _union(node: Union, sp: Space, cached) -> Tiles:
-    found = [tiles_of(p, sp, cached) for p in node.parts]
+def _merged(found: list[Tiles]) -> Tiles:
+    """Union: every listed tile, by its larger class."""
     return Tiles.merged(torch.cat([x.key for x in found]), torch.cat([x.cls for x in found]))
+
+
+def _meet(a: Tiles, b: Tiles) -> Tiles:
+    """Intersection: the tiles both list, by the smaller class."""
+    if not len(b.key):
+        return b
+    at = torch.searchsorted(b.key, a.key).clamp(max=len(b.key) - 1)
+    return a.keep(torch.where(b.key[at] == a.key, torch.minimum(a.cls, b.cls[at]), EMPTY))
+
+
+def _union(node: Union, sp: Space, cached) -> Tiles:
+    return _merged([tiles_of(p, sp, cached) for p in node.parts])
 
 
 def _intersection(node: Intersection, sp: Space, cached) -> Tiles:
@@ -301,11 +347,7 @@ def _intersection(node: Intersection, sp: Space, cached) -> Tiles:
     generators = [p for p in node.parts if not _token_where(p)]
     out = _all_tiles(sp) if not generators else tiles_of(generators[0], sp, cached)
     for part in generators[1:]:
-        other = tiles_of(part, sp, cached)
-        if not len(other.key):
-            return other
-        at = torch.searchsorted(other.key, out.key).clamp(max=len(other.key) - 1)
-        out = out.keep(torch.where(other.key[at] == out.key, torch.minimum(out.cls, other.cls[at]), EMPTY))
+        out = _meet(out, tiles_of(part, sp, cached))
     for part in node.parts:
         if _token_where(part):
             out = out.keep(torch.minimum(out.cls, classify(part.cond, sp, out)))
