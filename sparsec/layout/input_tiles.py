@@ -131,8 +131,8 @@ def _static(node: Pattern, sp: Space, cached) -> Tiles:
         lay = build_layout(node, sp.n_q, sp.n_k, sp.block_m, sp.block_n, sp.q_offset, sp.heads)
         keys, classes = [], []
         for lists, cls in ((lay.full, FULL), (lay.partial, PARTIAL)):
-            owner, kt = (torch.as_tensor(x, device=sp.device) for x in (lists.ptr, lists.indices[: lists.ptr[-1]]))
-            row = torch.repeat_interleave(torch.arange(len(owner) - 1, device=sp.device), owner.diff())
+            ptr, kt = (torch.as_tensor(x, device=sp.device) for x in (lists.ptr, lists.indices[: lists.ptr[-1]]))
+            row = torch.repeat_interleave(torch.arange(len(ptr) - 1, device=sp.device), ptr.diff())
             keys.append(row * tk + kt.long())   # row = h * tq + t: the key within batch row 0
             classes.append(torch.full_like(kt, cls, dtype=torch.int8))
         order = torch.argsort(torch.cat(keys))
