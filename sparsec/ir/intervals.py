@@ -10,6 +10,7 @@ PARTIAL, which is always sound.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -169,7 +170,16 @@ def _fold(pick, parts):
 
 def _times(xp, a, b):
     corners = [xp.asarray(x * y) for x in a for y in b]
-    return _fold(xp.minimum, [(c, c) for c in corners])[0], _fold(xp.maximum, [(c, c) for c in corners])[1]
+    return functools.reduce(xp.minimum, corners), functools.reduce(xp.maximum, corners)
+
+
+def _least(xp, *parts):
+    """min (and `and`, of truth intervals): the least of the lows and the least of the highs."""
+    return _fold(lambda x, y: xp.minimum(xp.asarray(x), xp.asarray(y)), parts)
+
+
+def _greatest(xp, *parts):
+    return _fold(lambda x, y: xp.maximum(xp.asarray(x), xp.asarray(y)), parts)
 
 
 def _abs(xp, a):
@@ -204,15 +214,15 @@ RULES = {   # operator -> interval of its result from its operands' intervals (l
     "ceil_div": _ceil_div,
     "%": _mod,
     "abs": _abs,
-    "min": lambda xp, *p: _fold(lambda x, y: xp.minimum(xp.asarray(x), xp.asarray(y)), p),
-    "max": lambda xp, *p: _fold(lambda x, y: xp.maximum(xp.asarray(x), xp.asarray(y)), p),
+    "min": _least,
+    "max": _greatest,
     "<": lambda xp, a, b: _less(xp, a, b, True),
     "<=": lambda xp, a, b: _less(xp, a, b, False),
     ">": lambda xp, a, b: _less(xp, b, a, True),
     ">=": lambda xp, a, b: _less(xp, b, a, False),
     "==": _equal,
     "!=": lambda xp, a, b: tuple(1 - x for x in reversed(_equal(xp, a, b))),
-    "and": lambda xp, *p: _fold(lambda x, y: xp.minimum(xp.asarray(x), xp.asarray(y)), p),
-    "or": lambda xp, *p: _fold(lambda x, y: xp.maximum(xp.asarray(x), xp.asarray(y)), p),
+    "and": _least,
+    "or": _greatest,
     "not": lambda xp, a: (1 - xp.asarray(a[1]), 1 - xp.asarray(a[0])),
 }

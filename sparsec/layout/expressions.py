@@ -9,6 +9,7 @@ import torch
 
 from ..ir.expr import Apply, Const, Read, Var
 
+
 def _scalar_or(tensor_fn, scalar_fn):
     return lambda a: tensor_fn(a) if torch.is_tensor(a) else scalar_fn(a)
 

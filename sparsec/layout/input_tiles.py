@@ -178,9 +178,9 @@ def _read_range(e: E.Read, sp: Space, b, h, t, kt):
         return v, v
     var, at, size, pick = (("i", torch.arange(sp.n_q, device=sp.device) + sp.q_offset, sp.block_m, t) if "i" in used
                            else ("j", torch.arange(sp.n_k, device=sp.device), sp.block_n, kt))
-    values = _ints(to_torch(e, sp.names(b=bs, h=hs, **{var: at[None, None, :]})))
-    values = torch.as_tensor(values, device=sp.device).expand(sp.batch, sp.heads, len(at))
-    lo, hi = tile_extremes(values, size)
+    values = _ints(to_torch(e, sp.names(b=bs, h=hs, **{var: at[None, None, :]})))   # (B or 1, H or 1, len(at))
+    lo, hi = tile_extremes(values, size)   # over the batch rows and heads the read depends on, 1 for the others
+    b, h = (b if lo.shape[0] > 1 else 0), (h if lo.shape[1] > 1 else 0)
     return lo[b, h, pick], hi[b, h, pick]
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -38,18 +39,16 @@ class TensorFacts:
         self.tensor, self.shape, self.ndim, self.size = x, tuple(x.shape), x.dim(), x.numel()
         kind = "b" if x.dtype == torch.bool else "f" if x.is_floating_point() else "c" if x.is_complex() else "i"
         self.dtype = DtypeKind(kind, str(x.dtype).removeprefix("torch."))   # the kind is what is checked
-        self._extremes = None
 
     def min(self):
-        return self.extremes()[0]
+        return self.extremes[0]
 
     def max(self):
-        return self.extremes()[1]
+        return self.extremes[1]
 
+    @cached_property
     def extremes(self) -> tuple:
-        if self._extremes is None:
-            self._extremes = tuple(torch.stack(torch.aminmax(self.tensor)).tolist())
-        return self._extremes
+        return tuple(torch.stack(torch.aminmax(self.tensor)).tolist())
 
 
 @dataclass(frozen=True)

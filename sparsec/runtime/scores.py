@@ -14,6 +14,11 @@ from ..layout.expressions import to_torch
 SCORE = Var("score")
 
 
+def score_names(s, i, j, h, b, n_q: int, n_k: int, inputs: dict) -> dict:
+    """What a with expression reads: the raw score, the coordinates, the lengths and the inputs."""
+    return {"score": s, "i": i, "j": j, "h": h, "b": b, "n": n_k, "n_q": n_q, "n_k": n_k, **inputs}
+
+
 @dataclass
 class TorchScore:
     """The with expression of one call, specialized for its lengths, over the call's inputs.
@@ -35,8 +40,7 @@ class TorchScore:
                 self.grads[decl.name] = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
 
     def _names(self, s, i, j, h, b) -> dict:
-        return {"score": s, "i": i, "j": j, "h": h, "b": b, "n": self.n_k, "n_q": self.n_q, "n_k": self.n_k,
-                **self.inputs}
+        return score_names(s, i, j, h, b, self.n_q, self.n_k, self.inputs)
 
     def apply(self, s, i, j, h, b) -> torch.Tensor:
         """S' = EXPR on every pair of s (any float dtype; the result has s's dtype and shape)."""
@@ -95,8 +99,7 @@ def score_mod(expr, q_offset: int, n_q: int, n_k: int, inputs: dict, positions=N
     def score_mod(score, b, h, q_idx, kv_idx):
         if positions is not None:
             q_idx, kv_idx = positions[0][b, h, q_idx], positions[1][b, h, kv_idx]
-        names = {"score": score, "i": (q_idx + q_offset).long(), "j": kv_idx.long(), "h": h.long(), "b": b.long(),
-                 "n": n_k, "n_q": n_q, "n_k": n_k, **inputs}
+        names = score_names(score, (q_idx + q_offset).long(), kv_idx.long(), h.long(), b.long(), n_q, n_k, inputs)
         out = to_torch(expr, names)
         return (out if torch.is_tensor(out) else score * 0 + out).to(score.dtype)
     return score_mod
